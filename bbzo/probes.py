@@ -1,0 +1,143 @@
+"""Probes: the perturbed parameter sets an estimator asks to have evaluated.
+
+An estimator *asks* for a batch of probes and is *told* their losses (nevergrad's ask/tell). A probe
+batch is a plain record of small tensors, so it can be sliced into shards that are evaluated
+independently (other processes, GPUs, machines) and their losses concatenated in probe order: the
+combination is exact because every probe's loss depends on that probe alone.
+
+Two kinds:
+
+* :class:`CoordinateProbes` -- ``M`` single-coordinate perturbations (CGE, Sparse-CGE).
+* :class:`DirectionProbes` -- ``M`` perturbations along random directions (RGE). Directions are never
+  stored: direction ``k`` is regenerated from ``(seed, k)`` wherever it is needed (the MeZO trick),
+  so a shard ships a few integers, not ``q x d`` floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = ["CoordinateProbes", "DirectionProbes", "Probes", "direction_seed", "make_direction"]
+
+
+def _split(m: int, i: int, n: int) -> tuple[int, int]:
+    if not 0 <= i < n:
+        raise ValueError(f"shard index {i} out of range for {n} shards")
+    return (m * i) // n, (m * (i + 1)) // n
+
+
+@dataclass(frozen=True)
+class CoordinateProbes:
+    """``M`` single-coordinate perturbations.
+
+    Probe ``m`` evaluates the model with ``params[names[pidx[m]]].flatten()[index[m]] += step[m]``.
+
+    Attributes:
+        names: Parameter names that ``pidx`` indexes into.
+        pidx: ``(M,)`` int64 parameter index of each probe.
+        index: ``(M,)`` int64 flat index inside that parameter.
+        step: ``(M,)`` float64 signed perturbation size (``+mu`` or ``-mu``).
+    """
+
+    names: tuple[str, ...]
+    pidx: torch.Tensor
+    index: torch.Tensor
+    step: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.pidx.numel())
+
+    def slice(self, start: int, stop: int) -> "CoordinateProbes":
+        return replace(self, pidx=self.pidx[start:stop], index=self.index[start:stop], step=self.step[start:stop])
+
+    def select(self, rows: torch.Tensor) -> "CoordinateProbes":
+        return replace(self, pidx=self.pidx[rows], index=self.index[rows], step=self.step[rows])
+
+    def shard(self, i: int, n: int) -> "CoordinateProbes":
+        """Shard ``i`` of ``n`` (contiguous; concatenating all shards' losses restores probe order)."""
+        return self.slice(*_split(len(self), i, n))
+
+    def groups(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(param index, probe rows)`` for each parameter touched, in first-seen order."""
+        if len(self) == 0:
+            return
+        uniq = torch.unique(self.pidx)
+        for p in uniq.tolist():
+            yield p, (self.pidx == p).nonzero().flatten()
+
+
+def direction_seed(seed: int, k: int) -> int:
+    """A 63-bit seed for direction ``k`` of a step seeded ``seed`` (independent streams per k)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(k)]).generate_state(1, np.uint64)
+    return int(state[0]) & ((1 << 63) - 1)
+
+
+def make_direction(
+    seed: int,
+    k: int,
+    shapes: Sequence[torch.Size],
+    distribution: str,
+    dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
+    """Direction ``u_k`` as one CPU tensor per parameter, with ``E[u u^T] = I``.
+
+    ``gaussian``: ``u ~ N(0, I)``. ``sphere``: uniform on the sphere of radius ``sqrt(d)``.
+    Generated in float64 on the CPU, so every device and dtype sees the same direction.
+    """
+    g = torch.Generator(device="cpu").manual_seed(direction_seed(seed, k))
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    flat = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+    if distribution == "sphere":
+        flat = flat * (flat.numel() ** 0.5 / flat.norm())
+    elif distribution != "gaussian":
+        raise ValueError(f"unknown direction distribution {distribution!r}")
+    return [t.view(s).to(dtype) for t, s in zip(flat.split(sizes), shapes)]
+
+
+@dataclass(frozen=True)
+class DirectionProbes:
+    """``M`` perturbations ``theta + step[m] * u_{dirs[m]}`` along regenerated random directions.
+
+    Attributes:
+        names: Perturbed parameter names (all of them: a direction is dense).
+        shapes: Their shapes.
+        seed: Seed of this step's directions.
+        dirs: ``(M,)`` int64 direction index of each probe.
+        step: ``(M,)`` float64 signed step (``+mu`` / ``-mu``).
+        distribution: ``"gaussian"`` or ``"sphere"``.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    seed: int
+    dirs: torch.Tensor
+    step: torch.Tensor
+    distribution: str
+
+    def __len__(self) -> int:
+        return int(self.dirs.numel())
+
+    def slice(self, start: int, stop: int) -> "DirectionProbes":
+        return replace(self, dirs=self.dirs[start:stop], step=self.step[start:stop])
+
+    def shard(self, i: int, n: int) -> "DirectionProbes":
+        return self.slice(*_split(len(self), i, n))
+
+    def direction(self, k: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        return make_direction(self.seed, k, self.shapes, self.distribution, dtype)
+
+
+Probes = Union[CoordinateProbes, DirectionProbes]
+
+
+def concat_losses(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Losses of consecutive shards -> losses of the whole probe batch (exact: a concatenation)."""
+    return torch.cat(list(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def param_sizes(params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {k: int(v.numel()) for k, v in params.items()}

@@ -1,0 +1,198 @@
+"""CGE throughput on CIFAR ResNet-20 (batch 64): naive loop vs bbzo batched vs bbzo + feature reuse.
+
+Prints one JSON object. ``--quick`` times fewer coordinates (under a minute on 2 CPU cores).
+
+Keys (all per coordinate unless named otherwise; ms):
+  forward_ms            one full batch-64 forward (no grad)
+  naive_ms_per_coord    perturb one coordinate, full forward + loss, restore (DeepZero's loop minus deepcopy)
+  batched_ms_per_coord  bbzo, generic torch.func adapter (K perturbed sets per call, no feature reuse)
+  reuse_ms_per_coord    bbzo, staged adapter (feature reuse + linear-layer shortcut)
+  autograd_step_ms      forward + backward
+  limit_ms_per_coord    cost of only the stages downstream of each coordinate (stages timed at batch
+                        64, averaged over the set): what perfect reuse at this stage granularity costs
+Also ratios to forward_ms and the speed-up over naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import bbzo
+from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
+from bbzo.adapters.staged import _linear_core
+from bbzo.models import create_model
+
+
+def timed(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` runs (after one warm-up)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer coordinates/reps (< 1 min on 2 cores)")
+    ap.add_argument("--density", type=float, default=0.01, help="fraction of coordinates (default 1%%)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", bbzo.InefficientSettingsWarning)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(args.seed)
+    model = create_model("resnet20").to(dev).train()
+    x = torch.randn(args.batch, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    loss_fn = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(args.seed)
+    total = sum(p.numel() for p in params.values())
+    m = int(round(args.density * total))
+    flat = torch.randperm(total, generator=g)[:m].sort().values  # uniformly random over all coordinates
+    offsets, coords, start = {}, {}, 0
+    for n, p in params.items():
+        sel = flat[(flat >= start) & (flat < start + p.numel())] - start
+        if sel.numel():
+            coords[n] = sel
+        start += p.numel()
+    reps = 3 if args.quick else 7
+
+    def sync_call(fn):
+        def run():
+            fn()
+            sync()
+        return run
+
+    with torch.no_grad(), frozen_bn_stats(model):
+        forward_s = timed(sync_call(lambda: model(x)), reps)
+
+    def autograd_step():
+        model.zero_grad(set_to_none=True)
+        with frozen_bn_stats(model):
+            loss_fn(model(x), y).mean().backward()
+    autograd_s = timed(sync_call(autograd_step), reps)
+
+    # naive: one coordinate at a time, full forward (DeepZero's loop without its deepcopy/state_dict)
+    n_naive = 10 if args.quick else 40
+    sample = torch.randperm(m, generator=g)[:n_naive]
+    names = list(params)
+    owner = []
+    for n in names:
+        for _ in range(int(coords.get(n, torch.zeros(0)).numel())):
+            owner.append(n)
+    flat_idx = torch.cat([coords[n] for n in names if n in coords])
+
+    def naive():
+        with torch.no_grad(), frozen_bn_stats(model):
+            base = loss_fn(model(x), y).mean()
+            for s in sample.tolist():
+                p = params[owner[s]].view(-1)
+                i = int(flat_idx[s])
+                old = p[i].item()
+                p[i] += 5e-3
+                _ = (loss_fn(model(x), y).mean() - base) / 5e-3
+                p[i] = old
+        sync()
+    naive_s = timed(naive, 1 if args.quick else 2) / n_naive
+
+    def bbzo_run(adapter_cls, sub):
+        est = bbzo.create_estimator("sparse_cge", coords=sub)
+        adapter = adapter_cls(model)
+        res = {}
+
+        def run():
+            res["r"] = bbzo.estimate(adapter, est, loss_fn, x, y)
+            sync()
+        t = timed(run, 1 if args.quick else 3)
+        return t / res["r"].queries, res["r"]
+
+    # the generic adapter is slower: time it on a 20% subset of the set (same layer mix)
+    sub_sel = torch.randperm(m, generator=g)[: max(20, m // (10 if args.quick else 5))]
+    keep = torch.zeros(m, dtype=torch.bool)
+    keep[sub_sel] = True
+    sub_coords, pos = {}, 0
+    for n in names:
+        if n in coords:
+            k = coords[n].numel()
+            sel = coords[n][keep[pos:pos + k]]
+            if sel.numel():
+                sub_coords[n] = sel
+            pos += k
+    batched_s, _ = bbzo_run(FunctionalAdapter, sub_coords)
+    reuse_s, reuse_res = bbzo_run(StagedAdapter, coords)
+
+    # downstream-only limit from timed stages
+    adapter = StagedAdapter(model)
+    stages = adapter.stages
+    with torch.no_grad(), frozen_bn_stats(model):
+        acts = [x]
+        for st in stages:
+            acts.append(st(acts[-1]))
+        stage_s = [timed(sync_call(lambda st=st, a=a: st(a)), reps) for st, a in zip(stages, acts[:-1])]
+    suffix = [0.0] * (len(stages) + 1)
+    for i in range(len(stages) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + stage_s[i]
+    lim = []
+    for n in names:
+        if n not in coords:
+            continue
+        i = adapter.stage_of[n][0]
+        own = 0.0 if _linear_core(stages[i])[0] is not None else stage_s[i]
+        lim += [own + suffix[i + 1]] * int(coords[n].numel())
+    limit_s = sum(lim) / len(lim)
+
+    ms = lambda s: round(1e3 * s, 4)  # noqa: E731
+    out = {
+        "benchmark": "cge_throughput",
+        "model": "resnet20",
+        "params": total,
+        "batch": args.batch,
+        "coords": m,
+        "density": args.density,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "quick": args.quick,
+        "forward_ms": ms(forward_s),
+        "naive_ms_per_coord": ms(naive_s),
+        "batched_ms_per_coord": ms(batched_s),
+        "reuse_ms_per_coord": ms(reuse_s),
+        "autograd_step_ms": ms(autograd_s),
+        "limit_ms_per_coord": ms(limit_s),
+        "sum_of_stages_ms": ms(sum(stage_s)),
+        "naive_over_forward": round(naive_s / forward_s, 3),
+        "batched_over_forward": round(batched_s / forward_s, 3),
+        "reuse_over_forward": round(reuse_s / forward_s, 3),
+        "limit_over_forward": round(limit_s / forward_s, 3),
+        "reuse_speedup_vs_naive": round(naive_s / reuse_s, 2),
+        "batched_speedup_vs_naive": round(naive_s / batched_s, 2),
+        "reuse_batched_calls": reuse_res.calls,
+        "full_sparse_cge_step_s": round(reuse_s * reuse_res.queries, 2),
+    }
+    json.dump(out, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The ``bbzo`` command line (installed as ``bbzo.cli``)."""

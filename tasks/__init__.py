@@ -1,0 +1,1 @@
+"""Applications built on the bbzo engine (installed as ``bbzo.tasks``)."""

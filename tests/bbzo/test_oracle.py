@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bbzo import BudgetExceeded, FunctionOracle, ModuleOracle, OracleError
+from tests.helpers import SpyOracle
+
+
+def test_counts_rows_and_calls_and_state_roundtrip():
+    o = SpyOracle(3, 2)
+    o.query(torch.randn(4, 3))
+    o.query(torch.randn(5, 3))
+    assert (o.rows_used, o.calls_used) == (9, 2)
+    o2 = SpyOracle(3, 2)
+    o2.load_state_dict(o.state_dict())
+    assert o2.rows_used == 9 and o2.calls_used == 2
+
+
+def test_refuses_inputs_that_require_grad():
+    o = SpyOracle(3, 2)
+    with pytest.raises(OracleError, match="query-only"):
+        o.query(torch.randn(2, 3, requires_grad=True))
+    assert o.calls_used == 0
+
+
+def test_nan_answer_names_oracle_and_bad_rows():
+    def sim(x):
+        out = x.sum(1, keepdim=True).clone()
+        out[1] = float("nan")
+        out[3] = float("inf")
+        return out
+
+    o = FunctionOracle(sim, name="my-solver")
+    with pytest.raises(OracleError, match=r"my-solver returned NaN/inf in 2 of 5 rows \(first bad row 1\)"):
+        o.query(torch.randn(5, 3))
+
+
+def test_wrong_shapes_and_dtypes():
+    o = FunctionOracle(lambda x: x[:-1], name="short")
+    with pytest.raises(OracleError, match="one row per input row"):
+        o.query(torch.randn(4, 3))
+    o = FunctionOracle(lambda x: (x > 0).long(), name="ints")
+    with pytest.raises(OracleError, match="floating dtype"):
+        o.query(torch.randn(4, 3))
+    o = FunctionOracle(lambda x: x, input_shape=(3,), output_shape=(2,), name="decl")
+    with pytest.raises(OracleError, match=r"each input row must have shape \(3,\)"):
+        o.query(torch.randn(4, 5))
+    with pytest.raises(OracleError, match=r"declared output_shape is \(2,\)"):
+        o.query(torch.randn(4, 3))
+
+
+def test_budget_raises_before_the_call():
+    calls = []
+    o = FunctionOracle(lambda x: (calls.append(len(x)), x)[1], max_rows=10, name="budgeted")
+    o.query(torch.randn(6, 2))
+    with pytest.raises(BudgetExceeded, match="would use 12 of a budget of 10"):
+        o.query(torch.randn(6, 2))
+    assert calls == [6] and o.rows_used == 6
+    o.query(torch.randn(4, 2))
+    assert o.rows_used == 10
+    o = FunctionOracle(lambda x: x, max_calls=1)
+    o.query(torch.randn(1, 1))
+    with pytest.raises(BudgetExceeded, match="call budget"):
+        o.query(torch.randn(1, 1))
+
+
+def test_numpy_function_oracle_and_module_oracle():
+    o = FunctionOracle(lambda a: np.tanh(a), numpy=True)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert torch.allclose(o.query(x), torch.tanh(x))
+    net = nn.Linear(2, 3)
+    mo = ModuleOracle(net)
+    out = mo.query(torch.randn(4, 2))
+    assert out.shape == (4, 3) and not out.requires_grad
+    assert not any(p.requires_grad for p in net.parameters())

@@ -1,0 +1,153 @@
+"""Trainer: hooks and status, bitwise resume, atomic and corrupt checkpoints, failure handling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bbzo
+from bbzo.checkpoint import load_checkpoint, save_checkpoint
+from bbzo.data import TensorBatches
+from bbzo.errors import CheckpointError, OracleError
+from bbzo.logging import JSONLLogger, read_jsonl
+from bbzo.optim import cosine_with_warmup, make_optimizer
+from bbzo.trainer import Trainer
+from tests.helpers import SpyOracle
+
+
+class Evil:
+    """Any non-tensor object: weights_only loading must refuse to build it."""
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def build(run_dir, estimator="rge", fail_at_row=None, **kw):
+    model = small_cnn().train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 6, 6, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    oracle = SpyOracle(3, 3)
+    if fail_at_row is not None:
+        inner = oracle._query
+
+        def flaky(inp):
+            if oracle.rows_used >= fail_at_row:
+                return inner(inp) * float("nan")
+            return inner(inp)
+        oracle._query = flaky
+
+    def loss_fn(out, t):
+        return F.cross_entropy(oracle.query(out) * 5, t, reduction="none")
+
+    est = bbzo.create_estimator(estimator, q=6, seed=4) if estimator == "rge" else bbzo.create_estimator(estimator)
+    opt = make_optimizer(model.parameters(), "sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = cosine_with_warmup(opt, total_steps=8, warmup_steps=2)
+    tr = Trainer(model, loss_fn, est, opt, TensorBatches(x, y, 16, seed=3), max_steps=8, scheduler=sched,
+                 oracle=oracle, run_dir=run_dir, **kw)
+    return tr, model, oracle
+
+
+@pytest.mark.parametrize("estimator", ["rge", "cge"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, estimator):
+    full, model_a, _ = build(tmp_path / "a", estimator)
+    full.run()
+    part, _, _ = build(tmp_path / "b", estimator, checkpoint_every=3)
+    JSONLLogger(tmp_path / "b" / "m.jsonl").attach(part)
+    part.run(steps=5)  # checkpoint at step 3, then two steps that are "lost" in the crash
+    assert part.step_count == 5
+    resumed, model_b, oracle_b = build(tmp_path / "b", estimator, checkpoint_every=3)
+    log = JSONLLogger(tmp_path / "b" / "m.jsonl").attach(resumed)
+    # simulate the crash: the last checkpoint on disk is step 5's final save -> rewind to step 3's
+    ck = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ck["step"] == 5
+    part3, _, _ = build(tmp_path / "c", estimator)
+    part3.run(steps=3)
+    part3.save_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    resumed.resume()
+    assert resumed.step_count == 3 and [r["step"] for r in read_jsonl(log.path)] == [1, 2, 3]
+    resumed.run()
+    for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert resumed.queries_used == full.queries_used
+    assert oracle_b.rows_used == full.oracle.rows_used
+    assert [r["step"] for r in read_jsonl(log.path)] == list(range(1, 9))
+
+
+def test_status_hooks_and_query_accounting(tmp_path):
+    tr, model, oracle = build(None, "cge")
+    x_all, y_all = tr.data.inputs, tr.data.targets
+
+    def full_loss():
+        model.eval()
+        with torch.no_grad():
+            v = float(F.cross_entropy(torch.tanh(model(x_all).double() @ oracle.W) * 5, y_all))
+        model.train()
+        return v
+
+    start = full_loss()
+    seen = {"before": 0, "after": [], "log": []}
+    tr.before_step.append(lambda t: seen.__setitem__("before", seen["before"] + 1))
+    tr.after_step.append(lambda t, s: seen["after"].append(dict(s)))
+    tr.log_every = 4
+    tr.on_log.append(lambda t, s: seen["log"].append(s["step"]))
+    tr.run()
+    d = sum(p.numel() for p in model.parameters())
+    assert seen["before"] == 8 and seen["log"] == [4, 8]
+    s = seen["after"][-1]
+    assert s["queries"] == d + 1 and s["queries_used"] == 8 * (d + 1)
+    assert s["oracle_rows"] == oracle.rows_used == 8 * (d + 1) * 16
+    assert set(s) >= {"loss", "step_time", "grad_norm", "lr", "queries_per_s"}
+    assert full_loss() < start - 0.05  # it learns
+    assert model[1].num_batches_tracked.item() == 8  # one stats update per step, none from queries
+
+
+def test_checkpoint_is_atomic_and_corrupt_files_give_clear_errors(tmp_path):
+    p = tmp_path / "ck.pt"
+    save_checkpoint(p, {"step": 1, "x": torch.ones(3)})
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+    class Boom(Exception):
+        pass
+
+    def bad_write(f):
+        f.write(b"partial")
+        raise Boom
+
+    from bbzo.checkpoint import atomic_write_bytes
+    with pytest.raises(Boom):
+        atomic_write_bytes(p, bad_write)
+    assert load_checkpoint(p)["step"] == 1  # old checkpoint intact
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(p)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # a pickle with arbitrary objects is refused by weights_only loading
+    torch.save({"format": 1, "obj": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    tr, _, _ = build(tmp_path / "r", "cge")
+    tr.run(steps=1)
+    other, _, _ = build(tmp_path / "r", "rge")
+    with pytest.raises(CheckpointError, match="estimator"):
+        other.resume()
+
+
+def test_failure_mid_run_keeps_last_completed_state(tmp_path):
+    tr, model, oracle = build(tmp_path / "f", "rge", fail_at_row=7 * 16 * 3)
+    with pytest.raises(OracleError, match="NaN/inf"):
+        tr.run()
+    done = tr.step_count
+    assert 0 < done < 8
+    ck = load_checkpoint(tmp_path / "f" / "checkpoint.pt")
+    assert ck["step"] == done
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck["model"][k], v)
