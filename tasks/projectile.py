@@ -15,14 +15,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 import bbzo
 from bbzo.data import TensorBatches
+from bbzo.errors import ConfigError
 from bbzo.logging import JSONLLogger, ProgressBar, read_jsonl
 from bbzo.models import mlp
 from bbzo.optim import cosine_with_warmup, make_optimizer
@@ -191,6 +191,10 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def run_demo(cfg: DemoConfig, out: Path, resume: bool = False, progress: bool = True,
              plots: bool = True) -> dict[str, Any]:
+    bad = [e for e in cfg.estimators if e not in ("cge", "rge")]
+    if bad or not cfg.estimators:
+        raise ConfigError(f"unknown estimator {bad[0] if bad else ''!r} for the demo; choose from cge, rge "
+                          "(e.g. --estimators cge,rge).")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import NonFiniteError, ShapeError
 from ..probes import Probes

@@ -21,7 +21,7 @@ so every perturbed set gets its own batch statistics. All other stages run on th
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

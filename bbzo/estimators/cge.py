@@ -9,7 +9,7 @@ elsewhere (DeepZero §4: the *gradient* is sparse, the model stays dense).
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 

@@ -157,3 +157,14 @@ def test_float32_resnet_reuse_close_to_plain():
     a = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est(), feature_reuse=False)
     b = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est())
     assert _max_diff(a, b) < 2e-3  # float32 rounding of (f(x+mu)-f(x))/mu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("feature_reuse", [False, True])
+def test_cuda_matches_autograd(feature_reuse):
+    model = cnn_bn64().cuda().train()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, device="cuda")
+    y = torch.randint(0, 3, (6,), device="cuda")
+    g = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6), feature_reuse=feature_reuse)
+    assert all(v.device.type == "cuda" for v in g.values())
+    assert rel_err(g, autograd_grads(model, x, y, ce_loss)) < 1e-5
