@@ -24,7 +24,7 @@ def test_cge_matches_autograd(problem, feature_reuse):
     model, x, y, loss_fn = PROBLEMS[problem]
     ref = autograd_grads(model, x, y, loss_fn)
     fwd = bbzo.estimate_grad(model, loss_fn, x, y, bbzo.create_estimator("cge", mu=1e-6), feature_reuse=feature_reuse)
-    cen = bbzo.estimate_grad(model, loss_fn, x, y, bbzo.create_estimator("cge", mu=1e-4, difference="central"),
+    cen = bbzo.estimate_grad(model, loss_fn, x, y, bbzo.create_estimator("cge", mu=1e-5, difference="central"),
                              feature_reuse=feature_reuse)
     e_fwd, e_cen = rel_err(fwd, ref), rel_err(cen, ref)
     assert e_fwd <= 1e-5, e_fwd
