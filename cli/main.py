@@ -31,7 +31,7 @@ def main() -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Run folder: metrics, checkpoints, results table and plots.")
-@click.option("--steps", type=int, default=400, show_default=True, help="Training steps per estimator.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Training steps per estimator.")
 @click.option("--batch", type=int, default=64, show_default=True, help="Shot requests per minibatch.")
 @click.option("--estimators", default="cge,rge", show_default=True,
               help="Comma-separated estimators to compare (RGE gets q = d: the same queries per step).")

@@ -40,7 +40,7 @@ ENERGY_WEIGHT = 0.05
 
 @dataclass
 class DemoConfig:
-    steps: int = 400
+    steps: int = 1000
     batch: int = 64
     hidden: tuple[int, ...] = (16, 16)
     lr: float = 0.02
