@@ -16,7 +16,7 @@ Two kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -137,7 +137,3 @@ Probes = Union[CoordinateProbes, DirectionProbes]
 def concat_losses(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Losses of consecutive shards -> losses of the whole probe batch (exact: a concatenation)."""
     return torch.cat(list(parts)) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def param_sizes(params: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    return {k: int(v.numel()) for k, v in params.items()}

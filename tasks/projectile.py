@@ -108,6 +108,7 @@ def train_one(name: str, cfg: DemoConfig, out: Path, resume: bool, progress: boo
     oracle = ProjectileOracle()
     est = bbzo.create_estimator("cge", mu=cfg.mu) if name == "cge" else \
         bbzo.create_estimator("rge", q=d, mu=cfg.mu, seed=cfg.seed)  # same queries per step as CGE
+    q_per_step = est.query_cost({n: p.detach() for n, p in policy.named_parameters()})
     opt = make_optimizer(policy.parameters(), "adam", lr=cfg.lr)
     sched = cosine_with_warmup(opt, cfg.steps, warmup_steps=cfg.steps // 20)
     run_dir = out / name
@@ -118,7 +119,7 @@ def train_one(name: str, cfg: DemoConfig, out: Path, resume: bool, progress: boo
     if not resume and log.path.exists():
         log.path.unlink()
     log.attach(trainer)
-    ProgressBar(desc=f"{name:>3} ({est.query_cost(dict(policy.named_parameters()))} q/step)", disable=not progress).attach(trainer)
+    ProgressBar(desc=f"{name:>3} ({q_per_step} q/step)", disable=not progress).attach(trainer)
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
     test_x = make_data(cfg.n_test, cfg.seed + 1).to(dev)
@@ -131,7 +132,7 @@ def train_one(name: str, cfg: DemoConfig, out: Path, resume: bool, progress: boo
     policy.eval()
     after = evaluate(policy, test_x)
     torch.save(policy.state_dict(), run_dir / "policy.pt")
-    return {"estimator": name, "params": d, "queries_per_step": est.query_cost(dict(policy.named_parameters())),
+    return {"estimator": name, "params": d, "queries_per_step": q_per_step,
             "steps": trainer.step_count, "queries": trainer.queries_used, "oracle_rows": oracle.rows_used,
             "wall_s": round(wall, 1), "test_mae_before_m": round(before["mae_m"], 3),
             "test_mae_m": round(after["mae_m"], 3), "within_1m": round(after["within_1m"], 3),

@@ -90,10 +90,6 @@ def flatten_k(tree: Any) -> Any:
     return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]), tree)
 
 
-def unflatten_k(tree: Any, k: int) -> Any:
-    return tree_map(lambda t: t.reshape(k, t.shape[0] // k, *t.shape[1:]), tree)
-
-
 def reduce_losses(loss_fn: LossFn, outputs_k: Any, targets: Any, k: int, batch: int) -> torch.Tensor:
     """Mean per-sample loss of each of ``K`` stacked output batches.
 

@@ -21,7 +21,7 @@ so every perturbed set gets its own batch statistics. All other stages run on th
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -197,16 +197,20 @@ def _unflat(tree: Any, k: int) -> Any:
     return tree_map(lambda t: t.view(t.shape[0] // k, k, *t.shape[1:]), tree)
 
 
-def run_stage_k(stage: nn.Module, act_k: Any, k: int) -> Any:
-    """Run an unperturbed stage on K stacked batches ``(B, K, ...)``, keeping the K sets separate."""
+def stage_runner(stage: nn.Module) -> Callable[[Any, int], Any]:
+    """How to run an unperturbed stage on K stacked batches ``(B, K, ...)``, keeping the K sets apart.
+
+    Decided once per bound minibatch (it depends on the train/eval mode), not once per chunk.
+    """
     inner, pos = (stage.module, 0) if isinstance(stage, OnFirst) else (stage, None)
     if isinstance(inner, _BatchNorm) and inner.training and not getattr(stage, "bbzo_batch_coupled", False):
         if pos is None:
-            return _grouped_batch_norm(inner, act_k)
-        return (_grouped_batch_norm(inner, act_k[0]), *act_k[1:])
+            return lambda act_k, k: _grouped_batch_norm(inner, act_k)
+        return lambda act_k, k: (_grouped_batch_norm(inner, act_k[0]), *act_k[1:])
     if _is_coupled(stage):
-        return vmap(stage, in_dims=1, out_dims=1, randomness="same")(act_k)
-    return _unflat(stage(_flat(act_k)), k)
+        batched = vmap(stage, in_dims=1, out_dims=1, randomness="same")
+        return lambda act_k, k: batched(act_k)
+    return lambda act_k, k: _unflat(stage(_flat(act_k)), k)
 
 
 # ---------------------------------------------------------------------------- adapter / evaluator
@@ -257,6 +261,7 @@ class StagedEvaluator(Evaluator):
         super().__init__(*args)
         self.adapter = adapter
         self.stages = adapter.stages
+        self._runners = [stage_runner(st) for st in self.stages]
         self._acts: Optional[list[Any]] = None
         self._fallback: Optional[Evaluator] = None
 
@@ -280,8 +285,8 @@ class StagedEvaluator(Evaluator):
         return 2 * max(tree_bytes(a) for a in self.acts[i + 1:])
 
     def _run_downstream(self, i: int, act_k: Any, k: int) -> Any:
-        for st in self.stages[i + 1:]:
-            act_k = run_stage_k(st, act_k, k)
+        for run in self._runners[i + 1:]:
+            act_k = run(act_k, k)
         return act_k
 
     def _perturbed_stage(self, i: int, probes: CoordinateProbes, locals_: list[str]) -> Any:
