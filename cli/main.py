@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 import bbzo
+from bbzo.cli.train import train
+from bbzo.config import config_option, write_resolved_config
 from bbzo.errors import BbzoError
 
 
@@ -29,6 +31,7 @@ def main() -> None:
 
 
 @main.command()
+@config_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Run folder: metrics, checkpoints, results table and plots.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Training steps per estimator.")
@@ -41,7 +44,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in --out.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(out: Path, steps: int, batch: int, estimators: str, lr: float, seed: int, device: str,
+def demo(config: str, out: Path, steps: int, batch: int, estimators: str, lr: float, seed: int, device: str,
          resume: bool, no_plots: bool, no_progress: bool) -> None:
     """Train a launch policy through a black-box projectile simulator (data generated here)."""
     from bbzo.tasks.projectile import DemoConfig, run_demo
@@ -49,10 +52,14 @@ def demo(out: Path, steps: int, batch: int, estimators: str, lr: float, seed: in
     cfg = DemoConfig(steps=steps, batch=batch, lr=lr, seed=seed, device=device,
                      estimators=tuple(e.strip() for e in estimators.split(",") if e.strip()))
     summary = run_demo(cfg, out, resume=resume, progress=not no_progress, plots=not no_plots)
+    write_resolved_config(click.get_current_context(), out)
     click.echo("\n" + summary["table"])
     click.echo(f"\nresults: {out / 'results.json'}")
     for p in summary["plots"]:
         click.echo(f"plot:    {p}")
+
+
+main.add_command(train)
 
 
 @main.command("estimators")

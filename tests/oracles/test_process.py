@@ -1,0 +1,180 @@
+"""ProcessOracle: the bbzo oracle protocol against a well-behaved program, a misbehaving one, and heater.awk."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bbzo.errors import BudgetExceeded, ConfigError, OracleError
+from bbzo.oracles.process import ProcessOracle
+
+FAKE = str(Path(__file__).with_name("fake_program.py"))
+ROOT = Path(__file__).resolve().parents[2]
+HEATER = ROOT / "examples" / "custom_simulator" / "heater.sh"
+
+
+def fake(*args: str, **kw) -> ProcessOracle:
+    kw.setdefault("timeout", 5.0)
+    kw.setdefault("startup_timeout", 5.0)
+    return ProcessOracle([sys.executable, FAKE, *args], **kw)
+
+
+@pytest.mark.parametrize("fmt", ["text", "f32le", "f64le"])
+def test_formats_answer_every_row_and_the_program_stays_up(fmt):
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with fake("--format", fmt, "--d-in", "3", "--d-out", "2") as o:
+        assert (o.d_in, o.d_out, o.format) == (3, 2, fmt)
+        pid = o.pid
+        y1 = o.query(x)
+        y2 = o.query(x[:2].float())
+        assert o.pid == pid and o.alive  # one process for all queries
+        proc = o._proc
+    tol = 1e-6 if fmt == "f32le" else 0.0
+    assert y1.shape == (7, 2) and y1.dtype == torch.float64
+    assert torch.allclose(y1[:, 0], x.sum(1), rtol=tol, atol=tol) and torch.allclose(y1[:, 1], 2 * x.sum(1), rtol=tol, atol=tol)
+    assert y2.dtype == torch.float32 and torch.allclose(y2, y1[:2].float(), rtol=1e-6)
+    assert (o.rows_used, o.calls_used) == (9, 2)
+    assert proc.poll() == 0  # close() asked it to quit and it exited cleanly
+
+
+def test_large_queries_stream_both_ways_without_deadlock():
+    x = torch.rand(30_000, 2, dtype=torch.float64)  # ~1 MB each way: far beyond a pipe buffer
+    with fake() as o:
+        y = o.query(x)
+    assert torch.equal(y[:, 0], x[:, 0] + x[:, 1])
+
+
+def test_argv_must_be_a_list_and_the_program_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="argument list, not a string"):
+        ProcessOracle(f"{sys.executable} {FAKE}")
+    with pytest.raises(OracleError, match="not found"):
+        ProcessOracle([str(tmp_path / "no-such-simulator")])
+    script = tmp_path / "sim.sh"
+    script.write_text("echo hi\n")  # not executable
+    with pytest.raises(OracleError, match="not executable"):
+        ProcessOracle([str(script)])
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("no_handshake", "is not a bbzo oracle: its first line was 'Welcome to SimCorp"),
+    ("bad_version", "protocol version '9'"),
+    ("silent", "printed no handshake within 0.5 s"),
+    ("die_at_start", "exited with code 7 before the handshake.*license server unreachable"),
+])
+def test_a_wrong_program_fails_fast_at_start(mode, message):
+    with pytest.raises(OracleError, match=message) as e:
+        fake("--mode", mode, startup_timeout=0.5)
+    assert "fake_program.py" in str(e.value)
+
+
+FAULTS = [
+    ("crash", "exited with code 3.*Segmentation fault \\(pretend\\)"),
+    ("hang", "no complete answer within the timeout of 0.3 s \\(nothing received\\)"),
+    ("garbage", "malformed reply header 'Traceback"),
+    ("wrong_rows", "wrong number of rows: the reply header says 2 rows for a query of 3 rows"),
+    ("short", "received the header 'ok 3 1' and 2 of 3 rows"),
+    ("wide", "wrong (row|reply) size"),  # text: a row with 2 values; binary: 4 bytes too many
+    ("junk_after", "unexpected bytes after the 3 rows"),
+    ("nan", "returned NaN/inf in 1 of 3 rows \\(first bad row 2"),
+    ("error", "answered with an error: solver did not converge"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["text", "f32le"])
+@pytest.mark.parametrize("mode, message", FAULTS)
+def test_each_fault_names_the_program_the_query_and_the_rows(mode, message, fmt):
+    x = torch.rand(3, 2)
+    with fake("--mode", mode, "--at", "2", "--format", fmt, timeout=0.3) as o:
+        o.query(x)  # query 1 is fine
+        with pytest.raises(OracleError, match=message) as e:
+            o.query(x)
+    text = str(e.value)
+    assert "fake_program.py" in text and "query #2 (3 rows, request 2 to this process)" in text and "\n" not in text
+    assert o.rows_used == 3 and o.calls_used == 1  # a failed query is not counted
+
+
+def test_restart_and_retry_recovers_from_a_transient_crash(tmp_path):
+    marker = tmp_path / "crashed-once"
+    x = torch.rand(4, 2, dtype=torch.float64)
+    with fake("--mode", "crash", "--at", "2", "--marker", str(marker), restarts=1) as o:
+        o.query(x)
+        pid = o.pid
+        y = o.query(x)  # crashes, is restarted, the same query is re-sent
+        assert marker.exists() and o.restarts_used == 1 and o.pid != pid
+    assert torch.equal(y[:, 0], x.sum(1)) and o.calls_used == 2
+
+
+def test_restarts_give_up_and_say_so():
+    with fake("--mode", "hang", restarts=1, timeout=0.3) as o:
+        with pytest.raises(OracleError, match="timeout .*gave up after 1 restart\\)"):
+            o.query(torch.rand(2, 2))
+        assert o.restarts_used == 1 and not o.alive
+
+
+def test_without_restarts_the_next_query_starts_a_fresh_program(tmp_path):
+    marker = tmp_path / "m"
+    with fake("--mode", "garbage", "--marker", str(marker)) as o:
+        with pytest.raises(OracleError, match="restart and retry with restarts=N"):
+            o.query(torch.rand(2, 2))
+        assert not o.alive
+        assert o.query(torch.ones(2, 2))[:, 0].tolist() == [2.0, 2.0]
+
+
+def test_nan_and_error_replies_are_answers_not_retried(tmp_path):
+    for mode in ("nan", "error"):
+        marker = tmp_path / mode
+        with fake("--mode", mode, "--marker", str(marker), restarts=3) as o:
+            pid = o.pid
+            with pytest.raises(OracleError):
+                o.query(torch.rand(3, 2))
+            assert o.restarts_used == 0 and o.pid == pid  # the stream is intact: same program
+            assert o.query(torch.ones(1, 2)).item() == 2.0
+
+
+def test_inputs_are_checked_before_sending():
+    with fake() as o:
+        with pytest.raises(OracleError, match="input rows hold NaN/inf; not sent"):
+            o.query(torch.tensor([[0.0, float("nan")]]))
+        with pytest.raises(OracleError, match="shape \\(2,\\)"):
+            o.query(torch.zeros(2, 3))
+        o.max_rows = 5
+        o.query(torch.zeros(4, 2))
+        with pytest.raises(BudgetExceeded):
+            o.query(torch.zeros(2, 2))
+
+
+def test_stderr_is_drained_and_logged(tmp_path):
+    log = tmp_path / "stderr.log"
+    with fake("--mode", "chatty", stderr_log=log) as o:
+        for _ in range(3):  # 3 x 360 KB of stderr: a program blocked on a full stderr pipe would hang here
+            o.query(torch.rand(2, 2))
+    text = log.read_text()
+    assert text.count("residual small enough") == 3 * 4096 and "fake oracle starting" in text
+
+
+def test_close_kills_a_program_that_ignores_quit():
+    o = fake("--mode", "ignore_quit")
+    proc = o._proc
+    o.close(grace=0.2)
+    assert proc.poll() is not None and o._proc is None
+    o.close()  # idempotent
+
+
+@pytest.mark.skipif(shutil.which("awk") is None, reason="needs awk")
+def test_the_shipped_awk_simulator_matches_its_numpy_twin():
+    sys.path.insert(0, str(HEATER.parent))
+    try:
+        import heater
+    finally:
+        sys.path.remove(str(HEATER.parent))
+    u = np.random.default_rng(0).uniform(-0.2, 1.2, size=(500, 2))
+    with ProcessOracle([str(HEATER)], timeout=10) as o:
+        assert (o.d_in, o.d_out, o.format) == (2, 2, "text")
+        y = o.query(torch.from_numpy(u)).numpy()
+        y2 = o.query(torch.from_numpy(u[:3])).numpy()
+    np.testing.assert_allclose(y, heater.simulate(u), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(y2, y[:3])
+    assert y[:, 1].max() < heater.T_MAX + 0.5  # the thermostat cuts the heater
