@@ -423,6 +423,16 @@ class ProcessOracle(Oracle):
         got = f"{rows} of {n} rows"
         return f"received the header {head!r} and {got}"
 
+    def _read_stray(self, fd: int) -> None:
+        """Whatever the program wrote after its last answer (nothing, if it keeps to the protocol)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while sel.select(0):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:  # exited since the last answer: the exchange below reports it
+                    return
+                self._buf += chunk
+
     def _exchange(self, arr: np.ndarray, query: int) -> np.ndarray:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
@@ -430,8 +440,10 @@ class ProcessOracle(Oracle):
         request = memoryview(self._encode(arr))
         sent = 0
         in_fd, out_fd = proc.stdin.fileno(), proc.stdout.fileno()
+        self._read_stray(out_fd)
         if self._buf:
-            raise _Transport(f"sent {len(self._buf)} unexpected bytes between queries ({bytes(self._buf[:40])!r})")
+            raise _Transport(f"wrong reply size: {len(self._buf)} unexpected bytes after the previous answer, before this "
+                             f"query was sent ({bytes(self._buf[:40])!r}); log to stderr, not stdout")
         self._sent += 1
         deadline = time.monotonic() + self.timeout
         with selectors.DefaultSelector() as sel:

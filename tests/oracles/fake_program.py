@@ -6,7 +6,7 @@ Answers ``y_j = (j + 1) * sum(x)`` for each output ``j``. From query ``K`` (1-ba
 misbehaves as MODE says: ``ok`` (never), ``crash`` (exit 3), ``hang`` (sleep), ``garbage`` (a junk
 header), ``wrong_rows`` (one row too few), ``short`` (header promises n rows, sends n-1, then waits),
 ``wide`` (a row with an extra value), ``nan``, ``error`` (an ``error`` reply), ``junk_after`` (bytes
-after the reply), ``chatty`` (256 KiB on stderr before answering), ``ignore_quit`` (never exits). Start-up modes: ``no_handshake`` (prints a banner), ``bad_version``, ``silent``,
+after the reply, in the same write), ``junk_later`` (bytes after the reply, 50 ms later), ``chatty`` (256 KiB on stderr before answering), ``ignore_quit`` (never exits). Start-up modes: ``no_handshake`` (prints a banner), ``bad_version``, ``silent``,
 ``die_at_start``. With ``--marker FILE`` the misbehaviour happens only while FILE does not exist, and
 creates it (a transient fault: a restarted program behaves).
 """
@@ -56,12 +56,17 @@ def read_rows(n, d):
     return [list(vals[i * d:(i + 1) * d]) for i in range(n)]
 
 
-def write_rows(rows):
+def encode_rows(rows):
     if fmt is None:
-        out.write("".join(" ".join(repr(v) for v in r) + "\n" for r in rows).encode())
-    else:
-        flat = [v for r in rows for v in r]
-        out.write(struct.pack(f"<{len(flat)}{fmt}", *flat))
+        return "".join(" ".join(repr(v) for v in r) + "\n" for r in rows).encode()
+    flat = [v for r in rows for v in r]
+    return struct.pack(f"<{len(flat)}{fmt}", *flat)
+
+
+def send(data):
+    """One write(2) per answer: the reader sees it whole, so faults are found at the query that made them."""
+    out.flush()
+    os.write(out.fileno(), data)
 
 
 k = 0
@@ -87,12 +92,10 @@ while True:
     if mode == "hang":
         time.sleep(60)
     if mode == "garbage":
-        out.write(b"Traceback (most recent call last): oops\n")
-        out.flush()
+        send(b"Traceback (most recent call last): oops\n")
         continue
     if mode == "error":
-        out.write(b"error solver did not converge\n")
-        out.flush()
+        send(b"error solver did not converge\n")
         continue
     if mode == "chatty":
         for i in range(4096):
@@ -105,12 +108,10 @@ while True:
     if mode == "wide":
         ys[0] = ys[0] + [1.0]
     if mode == "short":
-        out.write(f"ok {n} {a.d_out}\n".encode())
-        write_rows(ys[:-1])
-        out.flush()
+        send(f"ok {n} {a.d_out}\n".encode() + encode_rows(ys[:-1]))
         time.sleep(60)
-    out.write(f"ok {len(ys)} {a.d_out}\n".encode())
-    write_rows(ys)
-    if mode == "junk_after":
-        out.write(b"DEBUG: done\n")
-    out.flush()
+    reply = f"ok {len(ys)} {a.d_out}\n".encode() + encode_rows(ys)
+    send(reply + (b"DEBUG: done\n" if mode == "junk_after" else b""))
+    if mode == "junk_later":
+        time.sleep(0.05)
+        send(b"DEBUG: late log line\n")

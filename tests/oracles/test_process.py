@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ HEATER = ROOT / "examples" / "custom_simulator" / "heater.sh"
 
 
 def fake(*args: str, **kw) -> ProcessOracle:
-    kw.setdefault("timeout", 5.0)
-    kw.setdefault("startup_timeout", 5.0)
+    kw.setdefault("timeout", 20.0)  # generous: only the tests of waiting faults wait
+    kw.setdefault("startup_timeout", 20.0)
     return ProcessOracle([sys.executable, FAKE, *args], **kw)
 
 
@@ -65,8 +66,8 @@ def test_argv_must_be_a_list_and_the_program_must_exist(tmp_path):
     ("die_at_start", "exited with code 7 before the handshake.*license server unreachable"),
 ])
 def test_a_wrong_program_fails_fast_at_start(mode, message):
-    with pytest.raises(OracleError, match=message) as e:
-        fake("--mode", mode, startup_timeout=0.5)
+    with pytest.raises(OracleError, match=message) as e:  # a short wait only where waiting is the fault
+        fake("--mode", mode, startup_timeout=0.5 if mode == "silent" else 20)
     assert "fake_program.py" in str(e.value)
 
 
@@ -87,13 +88,22 @@ FAULTS = [
 @pytest.mark.parametrize("mode, message", FAULTS)
 def test_each_fault_names_the_program_the_query_and_the_rows(mode, message, fmt):
     x = torch.rand(3, 2)
-    with fake("--mode", mode, "--at", "2", "--format", fmt, timeout=0.3) as o:
+    with fake("--mode", mode, "--at", "2", "--format", fmt, timeout=0.3 if mode in ("hang", "short") else 20) as o:
         o.query(x)  # query 1 is fine
         with pytest.raises(OracleError, match=message) as e:
             o.query(x)
     text = str(e.value)
     assert "fake_program.py" in text and "query #2 (3 rows, request 2 to this process)" in text and "\n" not in text
     assert o.rows_used == 3 and o.calls_used == 1  # a failed query is not counted
+
+
+def test_bytes_after_an_answer_are_caught_before_the_next_query():
+    with fake("--mode", "junk_later", "--at", "2") as o:
+        o.query(torch.rand(3, 2))
+        o.query(torch.rand(3, 2))  # complete and correct; a log line follows 50 ms later
+        time.sleep(0.3)
+        with pytest.raises(OracleError, match="query #3 .*unexpected bytes after the previous answer.*late log line"):
+            o.query(torch.rand(3, 2))
 
 
 def test_restart_and_retry_recovers_from_a_transient_crash(tmp_path):
