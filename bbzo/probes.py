@@ -11,6 +11,9 @@ Two kinds:
 * :class:`DirectionProbes` -- ``M`` perturbations along random directions (RGE). Directions are never
   stored: direction ``k`` is regenerated from ``(seed, k)`` wherever it is needed (the MeZO trick),
   so a shard ships a few integers, not ``q x d`` floats.
+* :class:`BlockProbes` -- ``M`` perturbations confined to *one* parameter tensor along explicit
+  directions (structured read-outs such as the ZO-GraSP sketch in :mod:`bbzo.sparsity.scores`); a
+  staged model reuses the features before that tensor's stage, exactly as for coordinates.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["CoordinateProbes", "DirectionProbes", "Probes", "direction_seed", "make_direction"]
+__all__ = ["CoordinateProbes", "DirectionProbes", "BlockProbes", "Probes", "direction_seed", "make_direction"]
 
 
 def _split(m: int, i: int, n: int) -> tuple[int, int]:
@@ -86,6 +89,8 @@ def make_direction(
     """Direction ``u_k`` as one CPU tensor per parameter, with ``E[u u^T] = I``.
 
     ``gaussian``: ``u ~ N(0, I)``. ``sphere``: uniform on the sphere of radius ``sqrt(d)``.
+    ``tensor_sphere``: each tensor's block normalised to unit norm (DeepZero's ZO-GraSP directions;
+    *not* isotropic: ``E[u u^T] = blockdiag(I / d_l)``).
     Generated in float64 on the CPU, so every device and dtype sees the same direction.
     """
     g = torch.Generator(device="cpu").manual_seed(direction_seed(seed, k))
@@ -93,6 +98,8 @@ def make_direction(
     flat = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
     if distribution == "sphere":
         flat = flat * (flat.numel() ** 0.5 / flat.norm())
+    elif distribution == "tensor_sphere":
+        flat = torch.cat([t / t.norm() for t in flat.split(sizes)])
     elif distribution != "gaussian":
         raise ValueError(f"unknown direction distribution {distribution!r}")
     return [t.view(s).to(dtype) for t, s in zip(flat.split(sizes), shapes)]
@@ -131,7 +138,42 @@ class DirectionProbes:
         return make_direction(self.seed, k, self.shapes, self.distribution, dtype)
 
 
-Probes = Union[CoordinateProbes, DirectionProbes]
+@dataclass(frozen=True)
+class BlockProbes:
+    """``M`` perturbations ``params[names[pidx]] += step[m] * dirs[m].view(shape)`` of one tensor.
+
+    Attributes:
+        names: Parameter names that ``pidx`` indexes into.
+        pidx: Index of the one perturbed parameter.
+        dirs: ``(M, n)`` float64 directions, ``n`` = that parameter's numel.
+        step: ``(M,)`` float64 signed step.
+    """
+
+    names: tuple[str, ...]
+    pidx: int
+    dirs: torch.Tensor
+    step: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.dirs.dim() != 2 or self.step.shape != (self.dirs.shape[0],):
+            raise ValueError(f"BlockProbes: dirs must be (M, n) and step (M,), got {tuple(self.dirs.shape)} "
+                             f"and {tuple(self.step.shape)}")
+
+    @property
+    def name(self) -> str:
+        return self.names[self.pidx]
+
+    def __len__(self) -> int:
+        return int(self.dirs.shape[0])
+
+    def slice(self, start: int, stop: int) -> "BlockProbes":
+        return replace(self, dirs=self.dirs[start:stop], step=self.step[start:stop])
+
+    def shard(self, i: int, n: int) -> "BlockProbes":
+        return self.slice(*_split(len(self), i, n))
+
+
+Probes = Union[CoordinateProbes, DirectionProbes, BlockProbes]
 
 
 def concat_losses(parts: Sequence[torch.Tensor]) -> torch.Tensor:

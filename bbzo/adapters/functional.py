@@ -14,10 +14,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..probes import CoordinateProbes, DirectionProbes, Probes
+from ..probes import BlockProbes, CoordinateProbes, DirectionProbes, Probes
 from .common import Adapter, Evaluator, LossFn, chunk_size, frozen_bn_stats, tree_bytes
 
-__all__ = ["FunctionalAdapter", "FunctionalEvaluator", "stack_coordinate_params"]
+__all__ = ["FunctionalAdapter", "FunctionalEvaluator", "stack_coordinate_params", "stack_block_params"]
 
 
 def stack_coordinate_params(
@@ -50,6 +50,13 @@ def stack_direction_params(params: dict[str, torch.Tensor], probes: DirectionPro
     return out
 
 
+def stack_block_params(params: dict[str, torch.Tensor], probes: BlockProbes) -> dict[str, torch.Tensor]:
+    """``(K, *shape)`` copies of the one perturbed tensor: ``theta + step_k * dir_k``."""
+    base = params[probes.name]
+    d = probes.dirs.to(device=base.device, dtype=base.dtype) * probes.step.to(device=base.device, dtype=base.dtype)[:, None]
+    return {probes.name: (base.reshape(1, -1) + d).view(len(probes), *base.shape)}
+
+
 class FunctionalEvaluator(Evaluator):
     def __init__(self, adapter: "FunctionalAdapter", *args: Any) -> None:
         super().__init__(*args)
@@ -78,7 +85,9 @@ class FunctionalEvaluator(Evaluator):
     def _evaluate(self, probes: Probes) -> torch.Tensor:
         m = len(probes)
         losses = torch.empty(m, dtype=torch.float64)
-        if isinstance(probes, CoordinateProbes):
+        if isinstance(probes, BlockProbes):
+            touched = self.params[probes.name].numel() * self.params[probes.name].element_size()
+        elif isinstance(probes, CoordinateProbes):
             touched = max(self.params[probes.names[p]].numel() * self.params[probes.names[p]].element_size()
                           for p in torch.unique(probes.pidx).tolist())
         else:
@@ -86,7 +95,9 @@ class FunctionalEvaluator(Evaluator):
         k = chunk_size(self._per_set_bytes(touched), self.max_chunk_bytes, self.max_chunk)
         for start in range(0, m, k):
             chunk = probes.slice(start, min(m, start + k))
-            if isinstance(chunk, CoordinateProbes):
+            if isinstance(chunk, BlockProbes):
+                stacked = stack_block_params(self.params, chunk)
+            elif isinstance(chunk, CoordinateProbes):
                 stacked = stack_coordinate_params(self.params, chunk, probes.names)
             else:
                 stacked = stack_direction_params(self.params, chunk)

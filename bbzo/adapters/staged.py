@@ -31,9 +31,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from ..errors import ConfigError, InefficientSettingsWarning
-from ..probes import CoordinateProbes, Probes
+from ..probes import BlockProbes, CoordinateProbes, Probes
 from .common import Adapter, Evaluator, LossFn, chunk_size, frozen_bn_stats, tree_bytes
-from .functional import FunctionalAdapter, stack_coordinate_params
+from .functional import FunctionalAdapter, stack_block_params, stack_coordinate_params
 
 __all__ = ["Fork", "OnFirst", "Merge", "model_stages", "StagedAdapter", "StagedEvaluator"]
 
@@ -173,6 +173,32 @@ def _linear_perturbed(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor,
     return out
 
 
+def _block_perturbed(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: str,
+                     dirs: torch.Tensor, step: torch.Tensor) -> Optional[torch.Tensor]:
+    """Outputs ``(B, K, ...)`` of a Conv2d/Linear whose weight (or bias) moves along K dense directions.
+
+    Exact by linearity: ``out_k = base_out + step_k * layer_without_bias(x; dir_k)``. Returns None
+    where no fast path exists (grouped convolutions), so the caller falls back to ``vmap``.
+    """
+    k = dirs.shape[0]
+    dev, dt = base_out.device, base_out.dtype
+    d = dirs.to(device=dev, dtype=dt) * step.to(device=dev, dtype=dt)[:, None]
+    conv = isinstance(layer, nn.Conv2d)
+    if local.rsplit(".", 1)[-1] == "bias":
+        if conv:
+            return base_out.unsqueeze(1) + d.view(1, k, -1, 1, 1)
+        return base_out.unsqueeze(1) + d.view(1, k, *([1] * (base_out.dim() - 2)), -1)
+    w_shape = layer.weight.shape
+    if conv:
+        if layer.groups != 1:
+            return None
+        delta = F.conv2d(x, d.view(k * w_shape[0], *w_shape[1:]), None, layer.stride, layer.padding,
+                         layer.dilation)
+        return base_out.unsqueeze(1) + delta.view(x.shape[0], k, *base_out.shape[1:])
+    delta = torch.einsum("b...i,koi->bk...o", x, d.view(k, *w_shape))
+    return base_out.unsqueeze(1) + delta
+
+
 # ---------------------------------------------------------------------------- stages on B x K batches
 def _grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BN of ``(B, K, C, ...)`` with separate batch statistics per k (no stat updates).
@@ -302,11 +328,13 @@ class StagedEvaluator(Evaluator):
                 return out
             rest = tuple(t.unsqueeze(1).expand(t.shape[0], k, *t.shape[1:]) for t in self.acts[i + 1][1:])
             return (out, *rest)
-        # generic: vmap the stage over K stacked copies of the touched stage-local parameters
+        return self._vmapped_stage(i, stack_coordinate_params(self.params, probes, probes.names))
+
+    def _vmapped_stage(self, i: int, stacked_global: dict[str, torch.Tensor]) -> Any:
+        """Stage ``i`` under ``vmap`` over K stacked copies of the touched parameters -> ``(B, K, ...)``."""
+        st, act = self.stages[i], self.acts[i]
         local_params = {n: p.detach() for n, p in st.named_parameters()}
-        global_to_local = {g: self.adapter.stage_of[g][1] for g in probes.names if g in self.adapter.stage_of}
-        stacked_global = stack_coordinate_params(self.params, probes, probes.names)
-        stacked = {global_to_local[g]: v for g, v in stacked_global.items()}
+        stacked = {self.adapter.stage_of[g][1]: v for g, v in stacked_global.items()}
         fixed = {n: p for n, p in local_params.items() if n not in stacked}
         buffers = dict(st.named_buffers())
 
@@ -315,7 +343,39 @@ class StagedEvaluator(Evaluator):
 
         return vmap(f, out_dims=1, randomness="same")(stacked)
 
+    def _perturbed_block(self, i: int, probes: BlockProbes) -> Any:
+        st = self.stages[i]
+        local = self.adapter.stage_of[probes.name][1]
+        layer, pos = _linear_core(st) if self.adapter.linear_shortcut else (None, None)
+        if layer is not None:
+            x = self.acts[i] if pos is None else self.acts[i][pos]
+            base_out = self.acts[i + 1] if pos is None else self.acts[i + 1][pos]
+            out = _block_perturbed(layer, x, base_out, local, probes.dirs, probes.step)
+            if out is not None:
+                if pos is None:
+                    return out
+                k = len(probes)
+                rest = tuple(t.unsqueeze(1).expand(t.shape[0], k, *t.shape[1:]) for t in self.acts[i + 1][1:])
+                return (out, *rest)
+        return self._vmapped_stage(i, stack_block_params(self.params, probes))
+
+    def _evaluate_block(self, probes: BlockProbes) -> torch.Tensor:
+        if probes.name not in self.adapter.stage_of:
+            return self._fallback_eval(probes)
+        i = self.adapter.stage_of[probes.name][0]
+        m = len(probes)
+        losses = torch.empty(m, dtype=torch.float64)
+        k = chunk_size(self._downstream_bytes(i), self.max_chunk_bytes, self.max_chunk)
+        for start in range(0, m, k):
+            chunk = probes.slice(start, min(m, start + k))
+            out = self._run_downstream(i, self._perturbed_block(i, chunk), len(chunk))
+            out = tree_map(lambda t: t.movedim(1, 0), out)
+            losses[start:start + len(chunk)] = self._loss(out, len(chunk))
+        return losses
+
     def _evaluate(self, probes: Probes) -> torch.Tensor:
+        if isinstance(probes, BlockProbes):
+            return self._evaluate_block(probes)
         if not isinstance(probes, CoordinateProbes):
             return self._fallback_eval(probes)
         m = len(probes)

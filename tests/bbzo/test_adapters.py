@@ -168,3 +168,33 @@ def test_cuda_matches_autograd(feature_reuse):
     g = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6), feature_reuse=feature_reuse)
     assert all(v.device.type == "cuda" for v in g.values())
     assert rel_err(g, autograd_grads(model, x, y, ce_loss)) < 1e-5
+
+
+def test_block_probes_reuse_features_exactly():
+    """Directions confined to one tensor: the staged fast path equals a full forward per probe."""
+    import torch.nn.functional as F
+
+    from bbzo.adapters import FunctionalAdapter, StagedAdapter
+    from bbzo.models import create_model
+    from bbzo.probes import BlockProbes
+
+    torch.manual_seed(0)
+    model = create_model("resnet20").double().train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+
+    def lf(o, t):
+        return F.cross_entropy(o, t, reduction="none")
+
+    staged = StagedAdapter(model).bind(lf, x, y)
+    plain = FunctionalAdapter(model).bind(lf, x, y)
+    names = tuple(staged.params)
+    for n in ("conv1.weight", "layer2.1.conv2.weight", "layer3.0.bn1.bias", "fc.weight", "fc.bias"):
+        numel = staged.params[n].numel()
+        g = torch.Generator().manual_seed(len(n))
+        probes = BlockProbes(names, names.index(n), torch.randn(3, numel, generator=g, dtype=torch.float64),
+                             torch.tensor([1e-2, -1e-2, 3e-2], dtype=torch.float64))
+        a, b = staged.evaluate(probes), plain.evaluate(probes)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert float((a - staged.base_loss()).abs().max()) > 1e-6, n  # the probes did move the loss
+        assert len(probes.shard(1, 2)) + len(probes.shard(0, 2)) == 3
