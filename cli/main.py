@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import bbzo
+from bbzo.cli.prune import prune
 from bbzo.cli.train import train
 from bbzo.config import config_option, write_resolved_config
 from bbzo.errors import BbzoError
@@ -60,6 +61,7 @@ def demo(config: str, out: Path, steps: int, batch: int, estimators: str, lr: fl
 
 
 main.add_command(train)
+main.add_command(prune)
 
 
 @main.command("estimators")

@@ -67,6 +67,15 @@ TRAIN_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--estimator-kwargs", type=MappingParam(), default=None,
                  help="More estimator arguments, e.g. '{difference: central}' or for sparse_cge "
                       "'{dense: [\"*.bias\"]}'."),
+    click.option("--lpr", type=click.Path(dir_okay=False), default=None,
+                 help="Layer-wise pruning ratios from `bbzo prune` (with --estimator sparse_cge): each step "
+                      "estimates, per layer, exactly the LPR's number of uniformly drawn coordinates."),
+    click.option("--resample-every", type=int, default=_D.resample_every, show_default=True,
+                 help="Redraw the sparse coordinate set every N steps (0: draw once). DeepZero: every 5 epochs."),
+    click.option("--sparse-others", type=click.Choice(["dense", "sparse", "frozen"]), default=_D.sparse_others,
+                 show_default=True,
+                 help="Tensors the LPR does not name (BN, biases): estimated densely every step (DeepZero), "
+                      "drawn at the global kept fraction, or not trained."),
     click.option("--mu", type=float, default=_D.mu, show_default=True, help="Finite-difference step."),
     click.option("--q", type=int, default=None, help="rge: random directions per step (default 192)."),
     click.option("--lr", type=float, default=_D.lr, show_default=True, help="Learning rate."),

@@ -66,6 +66,9 @@ class TrainConfig:
     loss: str = "mse"
     estimator: str = "cge"
     estimator_kwargs: dict[str, Any] = field(default_factory=dict)
+    lpr: Optional[str] = None
+    resample_every: int = 0
+    sparse_others: str = "dense"
     mu: float = 5e-3
     q: Optional[int] = None
     lr: float = 0.01
@@ -523,6 +526,16 @@ def build_run(cfg: TrainConfig, resolved: Optional[dict[str, Any]] = None,
             oracle.max_rows = cap if oracle.max_rows is None else min(oracle.max_rows, cap)
         est = _make_estimator(cfg)
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        sampler = None
+        if cfg.lpr:
+            from bbzo.sparsity import DynamicSparsity, LayerRatios
+
+            if cfg.estimator != "sparse_cge":
+                raise ConfigError(f"--lpr trains with a sparse gradient: use --estimator sparse_cge "
+                                  f"(got {cfg.estimator}).")
+            sampler = DynamicSparsity(LayerRatios.load(cfg.lpr), params, resample_every=cfg.resample_every,
+                                      seed=cfg.seed, others=cfg.sparse_others)
+            est.set_coords(params, sampler.coords(0))
         q_step = est.query_cost(params)
         if cfg.estimator == "sparse_cge" and q_step <= 1:
             raise ConfigError("sparse_cge has no coordinates to estimate: give a set with --estimator-kwargs "
@@ -535,6 +548,8 @@ def build_run(cfg: TrainConfig, resolved: Optional[dict[str, Any]] = None,
             if cfg.schedule == "cosine" else None
         trainer = Trainer(model, loss_fn, est, opt, batches, max_steps=cfg.steps, scheduler=sched, oracle=oracle,
                           run_dir=out, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+        if sampler is not None:
+            sampler.attach(trainer)
         JSONLLogger(out / "metrics.jsonl", extra={"estimator": cfg.estimator}).attach(trainer)
         bar = ProgressBar(desc=f"{cfg.estimator} ({q_step} q/step)", disable=cfg.no_progress).attach(trainer)
         run = TrainRun(cfg, model, oracle, est, trainer, loss_fn, (val_t["x"], val_t), bar, q_step, {})
