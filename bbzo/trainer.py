@@ -105,6 +105,7 @@ class Trainer:
     def step(self) -> dict[str, Any]:
         """One ZO step on the batch of the current step; returns the status dict."""
         rng_at_start = capture_rng()
+        oracle_at_start = self.oracle.state_dict() if self.oracle is not None else None
         try:
             for h in self.before_step:
                 h(self)
@@ -116,8 +117,9 @@ class Trainer:
             res = estimate(self.adapter, self.estimator, self.loss_fn, inputs, targets, n_shards=self.n_shards)
         except BaseException:
             # nothing of this step was applied: save the last completed state, then re-raise
+            # (the oracle's counters too: rows spent inside the failed step are re-spent on resume)
             if self.run_dir is not None and self.step_count > 0:
-                self.save_checkpoint(rng=rng_at_start)
+                self.save_checkpoint(rng=rng_at_start, oracle_state=oracle_at_start)
             raise
         write_grads(self.model, res.grads)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -166,7 +168,8 @@ class Trainer:
     def checkpoint_path(self) -> Optional[Path]:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
-    def state_dict(self, rng: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def state_dict(self, rng: Optional[dict[str, Any]] = None,
+                   oracle_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         return {
             "step": self.step_count,
             "queries_used": self.queries_used,
@@ -174,16 +177,18 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "estimator": self.estimator.state_dict(),
-            "oracle": self.oracle.state_dict() if self.oracle is not None else None,
+            "oracle": oracle_state if oracle_state is not None else (
+                self.oracle.state_dict() if self.oracle is not None else None),
             "rng": rng if rng is not None else capture_rng(),
             "status": {k: v for k, v in self.status.items() if isinstance(v, (int, float, str))},
         }
 
-    def save_checkpoint(self, path: Optional[Union[str, Path]] = None, rng: Optional[dict[str, Any]] = None) -> Path:
+    def save_checkpoint(self, path: Optional[Union[str, Path]] = None, rng: Optional[dict[str, Any]] = None,
+                        oracle_state: Optional[dict[str, Any]] = None) -> Path:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("save_checkpoint needs a path or a Trainer(run_dir=...).")
-        return save_checkpoint(path, self.state_dict(rng))
+        return save_checkpoint(path, self.state_dict(rng, oracle_state))
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         try:
