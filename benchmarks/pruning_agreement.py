@@ -29,20 +29,18 @@ from scipy.stats import spearmanr
 
 from bbzo.models import create_model
 from bbzo.sparsity import compute_score, ratios_from_scores, uniform_ratios
+from bbzo.tasks.cifar import class_balanced_subset, load_image_classification
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
-MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
 
 def scoring_batch(path: Path, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` training images of each class, normalised (DeepZero's scoring batch)."""
     if not path.is_file():
         sys.exit(f"error: {path} not found; pass --data path/to/cifar10_subset.npz (see ../shared/data/README.md)")
-    d = np.load(path)
-    x = torch.from_numpy(d["train_x"]).permute(0, 3, 1, 2).float() / 255.0
-    y = torch.from_numpy(d["train_y"]).long()
-    idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(10)])
-    return (x[idx] - MEAN) / STD, y[idx]
+    x, y = load_image_classification(path, "train")
+    idx = class_balanced_subset(y, per_class)
+    return x[idx], y[idx]
 
 
 def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

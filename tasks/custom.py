@@ -189,15 +189,20 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module
     if not callable(obj):
         raise ConfigError(f"--model {spec!r} is a {type(obj).__name__}; it must be an nn.Module or a callable returning one.")
     _check_kwargs(obj, kwargs, f"model {spec!r}")
-    try:
-        model = obj(**kwargs)
-    except BbzoError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"model {spec!r} raised {type(e).__name__}{_where(e)}: {e}") from e
+    model = _call_user(obj, kwargs, f"model {spec!r}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r} returned {type(model).__name__}; it must return an nn.Module.")
     return model
+
+
+def _call_user(fn: Any, kwargs: dict[str, Any], what: str, when: str = "") -> Any:
+    """Call a user's builder; its own exceptions become one clear :class:`ConfigError` (bbzo's pass through)."""
+    try:
+        return fn(**kwargs)
+    except BbzoError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{what} raised {type(e).__name__}{_where(e)}{when}: {e}") from e
 
 
 class _GuardedOracle(Oracle):
@@ -243,12 +248,7 @@ def build_oracle(cfg: TrainConfig, run_dir: Optional[Path] = None) -> Oracle:
         return _GuardedOracle(obj)
     if inspect.isclass(obj):
         _check_kwargs(obj, kwargs, f"oracle {cfg.oracle!r}")
-        try:
-            inst = obj(**kwargs)
-        except BbzoError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"oracle {cfg.oracle!r} raised {type(e).__name__}{_where(e)} when built: {e}") from e
+        inst = _call_user(obj, kwargs, f"oracle {cfg.oracle!r}", " when built")
         if isinstance(inst, Oracle):
             return _GuardedOracle(inst)
         if not callable(inst):

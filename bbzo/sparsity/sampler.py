@@ -90,8 +90,6 @@ class DynamicSparsity:
                 f"dynamic sparsity needs the 'sparse_cge' estimator, the trainer uses {est.info.name!r}. "
                 "Use create_estimator('sparse_cge') (CLI: --estimator sparse_cge)."
             )
-        if self.others == "dense" and getattr(est, "dense", ()):
-            pass  # the estimator's own dense patterns add to ours; harmless
         trainer.before_step.append(self._before_step)
         trainer.after_step.append(self._after_step)
         trainer.on_resume.append(lambda tr: setattr(self, "_current", None))
