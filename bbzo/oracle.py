@@ -60,12 +60,19 @@ class Oracle(ABC):
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
-    def _query(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Answer a batch. ``inputs``: ``(N, *input_shape)``; returns ``(N, *output_shape)``."""
+    def _query(self, inputs: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        """Answer a batch. ``inputs``: ``(N, *input_shape)``; returns ``(N, *output_shape)``.
+
+        ``conditions`` are optional per-row tensors ``(N, ...)`` (e.g. a Reynolds number per state)
+        for oracles that take them; an oracle that takes none simply does not declare them.
+        """
 
     # ------------------------------------------------------------------ public
-    def query(self, inputs: torch.Tensor) -> torch.Tensor:
+    def query(self, inputs: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         """Query the black box with a batch of ``N`` rows; returns ``N`` rows.
+
+        ``conditions``: per-row side inputs ``(N, ...)`` passed on to the oracle (same checks: no
+        grad, one row per input row).
 
         Raises:
             OracleError: inputs require grad or have the wrong shape; the answer is malformed or
@@ -88,9 +95,17 @@ class Oracle(ABC):
                 f"shape {tuple(inputs.shape)}. Reshape the inputs to (N, {', '.join(map(str, self.input_shape))})."
             )
         n = int(inputs.shape[0])
+        for i, c in enumerate(conditions):
+            if not isinstance(c, torch.Tensor) or c.dim() == 0 or c.shape[0] != n:
+                shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise OracleError(f"{self.name}: condition {i} must be a tensor with one row per input row "
+                                  f"({n}), got {shape}.")
+            if c.requires_grad:
+                raise OracleError(f"{self.name} is a query-only black box: condition {i} requires grad. "
+                                  "Pass it detached.")
         self._check_budget(n)
         with torch.no_grad():
-            out = self._query(inputs)
+            out = self._query(inputs, *conditions)
         self.rows_used += n
         self.calls_used += 1
         return self._validate(out, n, inputs)

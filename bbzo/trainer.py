@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters.common import LossFn
+from .adapters.common import Adapter, LossFn
 from .adapters.staged import make_adapter
 from .api import estimate, write_grads
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -57,6 +57,8 @@ class Trainer:
         checkpoint_every: Save every N steps (0: only at the end and on failure).
         log_every: Call ``on_log`` hooks every N steps.
         adapter_kw: ``max_chunk_bytes`` / ``max_chunk``.
+        adapter: Use this adapter instead of :func:`~bbzo.adapters.make_adapter`'s choice (e.g. a
+            :class:`~bbzo.adapters.LoopAdapter`, whose ``loss_fn`` is a rollout).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Trainer:
         checkpoint_every: int = 0,
         log_every: int = 1,
         adapter_kw: Optional[dict[str, Any]] = None,
+        adapter: Optional[Adapter] = None,
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
@@ -87,7 +90,9 @@ class Trainer:
         self.update_bn_stats, self.clip_grad_norm = update_bn_stats, clip_grad_norm
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every, self.log_every = int(checkpoint_every), max(1, int(log_every))
-        self.adapter = make_adapter(model, feature_reuse=feature_reuse, **(adapter_kw or {}))
+        if adapter is not None and adapter.model is not model:
+            raise ConfigError("the adapter wraps a different model than the one the trainer trains.")
+        self.adapter = adapter or make_adapter(model, feature_reuse=feature_reuse, **(adapter_kw or {}))
         self.before_step: list[Hook] = []
         self.after_step: list[Hook] = []
         self.on_log: list[Hook] = []

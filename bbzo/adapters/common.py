@@ -29,7 +29,7 @@ from ..errors import NonFiniteError, ShapeError
 from ..probes import Probes
 
 __all__ = [
-    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "reduce_losses", "tree_bytes",
+    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "reduce_losses", "per_set_losses", "tree_bytes",
     "chunk_size", "DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_CHUNK",
 ]
 
@@ -90,20 +90,12 @@ def flatten_k(tree: Any) -> Any:
     return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]), tree)
 
 
-def reduce_losses(loss_fn: LossFn, outputs_k: Any, targets: Any, k: int, batch: int) -> torch.Tensor:
-    """Mean per-sample loss of each of ``K`` stacked output batches.
-
-    Args:
-        outputs_k: model outputs with leaves ``(K, B, ...)``.
-        targets: targets with leaves ``(B, ...)`` (or None).
-    Returns:
-        ``(K,)`` float64 losses.
-    """
-    per_sample = loss_fn(flatten_k(outputs_k), repeat_targets(targets, k))
+def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "loss_fn") -> torch.Tensor:
+    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked)."""
     if not isinstance(per_sample, torch.Tensor) or per_sample.shape != (k * batch,):
         shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
         raise ShapeError(
-            f"loss_fn must return per-sample losses of shape (N,) = ({k * batch},) for N = {k} parameter "
+            f"{what} must return per-sample losses of shape (N,) = ({k * batch},) for N = {k} parameter "
             f"sets x {batch} samples; it returned {shape}. Reduce over every dimension except the first "
             "(e.g. F.cross_entropy(..., reduction='none') or ((y - t) ** 2).flatten(1).mean(1))."
         )
@@ -115,6 +107,18 @@ def reduce_losses(loss_fn: LossFn, outputs_k: Any, targets: Any, k: int, batch: 
             "overflowed: lower mu, check the loss for log(0) / division by zero, or use float64."
         )
     return losses
+
+
+def reduce_losses(loss_fn: LossFn, outputs_k: Any, targets: Any, k: int, batch: int) -> torch.Tensor:
+    """Mean per-sample loss of each of ``K`` stacked output batches.
+
+    Args:
+        outputs_k: model outputs with leaves ``(K, B, ...)``.
+        targets: targets with leaves ``(B, ...)`` (or None).
+    Returns:
+        ``(K,)`` float64 losses.
+    """
+    return per_set_losses(loss_fn(flatten_k(outputs_k), repeat_targets(targets, k)), k, batch)
 
 
 class Evaluator(ABC):

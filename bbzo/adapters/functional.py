@@ -71,6 +71,10 @@ class FunctionalEvaluator(Evaluator):
     def _per_set_bytes(self, touched_bytes: int) -> int:
         return self.adapter.activation_bytes(self.inputs) + touched_bytes
 
+    def _chunk(self, touched_bytes: int) -> int:
+        """Parameter sets per batched call."""
+        return chunk_size(self._per_set_bytes(touched_bytes), self.max_chunk_bytes, self.max_chunk)
+
     def _run(self, stacked: dict[str, torch.Tensor]) -> Any:
         k = next(iter(stacked.values())).shape[0]
         fixed = {n: p for n, p in self.all_params.items() if n not in stacked}
@@ -92,7 +96,7 @@ class FunctionalEvaluator(Evaluator):
                           for p in torch.unique(probes.pidx).tolist())
         else:
             touched = sum(p.numel() * p.element_size() for p in self.params.values())
-        k = chunk_size(self._per_set_bytes(touched), self.max_chunk_bytes, self.max_chunk)
+        k = self._chunk(touched)
         for start in range(0, m, k):
             chunk = probes.slice(start, min(m, start + k))
             if isinstance(chunk, BlockProbes):

@@ -255,14 +255,17 @@ def _snip(model, loss_fn, inputs, targets, *, names, seed, **kw) -> ScoreResult:
 @register_score(ScoreInfo("zo_grasp", "DeepZero ZO-GraSP as the reference: RGE Hg, q=192, mu=5e-3, |S| ranking",
                           True, True, "2 (q + 1)"))
 def _zo_grasp(model, loss_fn, inputs, targets, *, names, seed, q: int = 192, mu: float = 5e-3,
-              **kw) -> ScoreResult:
+              adapter_factory: Optional[Callable[[nn.Module], Any]] = None, **kw) -> ScoreResult:
     """Eq. (3) as ``importance_scores.py``: per-tensor unit-norm Gaussian directions (no ``d/q``
     scaling), forward differences against one base per estimate, independent directions for ``g0``
-    (seed) and ``g1`` (seed + 1), ``theta' = theta + mu * g0``, ``Hg = (g1 - g0) / mu``."""
+    (seed) and ``g1`` (seed + 1), ``theta' = theta + mu * g0``, ``Hg = (g1 - g0) / mu``.
+
+    ``adapter_factory(model) -> Adapter`` evaluates the queries another way (e.g. a
+    :class:`~bbzo.adapters.LoopAdapter`, whose ``loss_fn`` is a rollout); default: functional."""
     m = _scoring_copy(model, names)
     ps = _params(m, names)
     shapes = [p.shape for p in ps.values()]
-    adapter = FunctionalAdapter(m)
+    adapter = (adapter_factory or FunctionalAdapter)(m)
     g0, n0 = _rge(adapter, loss_fn, inputs, targets, names, shapes, 2 * seed, q, mu, "tensor_sphere", False)
     with torch.no_grad():
         for p, g in zip(ps.values(), g0):
