@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-projectile test bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# the main job: ZO-SOL, a PDE corrector trained through the black-box PhiFlow solver (~5 min, 2 CPU cores)
 demo: $(STAMP)
+	$(VENV)/bin/bbzo sol run --preset demo --out runs/sol-demo
+
+# the first demo: a launch policy trained through a numpy projectile simulator (~3 min)
+demo-projectile: $(STAMP)
 	$(VENV)/bin/bbzo demo --out runs/demo
 
 test: $(STAMP)

@@ -9,6 +9,7 @@ import click
 
 import bbzo
 from bbzo.cli.prune import prune
+from bbzo.cli.sol import sol
 from bbzo.cli.train import train
 from bbzo.config import config_option, write_resolved_config
 from bbzo.errors import BbzoError
@@ -62,6 +63,7 @@ def demo(config: str, out: Path, steps: int, batch: int, estimators: str, lr: fl
 
 main.add_command(train)
 main.add_command(prune)
+main.add_command(sol)
 
 
 @main.command("estimators")

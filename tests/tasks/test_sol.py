@@ -1,0 +1,146 @@
+"""ZO-SOL end to end on a tiny grid: data cache, ZO steps lower the loss, ZO matches FO, exact resume, CLI."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bbzo
+from bbzo.adapters import LoopAdapter
+from bbzo.cli.main import main
+from bbzo.errors import ConfigError
+from bbzo.oracles.karman import KarmanOracle, KarmanSolver
+from bbzo.tasks.sol import SolConfig, make_corrector, make_rollout, train_zo
+from bbzo.tasks.sol_data import DataSettings, RolloutBatches, generate, load
+
+SETTINGS = DataSettings(nx=16, ny=32, factor=2, train_re=(195.3, 3125.0), test_re=(781.3,), warmup=30, frames=10)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sol-data")
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    torch.set_num_threads(1)
+    return generate(SETTINGS, data_dir, progress=False)
+
+
+def cfg(**kw):
+    base = dict(data=SETTINGS, corrector="tiny", unroll=2, batch=2, steps=8, lr=1e-3, sparsity=0.9, score_q=4,
+                sets_per_call=8, non_steps=20, eval_steps=6, checkpoint_every=2)
+    base.update(kw)
+    return SolConfig(**base)
+
+
+def test_data_is_cached_keyed_and_checked(data, data_dir):
+    assert data.train.shape == (2, 10, 2, 32, 16) and data.test.shape == (1, 10, 2, 32, 16)
+    assert torch.isfinite(data.train).all() and data.train.abs().max() > 0.5
+    npz = next(data_dir.glob("karman_*.npz"))
+    mtime = npz.stat().st_mtime_ns
+    again = generate(SETTINGS, data_dir, progress=False)  # cached: not regenerated
+    assert npz.stat().st_mtime_ns == mtime and torch.equal(again.train, data.train)
+    other = DataSettings(**{**SETTINGS.__dict__, "frames": 11})
+    assert other.key() != SETTINGS.key()
+    with pytest.raises(ConfigError, match="bbzo sol generate"):
+        load(other, data_dir)
+    bad_dir = data_dir / "corrupt"
+    bad_dir.mkdir()
+    (bad_dir / npz.name).write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="unreadable"):
+        load(SETTINGS, bad_dir)
+
+
+def test_rollout_batches_are_windows_of_the_reference(data):
+    b = RolloutBatches(data.train, data.train_re, unroll=3, batch=4, seed=1)
+    (x, re), y = b.get_batch(5)
+    (x2, re2), y2 = RolloutBatches(data.train, data.train_re, unroll=3, batch=4, seed=1).get_batch(5)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and y.shape == (4, 3, 2, 32, 16)
+    for i in range(4):  # targets are the frames that follow the start frame of the same simulation
+        sim = int((data.train_re == re[i]).nonzero()[0])
+        t = int(next(t for t in range(10) if torch.equal(data.train[sim, t], x[i])))
+        assert torch.equal(y[i], data.train[sim, t + 1:t + 4])
+
+
+def test_zo_gradient_through_phiflow_matches_fo_sol(data):
+    """Sparse-CGE through the query-only oracle vs autograd through PhiFlow's torch backend."""
+    c = cfg()
+    model = make_corrector(c, data)
+    with torch.no_grad():  # a non-zero last layer so every layer has a gradient
+        model.net[-1].weight.normal_(0, 0.02)
+    batches = RolloutBatches(data.train, data.train_re, c.unroll, 2, seed=0)
+    inputs, y = batches.get_batch(0)
+    std = data.velocity_std()
+    fo_rollout = make_rollout(KarmanSolver(c.data.low, backend="torch", jit=False).step, std)
+    from bbzo.oracles.karman import phi
+    loss = fo_rollout(model, inputs, y).mean()
+    with phi().TORCH:
+        fo = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    coords = {"net.4.weight": torch.arange(0, 400, 7), "net.2.weight": torch.arange(0, 1600, 23), "net.4.bias": torch.arange(2)}
+    est = bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3, difference="central")
+    oracle = KarmanOracle(c.data.low, backend="torch")
+    zo = bbzo.estimate(LoopAdapter(model, sets_per_call=16), est, make_rollout(oracle.query, std), inputs, y)
+    a = torch.cat([zo.grads[n].flatten()[i] for n, i in coords.items()]).double()
+    b = torch.cat([fo[n].flatten()[i] for n, i in coords.items()]).double()
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert cos > 0.99, cos
+    assert oracle.rows_used == zo.queries * 2 * c.unroll
+
+
+def _objective(c, data, model):
+    """Mean training rollout loss over every start window (deterministic, via the oracle)."""
+    oracle = KarmanOracle(c.data.low, backend="torch")
+    rollout = make_rollout(oracle.query, data.velocity_std())
+    b = RolloutBatches(data.train, data.train_re, c.unroll, batch=data.train.shape[0] * (10 - c.unroll), seed=0)
+    inputs, y = b.get_batch(0)
+    with torch.no_grad():
+        return float(rollout(model, inputs, y).mean())
+
+
+def test_a_few_zo_steps_lower_the_loss(data, tmp_path):
+    c = cfg(steps=10)
+    before = _objective(c, data, make_corrector(c, data))
+    res = train_zo(c, data, tmp_path, progress=False)
+    model = make_corrector(c, data)
+    model.load_state_dict(torch.load(tmp_path / "corrector.pt", weights_only=True))
+    after = _objective(c, data, model)
+    assert after < 0.95 * before, (before, after)
+    lpr = json.loads((tmp_path / "lpr.json").read_text())
+    assert lpr["score"] == "zo_grasp" and res["score_queries"] == 2 * (c.score_q + 1)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["queries"] == res["queries_per_step"] for r in rows)
+
+
+def test_zo_sol_resume_is_exact(data, tmp_path):
+    c = cfg(steps=4)
+    train_zo(c, data, tmp_path / "full", progress=False)
+    train_zo(cfg(steps=2), data, tmp_path / "part", progress=False)
+    res = train_zo(c, data, tmp_path / "part", resume=True, progress=False)
+    a = torch.load(tmp_path / "full" / "corrector.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "corrector.pt", weights_only=True)
+    assert res["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_run_and_eval(data, data_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--nx", "16", "--train-re", "195.3,3125", "--test-re", "781.3", "--warmup", "30", "--frames", "10",
+             "--corrector", "tiny", "--unroll", "2", "--batch", "2", "--steps", "3", "--score-q", "4",
+             "--non-steps", "5", "--eval-steps", "4", "--sets-per-call", "8", "--data-dir", str(data_dir),
+             "--no-progress"]
+    r = CliRunner().invoke(main, ["sol", "run", "--out", str(out), "--methods", "src,non,zo,fo", *flags])
+    assert r.exit_code == 0, r.output
+    assert "ZO-SOL" in r.output and "FO-SOL (white-box)" in r.output
+    for f in ("results.json", "results.md", "vorticity.png", "mae_over_time.png", "config.resolved.yaml"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["eval"]) == {"src", "non", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--data-dir", str(data_dir), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "eval.json").read_text())["eval"]["src"]["mae"] == res["eval"]["src"]["mae"]
+    # a different setting in the same folder is refused, with the reason
+    r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags[:-1], "--steps", "5", "--no-progress"])
+    assert r.exit_code == 2 and "other settings" in r.output
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "train there first" in r.output
