@@ -58,11 +58,16 @@ def main() -> None:
         "paper_full_scale": {"src": 0.180, "non": 0.153, "zo": 0.119, "fo": 0.074},
         "table": s["table"],
     }
-    text = json.dumps(out, indent=1)
+    emit(out, args.out_json)
+
+
+def emit(result: dict, path: "Path | None") -> None:
+    """Print ``result`` as JSON and, if ``path`` is given, write it there too."""
+    text = json.dumps(result, indent=1)
     print(text)
-    if args.out_json:
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(text + "\n")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

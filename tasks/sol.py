@@ -458,19 +458,30 @@ def plot_results(cfg: SolConfig, data: SolData, evals: dict[str, dict[str, Any]]
 
     r = len(data.test_re) // 2
     t = next(iter(evals.values()))["steps"]
-    panels = [(METHOD_NAMES[m], ev["states"][r, t]) for m, ev in evals.items() if "states" in ev]
-    panels.append(("reference (high-fidelity, downsampled)", data.test[r, t]))
+    short = {"src": "SRC", "non": "NON", "zo": "ZO-SOL", "fo": "FO-SOL (white-box)"}
+    panels = [(short[m], ev["states"][r, t]) for m, ev in evals.items() if "states" in ev]
+    ref = vorticity(data.test[r, t], cfg.data.low)
     w = [vorticity(s, cfg.data.low) for _, s in panels]
-    lim = float(torch.quantile(w[-1].abs().flatten(), 0.99)) or 1.0
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 4.4), squeeze=False)
-    for ax, (title, _), wi in zip(axes[0], panels, w):
-        im = ax.imshow(wi.numpy(), origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim,
-                       extent=(0, cfg.data.low.width, 0, cfg.data.low.height))
-        ax.set_title(title, fontsize=8)
+    lim = float(torch.quantile(ref.abs().flatten(), 0.99)) or 1.0
+    n = len(panels) + 1
+    ext = (0, cfg.data.low.width, 0, cfg.data.low.height)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 1.2, 7.2), squeeze=False)
+    for j, (title, wi) in enumerate([*zip([p[0] for p in panels], w), ("reference", ref)]):
+        im = axes[0, j].imshow(wi.numpy(), origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim, extent=ext)
+        axes[0, j].set_title(title, fontsize=8)
+        if j < len(panels):
+            err = (wi - ref).abs()
+            im2 = axes[1, j].imshow(err.numpy(), origin="lower", cmap="magma", vmin=0, vmax=0.5 * lim, extent=ext)
+            axes[1, j].set_title(f"|error| mean {float(err.mean()):.4f}", fontsize=8)
+        else:
+            axes[1, j].axis("off")
+    for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"vorticity at step {t}, Re {float(data.test_re[r]):g} (held out)", fontsize=10)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="vorticity")
+    fig.colorbar(im2, ax=axes[1].tolist(), shrink=0.8, label="|vorticity error|")
+    fig.suptitle(f"Re {float(data.test_re[r]):g} (held out), step {t}: corrected low-fidelity rollouts vs the "
+                 "downsampled high-fidelity reference", fontsize=9)
     paths.append(out / "vorticity.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
