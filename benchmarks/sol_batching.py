@@ -1,8 +1,8 @@
 """Why ZO-SOL batches: seconds per state-step of the black-box PhiFlow solver at batch size K. Prints JSON.
 
 One ZO-SOL query batch is K perturbed correctors x B start states, stepped by the solver as ONE PhiFlow
-batch. This measures the solver alone (``KarmanOracle``, 32 x 64, jit-compiled torch, one thread) and
-the full query batch (solver + the vmapped corrector + loss, ``LoopAdapter``), median of ``--repeats``.
+batch. This measures the black-box solver alone (``KarmanOracle``, 32 x 64, one thread; torch with
+PhiML's jit, and numpy), median of ``--repeats`` calls after a first (tracing) call.
 
     .venv/bin/python benchmarks/sol_batching.py --out benchmarks/results/sol_batching.json
 """
