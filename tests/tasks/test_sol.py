@@ -144,3 +144,36 @@ def test_cli_run_and_eval(data, data_dir, tmp_path):
     assert r.exit_code == 2 and "other settings" in r.output
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "train there first" in r.output
+
+
+def test_presets_build_and_the_paper_corrector_has_56898_parameters(data):
+    from bbzo.tasks.sol import PRESETS, preset
+
+    sizes = {}
+    for name in PRESETS:
+        c = preset(name)
+        sizes[name] = sum(p.numel() for p in make_corrector(c, data).parameters())
+    assert sizes["paper"] == 56_898 and sizes["small"] == 2_618 and sizes["demo"] == 2_618
+    p = preset("paper")
+    assert (p.unroll, p.lr, p.sparsity, p.data.nx, p.data.ny, p.data.factor) == (16, 1e-4, 0.95, 32, 64, 2)
+    assert p.data.train_re == (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
+    assert p.data.test_re == (146.5, 293.0, 585.9, 1171.9, 2343.8)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="corrector must be"):
+        SolConfig(corrector="giant")
+
+
+def test_non_and_fo_resume_is_exact(data, tmp_path):
+    from bbzo.tasks.sol import train_fo, train_non
+
+    for fn, key in ((train_non, "non_steps"), (train_fo, "steps")):
+        full, part = tmp_path / fn.__name__ / "full", tmp_path / fn.__name__ / "part"
+        fn(cfg(**{key: 4}), data, full, progress=False)
+        fn(cfg(**{key: 2}), data, part, progress=False)
+        res = fn(cfg(**{key: 4}), data, part, resume=True, progress=False)
+        a = torch.load(full / "corrector.pt", weights_only=True)
+        b = torch.load(part / "corrector.pt", weights_only=True)
+        assert res["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a), fn.__name__
+        rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
