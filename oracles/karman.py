@@ -31,7 +31,7 @@ from __future__ import annotations
 import math as _math
 import threading
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
@@ -161,7 +161,7 @@ class KarmanSolver:
 
     def to_grid(self, states: torch.Tensor) -> Any:
         """``(N, 2, ny, nx)`` torch -> PhiFlow ``StaggeredGrid`` with batch dim ``b`` (last faces rebuilt)."""
-        p, s = phi(), self.setup
+        p = phi()
         self.check_states(states)
         if self.backend == "numpy":
             states = states.detach().cpu()

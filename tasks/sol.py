@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +40,7 @@ from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores
 from bbzo.trainer import Trainer
 
-from .sol_data import TEST_RE, TRAIN_RE, DataSettings, RolloutBatches, SolData, generate
+from .sol_data import DataSettings, RolloutBatches, SolData, generate
 
 __all__ = ["SolConfig", "PRESETS", "Corrector", "make_corrector", "make_rollout", "features", "METHODS",
            "train_method", "evaluate", "evaluate_run", "run_sol", "results_table"]
