@@ -103,6 +103,8 @@ class Oracle(ABC):
             if c.requires_grad:
                 raise OracleError(f"{self.name} is a query-only black box: condition {i} requires grad. "
                                   "Pass it detached.")
+        if conditions and not self._takes_conditions(len(conditions)):
+            raise OracleError(f"{self.name} takes no per-row conditions, got {len(conditions)}; call query(inputs).")
         self._check_budget(n)
         with torch.no_grad():
             out = self._query(inputs, *conditions)
@@ -111,6 +113,14 @@ class Oracle(ABC):
         return self._validate(out, n, inputs)
 
     __call__ = query
+
+    def _takes_conditions(self, k: int) -> bool:
+        import inspect
+
+        params = list(inspect.signature(self._query).parameters.values())[1:]
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+            return True
+        return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= k
 
     def _check_budget(self, n: int) -> None:
         if self.max_rows is not None and self.rows_used + n > self.max_rows:

@@ -116,7 +116,7 @@ class Trainer:
                 h(self)
             t0 = time.perf_counter()
             inputs, targets = self.data.get_batch(self.step_count)
-            if self.update_bn_stats and self._has_bn and self.model.training:
+            if self.update_bn_stats and self._has_bn and self.model.training and self.adapter.inputs_are_model_inputs:
                 with torch.no_grad():
                     self.model(inputs)
             res = estimate(self.adapter, self.estimator, self.loss_fn, inputs, targets, n_shards=self.n_shards)

@@ -42,8 +42,9 @@ def sol_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--preset", type=click.Choice(["demo", "small", "paper"]), default="demo", show_default=True,
                      help="Base settings: demo (~5 min CPU), small (CPU benchmark), paper (Appendix H, GPU)."),
-        click.option("--train-re", help="Training Reynolds numbers, comma-separated (paper: 97.7,...,3125)."),
-        click.option("--test-re", help="Held-out test Reynolds numbers, comma-separated."),
+        click.option("--train-re", type=click.UNPROCESSED,
+                     help="Training Reynolds numbers, comma-separated (paper: 97.7,...,3125); a list in --config."),
+        click.option("--test-re", type=click.UNPROCESSED, help="Held-out test Reynolds numbers, comma-separated."),
         click.option("--nx", type=int, help="Solver grid cells along x (paper 32); ny = 2 nx unless --ny."),
         click.option("--ny", type=int, help="Solver grid cells along y (paper 64)."),
         click.option("--factor", type=int, help="High-fidelity grid = factor x solver grid (power of 2; paper 2)."),
@@ -63,7 +64,11 @@ def sol_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--resample-every", type=int, help="Redraw the sparse coordinate set every N steps."),
         click.option("--mu", type=float, help="Finite-difference step of CGE."),
         click.option("--sets-per-call", type=int, help="Perturbed correctors per PhiFlow batch (batch = this x --batch)."),
+        click.option("--init", type=click.Choice(["scratch", "non"]),
+                     help="ZO-SOL / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."),
         click.option("--non-steps", type=int, help="Training steps of NON."),
+        click.option("--non-batch", type=int, help="Pairs per NON step."),
+        click.option("--checkpoint-every", type=int, help="Checkpoint every N training steps."),
         click.option("--non-lr", type=float, help="Adam learning rate of NON."),
         click.option("--eval-steps", type=int, help="Evaluation rollout length (0: every recorded frame)."),
         click.option("--backend", type=click.Choice(["torch", "numpy"]),
@@ -95,8 +100,8 @@ def build_config(kw: dict[str, Any]) -> tuple[Any, Path]:
     if kw.get("nx") is not None and kw.get("ny") is None:
         data["ny"] = 2 * kw["nx"]
     for k in ("corrector", "unroll", "batch", "steps", "lr", "fo_lr", "sparsity", "score", "score_q",
-              "resample_every", "mu", "sets_per_call", "non_steps", "non_lr", "eval_steps", "backend", "seed",
-              "device"):
+              "resample_every", "mu", "sets_per_call", "init", "non_steps", "non_batch", "non_lr", "eval_steps",
+              "checkpoint_every", "backend", "seed", "device"):
         if kw.get(k) is not None:
             over[k] = kw[k]
     if kw.get("backend") is not None:
@@ -119,7 +124,7 @@ def generate_cmd(config: str, force: bool, **kw: Any) -> None:
     from bbzo.tasks.sol_data import _paths, generate
 
     cfg, data_dir = build_config(kw)
-    data = generate(cfg.data, data_dir, progress=not kw["no_progress"], force=force)
+    data = generate(cfg.data, data_dir, progress=not kw["no_progress"], force=force, device=cfg.device)
     npz, meta = _paths(cfg.data, data_dir)
     click.echo(f"reference data: {npz}  (train {tuple(data.train.shape)}, test {tuple(data.test.shape)})")
     if data.meta:
@@ -145,23 +150,31 @@ def train_cmd(config: str, method: str, out: Path, resume: bool, **kw: Any) -> N
     torch.set_num_threads(1)
     cfg, data_dir = build_config(kw)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, cfg, resume)
-    data = generate(cfg.data, data_dir, progress=not kw["no_progress"])
+    _check_config(out, cfg, data_dir)
+    data = generate(cfg.data, data_dir, progress=not kw["no_progress"], device=cfg.device)
     res = train_method(method, cfg, data, out, resume=resume, progress=not kw["no_progress"])
     write_resolved_config(click.get_current_context(), out / method if method != "src" else out)
     click.echo(json.dumps(res, indent=1))
 
 
-def _check_config(out: Path, cfg: Any, resume: bool) -> None:
-    """One run folder = one setting: refuse to mix methods trained on different settings."""
+#: Settings that may change between a run and its resume or evaluation (they do not change what is learnt
+#: per step): extend a run with --resume --steps N, move it to another device, evaluate longer.
+RUNTIME_KEYS = {"steps", "non_steps", "eval_steps", "checkpoint_every", "device", "backend"}
+
+
+def _check_config(out: Path, cfg: Any, data_dir: Path) -> None:
+    """One run folder = one setting: refuse to mix methods trained on different settings.
+    Also records where the run's reference data lives (for `bbzo sol eval`)."""
     path = out / "config.json"
+    new = json.loads(json.dumps(cfg.to_dict()))
     if path.exists():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(cfg.to_dict())):
-            diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k))
+        diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+        if diff:
             raise ConfigError(f"{out} holds a run with other settings (differs in: {', '.join(diff)}). "
                               "Use another --out, or the same settings.")
-    path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    path.write_text(json.dumps(new, indent=1))
+    (out / "data.json").write_text(json.dumps({"data_dir": str(data_dir.resolve()), "key": cfg.data.key()}, indent=1))
 
 
 @sol.command("eval")
@@ -169,10 +182,11 @@ def _check_config(out: Path, cfg: Any, resume: bool) -> None:
               help="Run folder written by `bbzo sol train` / `bbzo sol run`.")
 @click.option("--methods", default="src,non,zo,fo", show_default=True,
               help="Methods to evaluate (those not trained in OUT are skipped, src always works).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("runs/sol-data"), show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="Reference data folder (default: the one the run in OUT was trained on).")
 @click.option("--eval-steps", type=int, help="Override the rollout length (0: every recorded frame).")
 @click.option("--no-plots", is_flag=True)
-def eval_cmd(out: Path, methods: str, data_dir: Path, eval_steps: Optional[int], no_plots: bool) -> None:
+def eval_cmd(out: Path, methods: str, data_dir: Optional[Path], eval_steps: Optional[int], no_plots: bool) -> None:
     """Test MAE per Re and overall (JSON + Markdown table) and the pictures, for every trained method."""
     import torch
 
@@ -183,6 +197,9 @@ def eval_cmd(out: Path, methods: str, data_dir: Path, eval_steps: Optional[int],
     if not path.exists():
         raise ConfigError(f"{out} has no config.json; train there first (`bbzo sol train --out {out}`).")
     cfg = SolConfig.from_dict(json.loads(path.read_text()))
+    if data_dir is None:
+        rec = out / "data.json"
+        data_dir = Path(json.loads(rec.read_text())["data_dir"]) if rec.exists() else Path("runs/sol-data")
     if eval_steps is not None:
         cfg.eval_steps = eval_steps
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -206,7 +223,7 @@ def run_cmd(config: str, methods: str, out: Path, resume: bool, no_plots: bool, 
 
     cfg, data_dir = build_config(kw)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, cfg, resume)
+    _check_config(out, cfg, data_dir)
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
     summary = run_sol(cfg, out, methods=wanted, data_dir=data_dir, resume=resume,
                       progress=not kw["no_progress"], plots=not no_plots)

@@ -40,7 +40,7 @@ from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores
 from bbzo.trainer import Trainer
 
-from .sol_data import DataSettings, RolloutBatches, SolData, generate
+from .sol_data import DataSettings, RolloutBatches, SolData, generate, load
 
 __all__ = ["SolConfig", "PRESETS", "Corrector", "make_corrector", "make_rollout", "features", "METHODS",
            "train_method", "evaluate", "evaluate_run", "run_sol", "results_table"]
@@ -242,6 +242,7 @@ def _initial_corrector(cfg: SolConfig, data: SolData, run: Path) -> Corrector:
 
 def train_zo(cfg: SolConfig, data: SolData, run: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """ZO-SOL: Sparse-CGE through the query-only solver, ZO-GraSP ratios, dynamic sparsity."""
+    t0 = time.perf_counter()
     dev = torch.device(cfg.device)
     model = _initial_corrector(cfg, data, run)
     oracle = _oracle(cfg, "phiflow-karman(zo-sol)")
@@ -271,13 +272,12 @@ def train_zo(cfg: SolConfig, data: SolData, run: Path, *, resume: bool = False, 
                       checkpoint_every=cfg.checkpoint_every, adapter=LoopAdapter(model, sets_per_call=cfg.sets_per_call))
     sparsity = DynamicSparsity(lpr, params, resample_every=cfg.resample_every, seed=cfg.seed, others="dense").attach(trainer)
     log = JSONLLogger(run / "metrics.jsonl", extra={"method": "zo"})
-    if not resume and log.path.exists():
+    if not (resume and trainer.checkpoint_path.exists()) and log.path.exists():
         log.path.unlink()
     log.attach(trainer)
     bar = ProgressBar(desc=f"ZO-SOL ({sparsity.coords_per_step + 1} q/step)", disable=not progress).attach(trainer)
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
-    t0 = time.perf_counter()
     trainer.run()
     bar.close()
     _save_weights(model, run / "corrector.pt")
@@ -371,6 +371,7 @@ def non_pairs(cfg: SolConfig, data: SolData) -> tuple[torch.Tensor, torch.Tensor
 
 def train_non(cfg: SolConfig, data: SolData, run: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """NON: supervised one-step correction on pre-generated pairs (no gradient through the solver)."""
+    t0 = time.perf_counter()
     dev = torch.device(cfg.device)
     model = make_corrector(cfg, data).to(dev)
     p, re, tgt, rows = non_pairs(cfg, data)
@@ -386,6 +387,7 @@ def train_non(cfg: SolConfig, data: SolData, run: Path, *, resume: bool = False,
         return ((pred - tgt[idx]) * scale).pow(2).flatten(1).mean(1).mean()
 
     res = _fo_loop("NON", model, loss_of, cfg.non_steps, cfg.non_lr, run, cfg, resume=resume, progress=progress)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)  # including the solver queries for the pairs
     return {"method": "non", **res, "oracle_rows": rows}
 
 
@@ -512,7 +514,7 @@ def evaluate_run(cfg: SolConfig, out: Path, methods: tuple[str, ...] = METHODS, 
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}.")
-    data = data or generate(cfg.data, data_dir or out / "data", progress=False)
+    data = data or load(cfg.data, data_dir or out / "data")
     evals: dict[str, dict[str, Any]] = {}
     train: dict[str, dict[str, Any]] = {}
     skipped = []
@@ -524,6 +526,9 @@ def evaluate_run(cfg: SolConfig, out: Path, methods: tuple[str, ...] = METHODS, 
         evals[m] = evaluate(cfg, data, corr, keep_states=plots)
         tj = out / m / "train.json"
         train[m] = json.loads(tj.read_text()) if tj.exists() else {"method": m}
+    if not evals:
+        raise ConfigError(f"none of the methods {', '.join(methods)} is trained in {out}; train them first "
+                          "(`bbzo sol train --method ... --out ...`) or include src.")
     summary = {"eval": {m: {k: v for k, v in ev.items() if k != "states"} for m, ev in evals.items()},
                "train": train, "skipped_untrained": skipped}
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
@@ -538,13 +543,15 @@ def run_sol(cfg: SolConfig, out: Path, *, methods: tuple[str, ...] = METHODS, da
             resume: bool = False, progress: bool = True, plots: bool = True) -> dict[str, Any]:
     """Generate (or reuse) data, train ``methods``, evaluate all on the test Re, write table + plots."""
     torch.set_num_threads(1)  # PhiFlow on a shared CPU: one thread is fastest (see the research notes)
+    if not methods:
+        raise ConfigError(f"no methods given; choose from {', '.join(METHODS)} (e.g. --methods src,zo).")
     bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ConfigError(f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}.")
+    if bad:
+        raise ConfigError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     t0 = time.perf_counter()
-    data = generate(cfg.data, data_dir or out / "data", progress=progress)
+    data = generate(cfg.data, data_dir or out / "data", progress=progress, device=cfg.device)
     gen_s = time.perf_counter() - t0
     train = {m: train_method(m, cfg, data, out, resume=resume, progress=progress) for m in methods}
     t1 = time.perf_counter()

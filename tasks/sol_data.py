@@ -70,9 +70,9 @@ class DataSettings:
         return self.low.scaled(self.factor)
 
     def key(self) -> str:
-        d = asdict(self)
-        d.pop("backend")  # numpy and torch give the same data up to float32 rounding
+        d = asdict(self)  # backend included: torch's CG and numpy's adaptive CG round differently
         d["physics"] = self.low.to_dict()
+        d["format"] = FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -114,7 +114,8 @@ def load(settings: DataSettings, cache_dir: Path) -> SolData:
     return SolData(settings, *(torch.from_numpy(arrays[k]) for k in ("train", "test", "train_re", "test_re")), meta=meta)
 
 
-def generate(settings: DataSettings, cache_dir: Path, *, progress: bool = True, force: bool = False) -> SolData:
+def generate(settings: DataSettings, cache_dir: Path, *, progress: bool = True, force: bool = False,
+             device: Any = "cpu") -> SolData:
     """Load the cached reference data for ``settings`` or generate it (batched over every Re)."""
     npz, meta_path = _paths(settings, cache_dir)
     if npz.exists() and not force:
@@ -124,7 +125,7 @@ def generate(settings: DataSettings, cache_dir: Path, *, progress: bool = True, 
     cache_dir.mkdir(parents=True, exist_ok=True)
     res = list(settings.train_re) + list(settings.test_re)
     re = torch.tensor(res, dtype=torch.float64)
-    hi = KarmanSolver(settings.high, backend=settings.backend, jit=settings.backend == "torch")
+    hi = KarmanSolver(settings.high, backend=settings.backend, jit=settings.backend == "torch", device=device)
     t0 = time.perf_counter()
     grid = hi.to_grid(hi.initial_state(res, poke=settings.poke))
     frames = np.empty((len(res), settings.frames, 2, settings.ny, settings.nx), np.float32)
@@ -133,12 +134,13 @@ def generate(settings: DataSettings, cache_dir: Path, *, progress: bool = True, 
                disable=not progress, unit="step", leave=False)
     for i in range(total):
         grid = hi.step_grid(grid, re)
-        if i >= settings.warmup:
+        if i >= settings.warmup or i % 25 == 0:
             st = hi.from_grid(grid)
             if not bool(torch.isfinite(st).all()):
-                raise ConfigError(f"the high-fidelity simulation diverged at step {i + 1}; use a smaller dt "
+                raise ConfigError(f"the high-fidelity simulation diverged by step {i + 1}; use a smaller dt "
                                   "or a finer grid.")
-            frames[:, i - settings.warmup] = downsample_states(st, settings.high, settings.factor).numpy()
+            if i >= settings.warmup:
+                frames[:, i - settings.warmup] = downsample_states(st.cpu(), settings.high, settings.factor).numpy()
         bar.update(1)
     bar.close()
     wall = time.perf_counter() - t0

@@ -173,6 +173,8 @@ class Adapter(ABC):
     """Wraps a model once; binds minibatches to evaluators."""
 
     reuses_features: bool = False
+    #: The minibatch inputs are the model's inputs (False for LoopAdapter, whose inputs feed a rollout).
+    inputs_are_model_inputs: bool = True
 
     def __init__(self, model: nn.Module, *, max_chunk_bytes: Optional[int] = DEFAULT_MAX_CHUNK_BYTES,
                  max_chunk: int = DEFAULT_MAX_CHUNK) -> None:

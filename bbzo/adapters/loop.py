@@ -90,6 +90,7 @@ class LoopAdapter(Adapter):
     """
 
     reuses_features = False
+    inputs_are_model_inputs = False  # the trainer cannot run model(inputs) to update BN statistics
 
     def __init__(self, model: nn.Module, *, sets_per_call: int = 32, **kw: Any) -> None:
         super().__init__(model, **kw)

@@ -74,3 +74,24 @@ def test_numpy_function_oracle_and_module_oracle():
     out = mo.query(torch.randn(4, 2))
     assert out.shape == (4, 3) and not out.requires_grad
     assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_conditions_reach_only_oracles_that_take_them():
+    import pytest
+    import torch
+
+    from bbzo.errors import OracleError
+    from bbzo.oracle import FunctionOracle, Oracle
+
+    class Scaled(Oracle):
+        def _query(self, inputs, scale):
+            return inputs * scale[:, None]
+
+    x = torch.ones(3, 2)
+    assert torch.equal(Scaled().query(x, torch.tensor([1.0, 2.0, 3.0]))[:, 0], torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(OracleError, match="one row per input row"):
+        Scaled().query(x, torch.ones(2))
+    with pytest.raises(OracleError, match="requires grad"):
+        Scaled().query(x, torch.ones(3, requires_grad=True))
+    with pytest.raises(OracleError, match="takes no per-row conditions"):
+        FunctionOracle(lambda t: t).query(x, torch.ones(3))

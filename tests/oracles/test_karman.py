@@ -94,3 +94,11 @@ def test_downsample_face_average():
     assert low.shape == (1, *SETUP.shape)
     # u keeps every second face along x and averages pairs along y
     assert torch.allclose(low[0, 0, 3, 4], 0.5 * (s[0, 0, 6, 8] + s[0, 0, 7, 8]), atol=1e-6)
+
+
+def test_jit_step_that_does_not_converge_raises(states):
+    """A traced step skips PhiML's own convergence check; the oracle checks the projection itself."""
+    oracle = KarmanOracle(KarmanSetup(nx=16, ny=32, cg_max_iter=2), backend="torch")
+    with pytest.raises(OracleError, match="did not converge"):
+        oracle.query(states, RE)
+    assert oracle.rows_used == 0

@@ -136,12 +136,23 @@ def test_cli_run_and_eval(data, data_dir, tmp_path):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     assert set(res["eval"]) == {"src", "non", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
-    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--data-dir", str(data_dir), "--no-plots"])
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--no-plots"])  # data dir from the run
     assert r.exit_code == 0, r.output
     assert json.loads((out / "eval.json").read_text())["eval"]["src"]["mae"] == res["eval"]["src"]["mae"]
-    # a different setting in the same folder is refused, with the reason
-    r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags[:-1], "--steps", "5", "--no-progress"])
-    assert r.exit_code == 2 and "other settings" in r.output
+    # a different setting in the same folder is refused, with the reason; more steps (resume) are not
+    r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags, "--unroll", "3"])
+    assert r.exit_code == 2 and "other settings (differs in: unroll)" in r.output
+    r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags, "--method", "zo", "--steps", "4",
+                                  "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "zo" / "train.json").read_text())["steps"] == 4
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--methods", "non", "--no-plots"])
+    assert r.exit_code == 0  # non is trained there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((out / "config.json").read_text())
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(empty), "--methods", "zo", "--data-dir", str(data_dir)])
+    assert r.exit_code == 2 and "none of the methods" in r.output
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "train there first" in r.output
 
