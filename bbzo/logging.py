@@ -38,10 +38,26 @@ class JSONLLogger:
             f.write(json.dumps(row) + "\n")
 
     def truncate_after(self, trainer: Any) -> None:
+        self.truncate(trainer.step_count)
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows of steps after ``step`` (a resumed run rewrites them)."""
         if not self.path.exists():
             return
-        keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= trainer.step_count]
+        keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120, tight: bool = True) -> Path:
+    """Save a matplotlib figure as PNG (after ``tight_layout`` if ``tight``) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def read_jsonl(path: Union[str, Path]) -> list[dict[str, Any]]:

@@ -15,6 +15,8 @@ bookkeeping every black box needs, so subclasses only implement :meth:`Oracle._q
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Sequence
 
@@ -115,12 +117,7 @@ class Oracle(ABC):
     __call__ = query
 
     def _takes_conditions(self, k: int) -> bool:
-        import inspect
-
-        params = list(inspect.signature(self._query).parameters.values())[1:]
-        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-            return True
-        return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= k
+        return _max_conditions(type(self)) >= k
 
     def _check_budget(self, n: int) -> None:
         if self.max_rows is not None and self.rows_used + n > self.max_rows:
@@ -176,6 +173,15 @@ class Oracle(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, rows_used={self.rows_used}, calls_used={self.calls_used})"
+
+
+@functools.lru_cache(maxsize=None)
+def _max_conditions(cls: type) -> float:
+    """How many per-row conditions ``cls._query`` accepts after ``inputs`` (inf for ``*args``)."""
+    params = list(inspect.signature(cls._query).parameters.values())[2:]  # self, inputs
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return float("inf")
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
 
 
 class FunctionOracle(Oracle):

@@ -28,6 +28,7 @@ even a stray graph can exist.
 
 from __future__ import annotations
 
+import functools
 import math as _math
 import threading
 import warnings
@@ -111,13 +112,6 @@ class KarmanSetup:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KarmanSetup":
-        d = dict(d)
-        if "cylinder" in d:
-            d["cylinder"] = tuple(d["cylinder"])
-        return cls(**d)
-
 
 class KarmanSolver:
     """The low- or high-fidelity PhiFlow solver, batched over states (and their Re).
@@ -148,10 +142,10 @@ class KarmanSolver:
             mask[:, :2] = 1.0
             mask[0, :] = 1.0
             mask[-1, :] = 1.0
-            self._mask_np = mask
             self.mask = p.math.tensor(self._native(mask), p.spatial("x,y"))
             self.solve = p.math.Solve("auto", s.cg_tol, s.cg_tol, max_iterations=s.cg_max_iter)
         self._step_jit = p.math.jit_compile(self._phi_step) if self.jit else None
+        self._phi_device: Any = None  # PhiML's ComputeDevice for self.device, resolved on first use
 
     # ------------------------------------------------------------------ conversions
     def _native(self, a: Any) -> Any:
@@ -245,13 +239,14 @@ class KarmanSolver:
         if self.backend != "torch":
             return
         p = phi()
-        want = "GPU" if self.device.type == "cuda" else "CPU"
-        devs = p.TORCH.list_devices(want)
-        if not devs:
-            raise ConfigError(f"no {want} visible to PhiFlow for device {self.device}.")
-        dev = devs[self.device.index or 0] if self.device.type == "cuda" else devs[0]
-        if p.TORCH.get_default_device() is not dev:
-            p.TORCH.set_default_device(dev)
+        if self._phi_device is None:
+            want = "GPU" if self.device.type == "cuda" else "CPU"
+            devs = p.TORCH.list_devices(want)
+            if not devs:
+                raise ConfigError(f"no {want} visible to PhiFlow for device {self.device}.")
+            self._phi_device = devs[self.device.index or 0] if self.device.type == "cuda" else devs[0]
+        if p.TORCH.get_default_device() is not self._phi_device:
+            p.TORCH.set_default_device(self._phi_device)
 
     def step(self, states: torch.Tensor, re: torch.Tensor, n: int = 1) -> torch.Tensor:
         """``n`` steps of ``(N, 2, ny, nx)`` states at per-row Reynolds numbers ``re`` ``(N,)``.
@@ -295,15 +290,19 @@ def downsample_states(states: torch.Tensor, setup: KarmanSetup, factor: int) -> 
     if factor == 1:
         return states.clone()
     p = phi()
-    solver = KarmanSolver(setup, backend="numpy", jit=False)
-    g = solver.to_grid(states.detach().cpu())
+    g = _numpy_solver(setup).to_grid(states.detach().cpu())
     with warnings.catch_warnings(), p.NUMPY:
         warnings.simplefilter("ignore")
         for _ in range(int(_math.log2(factor))):
             g = p.field.downsample2x(g)
-    low = KarmanSolver(KarmanSetup(**{**asdict(setup), "nx": setup.nx // factor, "ny": setup.ny // factor}),
-                       backend="numpy", jit=False)
-    return low.from_grid(g).to(states.device)
+    low = KarmanSetup(**{**asdict(setup), "nx": setup.nx // factor, "ny": setup.ny // factor})
+    return _numpy_solver(low).from_grid(g).to(states.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _numpy_solver(setup: KarmanSetup) -> KarmanSolver:
+    """A numpy-backed solver used only for grid conversions (built once per setup, not once per frame)."""
+    return KarmanSolver(setup, backend="numpy", jit=False)
 
 
 class KarmanOracle(Oracle):
@@ -313,8 +312,8 @@ class KarmanOracle(Oracle):
         setup: Grid and physics (default 32 x 64).
         backend: ``"torch"`` or ``"numpy"`` (see :class:`KarmanSolver`).
         jit: Jit-compile the step (torch backend).
-        buckets: Batches are padded (with copies of row 0, not counted as queries) up to the next
-            power of two, at least ``min_bucket``, so the jit traces only a few batch sizes.
+        min_bucket, max_batch: Batches are padded (with copies of row 0, not counted as queries) up to
+            the next power of two, at least ``min_bucket``, so the jit traces only a few batch sizes.
             Batches above ``max_batch`` rows are split.
         device: Where the answers go.
         **kw: :class:`~bbzo.oracle.Oracle` options (``name``, ``max_rows``, ``max_calls``).
@@ -325,9 +324,12 @@ class KarmanOracle(Oracle):
         kw.setdefault("name", f"phiflow-karman-{setup.nx}x{setup.ny}({backend})")
         super().__init__(input_shape=setup.shape, output_shape=setup.shape, **kw)
         self.solver = KarmanSolver(setup, backend=backend, jit=jit, device=device)
-        self.setup = setup
         self.min_bucket, self.max_batch = int(min_bucket), int(max_batch)
         self.pad_rows = 0
+
+    @property
+    def setup(self) -> KarmanSetup:
+        return self.solver.setup
 
     def _bucket(self, n: int) -> int:
         if not self.solver.jit:

@@ -23,7 +23,7 @@ from torch import nn
 import bbzo
 from bbzo.data import TensorBatches
 from bbzo.errors import ConfigError
-from bbzo.logging import JSONLLogger, ProgressBar, read_jsonl
+from bbzo.logging import JSONLLogger, ProgressBar, read_jsonl, save_figure
 from bbzo.models import mlp
 from bbzo.optim import cosine_with_warmup, make_optimizer
 from bbzo.oracles.projectile import ProjectileOracle, trajectories
@@ -154,10 +154,7 @@ def plot(out: Path, cfg: DemoConfig, results: list[dict[str, Any]]) -> list[Path
     ax.set_yscale("log")
     ax.set_title("ZO training through a black-box simulator")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "curves.png"))
 
     dev = torch.device(cfg.device)
     req = torch.tensor([[20.0, 0.0, 0.0], [35.0, 0.01, -3.0], [50.0, 0.005, 3.0], [58.0, 0.015, 2.0]])
@@ -174,10 +171,7 @@ def plot(out: Path, cfg: DemoConfig, results: list[dict[str, Any]]) -> list[Path
         ax.set_title(f"{r['estimator'].upper()}: test MAE {r['test_mae_m']:.2f} m (dotted: targets)")
         ax.set_xlabel("x [m]")
         ax.set_ylabel("height [m]")
-    fig.tight_layout()
-    paths.append(out / "trajectories.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "trajectories.png"))
     return paths
 
 

@@ -33,9 +33,9 @@ from torch import nn
 
 import bbzo
 from bbzo.adapters import LoopAdapter
-from bbzo.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from bbzo.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from bbzo.errors import ConfigError
-from bbzo.logging import JSONLLogger, ProgressBar, read_jsonl
+from bbzo.logging import JSONLLogger, ProgressBar, save_figure
 from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores
 from bbzo.trainer import Trainer
@@ -47,7 +47,7 @@ __all__ = ["SolConfig", "PRESETS", "Corrector", "make_corrector", "make_rollout"
 
 METHODS = ("src", "non", "zo", "fo")
 METHOD_NAMES = {"src": "SRC", "non": "NON", "zo": "ZO-SOL", "fo": "FO-SOL (white-box)"}
-CORRECTORS = {"mercury": (32, 64), "small": (16, 16), "tiny": (8, 8), "linear": ()}
+CORRECTORS = {"mercury": (32, 64), "small": (16, 16), "tiny": (8, 8)}
 
 
 @dataclass
@@ -210,8 +210,6 @@ def _oracle(cfg: SolConfig, name: str) -> KarmanOracle:
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    from bbzo.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, lambda f: torch.save(model.state_dict(), f))
 
 
@@ -294,7 +292,8 @@ def _fo_loop(name: str, model: nn.Module, loss_of_batch: Callable[[int], torch.T
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ckpt, log_path = run / "checkpoint.pt", run / "metrics.jsonl"
+    ckpt = run / "checkpoint.pt"
+    log = JSONLLogger(run / "metrics.jsonl", extra={"method": name})
     step = 0
     if resume and ckpt.exists():
         sd = load_checkpoint(ckpt)
@@ -302,11 +301,9 @@ def _fo_loop(name: str, model: nn.Module, loss_of_batch: Callable[[int], torch.T
         opt.load_state_dict(sd["optimizer"])
         restore_rng(sd["rng"])
         step = int(sd["step"])
-        rows = [r for r in read_jsonl(log_path) if r["step"] <= step] if log_path.exists() else []
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif log_path.exists():
-        log_path.unlink()
-    run.mkdir(parents=True, exist_ok=True)
+        log.truncate(step)
+    elif log.path.exists():
+        log.path.unlink()
 
     def save() -> None:
         save_checkpoint(ckpt, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -315,25 +312,23 @@ def _fo_loop(name: str, model: nn.Module, loss_of_batch: Callable[[int], torch.T
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc=name, disable=not progress, leave=False)
     loss = float("nan")
-    with open(log_path, "a") as log:
-        while step < steps:
-            ts = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            l = loss_of_batch(step)
-            if not torch.isfinite(l):
-                save()
-                raise ConfigError(f"{name}: loss is NaN/inf at step {step + 1}; lower the learning rate.")
-            with backward_ctx():
-                l.backward()
-            opt.step()
-            step += 1
-            loss = float(l.detach())
-            log.write(json.dumps({"method": name, "step": step, "loss": loss,
-                                  "step_time": time.perf_counter() - ts}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save()
+    while step < steps:
+        ts = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        l = loss_of_batch(step)
+        if not torch.isfinite(l):
+            save()
+            raise ConfigError(f"{name}: loss is NaN/inf at step {step + 1}; lower the learning rate.")
+        with backward_ctx():
+            l.backward()
+        opt.step()
+        step += 1
+        loss = float(l.detach())
+        log(None, {"step": step, "loss": loss, "step_time": time.perf_counter() - ts})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save()
     bar.close()
     save()
     _save_weights(model, run / "corrector.pt")
@@ -453,15 +448,11 @@ def plot_results(cfg: SolConfig, data: SolData, evals: dict[str, dict[str, Any]]
     ax.set_ylabel("velocity MAE (mean over test Re)")
     ax.set_title("Rollout error on held-out Reynolds numbers")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "mae_over_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "mae_over_time.png"))
 
     r = len(data.test_re) // 2
     t = next(iter(evals.values()))["steps"]
-    short = {"src": "SRC", "non": "NON", "zo": "ZO-SOL", "fo": "FO-SOL (white-box)"}
-    panels = [(short[m], ev["states"][r, t]) for m, ev in evals.items() if "states" in ev]
+    panels = [(METHOD_NAMES[m], ev["states"][r, t]) for m, ev in evals.items() if "states" in ev]
     ref = vorticity(data.test[r, t], cfg.data.low)
     w = [vorticity(s, cfg.data.low) for _, s in panels]
     lim = float(torch.quantile(ref.abs().flatten(), 0.99)) or 1.0
@@ -484,9 +475,7 @@ def plot_results(cfg: SolConfig, data: SolData, evals: dict[str, dict[str, Any]]
     fig.colorbar(im2, ax=axes[1].tolist(), shrink=0.8, label="|vorticity error|")
     fig.suptitle(f"Re {float(data.test_re[r]):g} (held out), step {t}: corrected low-fidelity rollouts vs the "
                  "downsampled high-fidelity reference", fontsize=9)
-    paths.append(out / "vorticity.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "vorticity.png", tight=False))  # tight_layout fights shared colorbars
     return paths
 
 

@@ -101,10 +101,3 @@ class LoopAdapter(Adapter):
     def bind(self, loss_fn: Any, inputs: Any, targets: Any) -> LoopEvaluator:
         return LoopEvaluator(self, self.model, loss_fn, inputs, targets, self.trainable(),
                              self.max_chunk_bytes, self.max_chunk)
-
-    def rollout_loss(self, rollout: RolloutFn, inputs: Any, targets: Any, *, grad: bool = False) -> torch.Tensor:
-        """Mean rollout loss of the unperturbed model (with autograd if ``grad``: first-order baselines)."""
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx:
-            return rollout(self.model, inputs, targets).mean()
-
