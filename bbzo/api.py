@@ -1,4 +1,4 @@
-"""The one-call API: ``bbzo.estimate_grad(model, loss_fn, inputs, targets, estimator)``."""
+"""The one-call API: ``bbzo.estimate_grad(model, objective, inputs, targets, estimator)``."""
 
 from __future__ import annotations
 
@@ -8,25 +8,24 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .adapters.common import Adapter, Evaluator, LossFn
-from .adapters.staged import make_adapter
+from .adapters import Adapter, make_adapter
 from .errors import ConfigError
-from .estimators.base import Estimator
-from .probes import Probes, concat_losses
+from .estimators.base import Estimator, evaluate_sharded
+from .ledger import QueryLedger
 
-__all__ = ["estimate_grad", "estimate", "evaluate_sharded", "EstimateResult"]
+__all__ = ["estimate_grad", "estimate", "evaluate_sharded", "EstimateResult", "write_grads"]
 
 
 @dataclass
 class EstimateResult:
-    """One ZO gradient estimate.
+    """One gradient estimate.
 
     Attributes:
         grads: ``{name: tensor}`` keyed and shaped like the trainable ``named_parameters``.
         loss: Loss at the unperturbed parameters (float; the mean probe loss for central differences,
             which is within O(mu^2) of it).
         queries: Parameter-set evaluations on the minibatch (equals ``estimator.query_cost``).
-        calls: Batched calls of ``loss_fn`` (the oracle sees ``queries * B`` rows over these calls).
+        calls: Batched calls of the objective (the oracle sees ``queries * B`` rows over these calls).
     """
 
     grads: dict[str, torch.Tensor]
@@ -35,40 +34,27 @@ class EstimateResult:
     calls: int
 
 
-def evaluate_sharded(evaluator: Evaluator, probes: Probes, n_shards: int = 1) -> torch.Tensor:
-    """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
+def estimate(adapter: Adapter, estimator: Estimator, objective: Any, inputs: Any, targets: Any,
+             *, n_shards: int = 1, ledger: Optional[QueryLedger] = None) -> EstimateResult:
+    """One estimate on the minibatch ``(inputs, targets)``, advancing ``estimator.state``.
 
-    Each shard is self-contained (a slice of small index tensors), so the same call works when shards
-    run on other processes or machines: every worker evaluates ``probes.shard(rank, world)`` and the
-    losses are concatenated in shard order.
+    ``ledger``: where the queries are charged (and budgets checked); a private one if None.
     """
-    if n_shards < 1:
-        raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
-    return concat_losses([evaluator.evaluate(probes.shard(i, n_shards)) for i in range(n_shards)])
-
-
-def estimate(adapter: Adapter, estimator: Estimator, loss_fn: LossFn, inputs: Any, targets: Any,
-             *, n_shards: int = 1) -> EstimateResult:
-    """ask -> evaluate (sharded) -> tell, advancing ``estimator.state``."""
     params = adapter.trainable()
     if not params:
         raise ConfigError("the model has no trainable parameters (requires_grad=True): nothing to estimate.")
     state = estimator.ensure_state(params)
-    evaluator = adapter.bind(loss_fn, inputs, targets)
-    probes, new_state = estimator.ask(params, state)
-    base = evaluator.base_loss() if estimator.needs_base else None
-    losses = evaluate_sharded(evaluator, probes, n_shards)
-    grads = estimator.tell(params, probes, losses, base)
+    evaluator = adapter.bind(objective, inputs, targets, ledger=ledger)
+    grads, loss, new_state = estimator.estimate(evaluator, params, state, n_shards)
     estimator.state = new_state
     for n, p in params.items():
         grads.setdefault(n, torch.zeros_like(p))
-    loss = float(base) if base is not None else float(losses.mean())
     return EstimateResult(grads=grads, loss=loss, queries=evaluator.queries, calls=evaluator.calls)
 
 
 def estimate_grad(
     model: nn.Module,
-    loss_fn: LossFn,
+    objective: Any,
     inputs: Any,
     targets: Any,
     estimator: Estimator,
@@ -77,14 +63,16 @@ def estimate_grad(
     n_shards: int = 1,
     set_grad: bool = True,
     adapter: Optional[Adapter] = None,
+    ledger: Optional[QueryLedger] = None,
     **adapter_kw: Any,
 ) -> dict[str, torch.Tensor]:
-    """Zeroth-order gradient of ``mean_b loss_fn(model(inputs), targets)_b`` w.r.t. the trainable params.
+    """Gradient of ``mean_b objective(model(inputs), inputs, targets)_b`` w.r.t. the trainable params.
 
     Args:
         model: Any ``nn.Module``, queried in the train/eval mode the caller set (see
             :mod:`bbzo.adapters.common` for BatchNorm). Only parameters with ``requires_grad`` count.
-        loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-sample losses; this is where a black-box
+        objective: Per-sample losses ``(N,)``: an :class:`~bbzo.objective.Objective`, or a function
+            ``fn(outputs, targets)`` / ``fn(outputs, inputs, targets)``. This is where a black-box
             oracle is queried (it receives ``K x B`` rows per batched call, never a tensor that
             requires grad).
         inputs: ``(B, ...)`` minibatch (or tuple of tensors), on the model's device.
@@ -94,6 +82,7 @@ def estimate_grad(
         n_shards: Evaluate the probes as this many independent shards (same result).
         set_grad: Also write the estimate into ``param.grad`` (so any ``torch.optim`` optimizer works).
         adapter: Reuse an adapter across calls instead of building one.
+        ledger: Charge the queries to this :class:`~bbzo.ledger.QueryLedger` (budgets apply).
         **adapter_kw: ``max_chunk_bytes`` / ``max_chunk`` memory bounds for the batched evaluation.
 
     Returns:
@@ -101,7 +90,7 @@ def estimate_grad(
         dtypes and devices; zero where the estimator estimates nothing (Sparse-CGE).
     """
     adapter = adapter or make_adapter(model, feature_reuse=feature_reuse, **adapter_kw)
-    result = estimate(adapter, estimator, loss_fn, inputs, targets, n_shards=n_shards)
+    result = estimate(adapter, estimator, objective, inputs, targets, n_shards=n_shards, ledger=ledger)
     if set_grad:
         write_grads(model, result.grads)
     return result.grads

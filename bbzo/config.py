@@ -1,34 +1,228 @@
-"""Config files for every ``bbzo`` command (timm's layering): file fills defaults, flags override.
+"""Task settings declared once, as typed dataclasses, and layered: default < preset < config file < flag.
 
-``@config_option`` adds ``--config FILE`` (YAML ``.yaml``/``.yml`` or TOML ``.toml``) to a click command.
-The option is eager, so its callback runs before the others are parsed and puts the file's values in
-``ctx.default_map``: click then takes a value from the command line if it was given there, else from
-the file, else the option's default. ``ctx.get_parameter_source`` tells which one won, and
-:func:`write_resolved_config` writes the values actually used as ``config.resolved.yaml`` into the run
-folder, with the source of each non-default value as a comment. Feeding that file back with
-``--config`` reproduces the run.
+A task declares its settings as a dataclass whose fields are made with :func:`setting` (a default,
+help text, choices, whether the value may change when a run is resumed). Everything else comes from
+that one declaration:
 
-A config file is a flat mapping of option names (``max_queries`` or ``max-queries``), or holds one
-section per command (``train: {...}``); unknown keys are an error that suggests the closest option.
+* the command-line options (generated in :mod:`bbzo.cli.options`; no click code lives in the engine);
+* ``--config run.yaml`` -- a flat mapping of setting names (``max_queries`` or ``max-queries``), or one
+  section per command (``train: {...}``); unknown keys are an error that suggests the closest name;
+* presets -- ``PRESETS: ClassVar[dict[str, dict]]`` on the class, chosen by a ``preset`` setting;
+* the saved ``config.resolved.yaml`` -- every value used, with its source as a comment; feeding it back
+  with ``--config`` reproduces the run;
+* the run-folder policy -- :func:`differing` names the settings in which two runs differ, skipping
+  those declared ``runtime=True`` (they may change on ``--resume``: more steps, another device).
+
+:func:`resolve` applies the layers and returns the settings and the source of each value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import shlex
+import typing
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-import click
 import yaml
 
 from .checkpoint import atomic_write_bytes
 from .errors import ConfigError
 
-__all__ = ["load_config", "config_option", "resolved_config", "write_resolved_config", "write_config",
-           "Argv", "MappingParam", "RESOLVED_NAME"]
+__all__ = ["setting", "SettingInfo", "setting_infos", "resolve", "coerce", "load_config", "file_values",
+           "as_plain", "from_plain", "differing", "runtime_keys", "write_config", "RESOLVED_NAME"]
 
 RESOLVED_NAME = "config.resolved.yaml"
+
+
+def setting(default: Any = MISSING, *, help: str, choices: Optional[Sequence[Any]] = None, runtime: bool = False,
+            default_factory: Any = MISSING, replaces: Sequence[str] = (), kind: Optional[str] = None,
+            metavar: Optional[str] = None, compare: bool = True, cli: bool = True) -> Any:
+    """A dataclass field that is a task setting.
+
+    Args:
+        default / default_factory: The default value (as ``dataclasses.field``).
+        help: One-line help (the ``--help`` text of its flag).
+        choices: Allowed values (the flag becomes a choice).
+        runtime: May change when a run is resumed or evaluated (steps, device, checkpoint interval...).
+        replaces: Settings that belong to this one: when this one is given on the command line, their
+            values from a config file are dropped (``--oracle`` replaces the file's ``oracle_cmd``).
+        kind: Override the kind derived from the type: ``argv`` (a program's argument list, split like a
+            shell line), ``mapping`` (YAML flow mapping), ``floats`` / ``strs`` (comma-separated).
+        metavar: Shown in ``--help``.
+        compare: False for settings that only select others (``preset``): not compared between runs.
+        cli: False for settings that only come from files and code.
+    """
+    meta = {"bbzo": {"help": help, "choices": tuple(choices) if choices is not None else None, "runtime": runtime,
+                     "replaces": tuple(replaces), "kind": kind, "metavar": metavar, "compare": compare, "cli": cli}}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting of a settings dataclass, as the CLI and the config layers see it."""
+
+    name: str
+    kind: str
+    optional: bool
+    default: Any
+    help: str
+    choices: Optional[tuple]
+    runtime: bool
+    replaces: tuple
+    metavar: Optional[str]
+    compare: bool
+    cli: bool
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _kind_of(tp: Any) -> tuple[str, bool]:
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0] if len(args) == 1 else Any
+        origin = typing.get_origin(tp)
+    if tp is bool:
+        return "bool", optional
+    if tp is int:
+        return "int", optional
+    if tp is float:
+        return "float", optional
+    if tp is str:
+        return "str", optional
+    if tp is Path:
+        return "path", optional
+    if origin in (dict, Mapping) or tp is dict:
+        return "mapping", optional
+    if origin in (tuple, list, Sequence):
+        args = typing.get_args(tp)
+        inner = args[0] if args else str
+        return {float: "floats", int: "ints"}.get(inner, "strs"), optional
+    return "any", optional
+
+
+@functools.lru_cache(maxsize=None)
+def setting_infos(cls: type) -> tuple[SettingInfo, ...]:
+    """The settings of a dataclass, in declaration order (fields made without :func:`setting` count too)."""
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{cls.__name__} is not a dataclass of settings.")
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("bbzo", {})
+        kind, optional = _kind_of(hints.get(f.name, Any))
+        kind = meta.get("kind") or kind
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append(SettingInfo(f.name, kind, optional or default is None, default, meta.get("help", ""),
+                               meta.get("choices"), bool(meta.get("runtime", False)), tuple(meta.get("replaces", ())),
+                               meta.get("metavar"), bool(meta.get("compare", True)), bool(meta.get("cli", True))))
+    return tuple(out)
+
+
+def runtime_keys(cls: type) -> set[str]:
+    """Settings that may change between a run and its resume (declared ``runtime=True``)."""
+    return {i.name for i in setting_infos(cls) if i.runtime or not i.compare}
+
+
+# ---------------------------------------------------------------------------- values
+def _fail(where: str, info: SettingInfo, value: Any, what: str) -> ConfigError:
+    return ConfigError(f"{where}: {info.name}: {value!r} is not a valid {what}.")
+
+
+def coerce(info: SettingInfo, value: Any, where: str = "setting") -> Any:
+    """``value`` (from a file, a flag or a preset) as the setting's type; a clear ConfigError otherwise."""
+    if value is None:
+        if info.optional or info.kind == "any":
+            return None
+        raise ConfigError(f"{where}: {info.name} needs a value (it has no 'none').")
+    k = info.kind
+    try:
+        if k == "bool":
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                out = value.lower() in ("true", "yes", "1", "on")
+            else:
+                raise _fail(where, info, value, "boolean")
+        elif k == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise _fail(where, info, value, "integer")
+            try:
+                out = int(value)
+            except (TypeError, ValueError):
+                raise _fail(where, info, value, "integer") from None
+        elif k == "float":
+            if isinstance(value, bool):
+                raise _fail(where, info, value, "number")
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                raise _fail(where, info, value, "number") from None
+        elif k == "str":
+            if isinstance(value, (dict, list, tuple)):
+                raise _fail(where, info, value, "string")
+            out = str(value)
+        elif k == "path":
+            out = Path(value)
+        elif k == "argv":
+            if isinstance(value, (list, tuple)):
+                out = [str(v) for v in value]
+            elif isinstance(value, str):
+                try:
+                    out = shlex.split(value)
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {info.name}: cannot split {value!r} into arguments: {e}") from None
+            else:
+                raise _fail(where, info, value, "argument list")
+            if not out:
+                raise ConfigError(f"{where}: {info.name}: the argument list is empty.")
+        elif k == "mapping":
+            if isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value) if value.strip() else {}
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{where}: {info.name}: {value!r} is not a YAML/JSON mapping: "
+                                      f"{str(e).splitlines()[0]}") from None
+                value = {} if value is None else value
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {info.name}: expected a mapping like '{{name: value}}', got {value!r}.")
+            out = {str(a): b for a, b in value.items()}
+        elif k in ("floats", "ints", "strs"):
+            items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else \
+                list(value) if isinstance(value, (list, tuple)) else [value]
+            if k in ("floats", "ints"):
+                cast = float if k == "floats" else int
+                try:
+                    out = tuple(cast(x) for x in items)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: {info.name}: {value!r}: give comma-separated numbers, e.g. "
+                                      f"{'97.7,390.6' if k == 'floats' else '16,16'}") from None
+            else:
+                out = tuple(str(x) for x in items)
+            if not out:
+                raise ConfigError(f"{where}: {info.name}: give at least one value.")
+        else:
+            out = value
+    except ConfigError:
+        raise
+    if info.choices is not None and out not in info.choices and not (isinstance(out, tuple) and set(out) <= set(info.choices)):
+        raise ConfigError(f"{where}: {info.name}: {value!r} is not one of {', '.join(map(str, info.choices))}.")
+    return out
 
 
 def load_config(path: Union[str, Path]) -> dict[str, Any]:
@@ -63,47 +257,75 @@ def load_config(path: Union[str, Path]) -> dict[str, Any]:
     return data
 
 
-def _option_names(cmd: click.Command) -> dict[str, click.Parameter]:
-    return {p.name: p for p in cmd.params if p.name and p.name not in ("config", "help") and isinstance(p, click.Option)}
-
-
-def _normalize(data: Mapping[str, Any], cmd: click.Command, path: str) -> dict[str, Any]:
-    names = _option_names(cmd)
+def file_values(path: Union[str, Path], cls: type, command: Optional[str] = None,
+                ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings a config file gives (keys normalised, the command's section taken if present)."""
+    data = load_config(path)
+    section = data.get(command) if command else None
+    if isinstance(section, dict):  # a file with one section per command
+        data = section
+    names = {i.name for i in setting_infos(cls)}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_").lstrip("_")
+        if name in ignore:
+            continue
         if name not in names:
-            close = difflib.get_close_matches(name, list(names), n=1)
+            close = difflib.get_close_matches(name, sorted(names), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config file {path!r}: unknown option {key!r} for `bbzo {cmd.name}`.{hint} "
-                              f"Valid keys: {', '.join(sorted(names))}.")
+            raise ConfigError(f"config file {str(path)!r}: unknown option {key!r} for `bbzo {command or cls.__name__}`."
+                              f"{hint} Valid keys: {', '.join(sorted(names))}.")
         out[name] = value
     return out
 
 
-def _load_into_default_map(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    if not value:
-        return value
-    data = load_config(value)
-    cmd_name = ctx.command.name or ""
-    section = data.get(cmd_name)
-    if isinstance(section, dict):  # a file with one section per command
-        data = section
-    ctx.default_map = {**(ctx.default_map or {}), **_normalize(data, ctx.command, str(value))}
-    return value
+def resolve(cls: type, cli: Optional[Mapping[str, Any]] = None, config_file: Optional[Union[str, Path]] = None,
+            command: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+            defaults: Optional[Mapping[str, Any]] = None) -> tuple[Any, dict[str, str]]:
+    """Settings of ``cls`` from its defaults, its preset, a config file and command-line values.
+
+    Args:
+        cli: Values given on the command line (only those actually given).
+        config_file: A YAML/TOML file of settings (flat or with a ``command`` section).
+        overrides: Values set by code (after everything else; source ``code``).
+        defaults: Command-specific defaults that replace the dataclass's (below every other layer).
+    Returns:
+        ``(settings, sources)``: the dataclass instance and, per setting, ``default`` / ``preset NAME`` /
+        ``config`` / ``command line`` (with a note where a flag dropped a file's value).
+    """
+    infos = {i.name: i for i in setting_infos(cls)}
+    cli = dict(cli or {})
+    filed = file_values(config_file, cls, command) if config_file else {}
+    values: dict[str, Any] = {n: i.default for n, i in infos.items()}
+    for k, v in (defaults or {}).items():
+        values[k] = coerce(infos[k], v, "default")
+    sources: dict[str, str] = {n: "default" for n in infos}
+    presets: Mapping[str, Mapping[str, Any]] = getattr(cls, "PRESETS", {}) or {}
+    if presets and "preset" in infos:
+        name = cli.get("preset", filed.get("preset", values["preset"]))
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(presets)}.")
+        for k, v in presets[name].items():
+            values[k] = coerce(infos[k], v, f"preset {name}")
+            sources[k] = f"preset {name}"
+    where = f"config file {str(config_file)!r}"
+    for k, v in filed.items():
+        values[k] = coerce(infos[k], v, where)
+        sources[k] = "config"
+    for k, v in cli.items():
+        values[k] = coerce(infos[k], v, f"--{k.replace('_', '-')}")
+        sources[k] = "command line"
+    for k in cli:
+        for r in infos[k].replaces:
+            if sources.get(r) == "config":
+                values[r], sources[r] = infos[r].default, f"config, overridden by --{k.replace('_', '-')} on the command line"
+    for k, v in (overrides or {}).items():
+        values[k] = coerce(infos[k], v, "code")
+        sources[k] = "code"
+    return cls(**values), sources
 
 
-def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--config FILE`` to a click command: the file's values become defaults, flags override."""
-    return click.option(
-        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
-        callback=_load_into_default_map,
-        help="YAML/TOML file of option values (keys as the long option names, e.g. max_queries: 1000000); "
-             "options given on the command line override it. The values used are saved as "
-             f"{RESOLVED_NAME} in the run folder.",
-    )(f)
-
-
+# ---------------------------------------------------------------------------- plain form, comparison, files
 def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
@@ -114,18 +336,25 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def resolved_config(ctx: click.Context) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(values, sources)`` of every option of ``ctx.command``; sources are ``command line`` / ``config`` / ``default``."""
-    values, sources = {}, {}
-    for name in _option_names(ctx.command):
-        if name not in ctx.params:
-            continue
-        values[name] = _plain(ctx.params[name])
-        src = ctx.get_parameter_source(name)
-        sources[name] = {click.core.ParameterSource.COMMANDLINE: "command line",
-                         click.core.ParameterSource.DEFAULT_MAP: "config",
-                         click.core.ParameterSource.ENVIRONMENT: "environment"}.get(src, "default")  # type: ignore[arg-type]
-    return values, sources
+def as_plain(settings: Any) -> dict[str, Any]:
+    """The settings as a JSON/YAML-friendly dict (paths as strings, tuples as lists)."""
+    return {i.name: _plain(getattr(settings, i.name)) for i in setting_infos(type(settings))}
+
+
+def from_plain(cls: type, data: Mapping[str, Any], where: str = "saved settings") -> Any:
+    """Rebuild settings saved with :func:`as_plain` (unknown keys are an error naming them)."""
+    infos = {i.name: i for i in setting_infos(cls)}
+    unknown = sorted(set(data) - set(infos))
+    if unknown:
+        raise ConfigError(f"{where}: unknown settings {unknown}; the run was written by another version of bbzo.")
+    values = {n: (coerce(infos[n], data[n], where) if n in data else i.default) for n, i in infos.items()}
+    return cls(**values)
+
+
+def differing(cls: type, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Settings (by name) whose values differ between two plain dicts, except runtime ones."""
+    skip = runtime_keys(cls)
+    return sorted(k for k in set(old) | set(new) if k not in skip and _plain(old.get(k)) != _plain(new.get(k)))
 
 
 def write_config(folder: Union[str, Path], values: Mapping[str, Any], sources: Optional[Mapping[str, str]] = None,
@@ -148,57 +377,3 @@ def write_config(folder: Union[str, Path], values: Mapping[str, Any], sources: O
     path.chmod(0o644)  # a temp file is created 0600; a config is for reading and sharing
     return path
 
-
-def write_resolved_config(ctx: click.Context, folder: Union[str, Path]) -> Path:
-    """Save the options ``ctx`` ran with as ``folder/config.resolved.yaml`` (re-usable with ``--config``)."""
-    values, sources = resolved_config(ctx)
-    cfg_file = ctx.params.get("config")
-    header = f"bbzo {ctx.command.name}: the options this run used" + (f" (config file: {cfg_file})" if cfg_file else "")
-    header += f"\nre-run: bbzo {ctx.command.name} --config {Path(folder) / RESOLVED_NAME}"
-    return write_config(folder, values, sources, header=header)
-
-
-# ---------------------------------------------------------------------------- option types
-class Argv(click.ParamType):
-    """An argument list: a YAML list from a config file, or a string split like a POSIX shell (``shlex``).
-
-    Never run through a shell: ``"awk -f 'my sim.awk'"`` becomes ``["awk", "-f", "my sim.awk"]``.
-    """
-
-    name = "ARGV"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Optional[list[str]]:
-        if value is None:
-            return None
-        if isinstance(value, (list, tuple)):
-            argv = [str(v) for v in value]
-        elif isinstance(value, str):
-            try:
-                argv = shlex.split(value)
-            except ValueError as e:
-                self.fail(f"cannot split {value!r} into arguments: {e}", param, ctx)
-        else:
-            self.fail(f"expected a string or a list of arguments, got {type(value).__name__}", param, ctx)
-        if not argv:
-            self.fail("the argument list is empty", param, ctx)
-        return argv
-
-
-class MappingParam(click.ParamType):
-    """Keyword arguments: a mapping from a config file, or a YAML/JSON flow mapping string ``'{k: 1}'``."""
-
-    name = "MAPPING"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> dict[str, Any]:
-        if value is None or value == "":
-            return {}
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                self.fail(f"{value!r} is not a YAML/JSON mapping: {str(e).splitlines()[0]}", param, ctx)
-            if value is None:
-                return {}
-        if not isinstance(value, dict):
-            self.fail(f"expected a mapping like '{{name: value}}', got {value!r}", param, ctx)
-        return {str(k): v for k, v in value.items()}

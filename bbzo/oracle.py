@@ -6,38 +6,52 @@ bookkeeping every black box needs, so subclasses only implement :meth:`Oracle._q
 
 * runs the query under ``torch.no_grad()`` and refuses inputs that require grad (a gradient must
   never flow through a black box);
+* splits calls larger than ``max_batch`` rows into several (a ``K x B`` batch of 224 px images must not
+  exhaust memory) and reassembles the answers in order;
 * validates what comes back: a tensor with one row per input row, a floating dtype, the declared
-  per-row shape, and no NaN/inf (:class:`~bbzo.errors.OracleError` names the oracle and the number of
-  bad rows);
-* counts queries (rows) and calls, and enforces an optional budget, raising
-  :class:`~bbzo.errors.BudgetExceeded` *before* the call that would exceed it.
+  per-row shape, and no NaN/inf (:class:`~bbzo.errors.OracleError` names the oracle and the bad rows);
+* turns any exception of the black box's own code into one :class:`~bbzo.errors.OracleError` that
+  names the oracle, the call (``call #50 (step 25, 1088 rows)``) and where it was raised;
+* has its rows and calls counted by a :class:`~bbzo.ledger.QueryLedger` (a private one, until a run
+  attaches its own), which enforces the budgets *before* the call that would exceed them;
+* ``close()`` (and ``with oracle: ...``) releases what it holds, e.g. an external program.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import traceback
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import BudgetExceeded, ConfigError, OracleError
+from .errors import BbzoError, ConfigError, OracleError
+from .ledger import QueryLedger
 
-__all__ = ["Oracle", "FunctionOracle", "ModuleOracle"]
+__all__ = ["Oracle", "FunctionOracle", "ModuleOracle", "where_raised"]
+
+
+def where_raised(e: BaseException) -> str:
+    """`` at file.py:12`` for the innermost frame of ``e``'s traceback (empty if there is none)."""
+    tb = traceback.extract_tb(e.__traceback__)
+    return f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
 
 
 class Oracle(ABC):
     """Abstract, batched, query-only black box.
 
     Args:
-        name: Shown in every error message and log line.
-        max_rows: Optional budget on the total number of input rows (queries).
+        name: Shown in every error message and log line; keys the oracle's account in a ledger.
+        max_rows: Optional budget on the total number of input rows this oracle answers.
         max_calls: Optional budget on the number of calls.
         input_shape: Optional per-row input shape (without the batch dimension) to check.
         output_shape: Optional per-row output shape to check.
+        max_batch: Split calls of more rows than this into several calls of ``_query`` (``None``: never).
     """
 
     def __init__(
@@ -48,17 +62,21 @@ class Oracle(ABC):
         max_calls: Optional[int] = None,
         input_shape: Optional[Sequence[int]] = None,
         output_shape: Optional[Sequence[int]] = None,
+        max_batch: Optional[int] = None,
     ) -> None:
         self.name = name or type(self).__name__
         for label, value in (("max_rows", max_rows), ("max_calls", max_calls)):
             if value is not None and value < 0:
                 raise ConfigError(f"{self.name}: {label} must be >= 0 or None, got {value}.")
+        if max_batch is not None and max_batch < 1:
+            raise ConfigError(f"{self.name}: max_batch must be >= 1 or None, got {max_batch}.")
         self.max_rows = max_rows
         self.max_calls = max_calls
+        self.max_batch = max_batch
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.output_shape = tuple(output_shape) if output_shape is not None else None
-        self.rows_used = 0
-        self.calls_used = 0
+        self.ledger: QueryLedger = QueryLedger()
+        self.ledger.attach(self)
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -67,7 +85,17 @@ class Oracle(ABC):
 
         ``conditions`` are optional per-row tensors ``(N, ...)`` (e.g. a Reynolds number per state)
         for oracles that take them; an oracle that takes none simply does not declare them.
+        ``N <= max_batch`` when ``max_batch`` is set.
         """
+
+    def close(self) -> None:
+        """Release what the oracle holds (a process, a connection). The base holds nothing."""
+
+    def __enter__(self) -> "Oracle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ public
     def query(self, inputs: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
@@ -78,8 +106,8 @@ class Oracle(ABC):
 
         Raises:
             OracleError: inputs require grad or have the wrong shape; the answer is malformed or
-                has non-finite rows.
-            BudgetExceeded: this call would exceed ``max_rows`` or ``max_calls`` (nothing is run).
+                has non-finite rows; the black box raised.
+            BudgetExceeded: this call would exceed a budget of the oracle or its ledger (nothing is run).
         """
         if not isinstance(inputs, torch.Tensor):
             raise OracleError(f"{self.name}: query() takes a torch.Tensor, got {type(inputs).__name__}.")
@@ -107,29 +135,40 @@ class Oracle(ABC):
                                   "Pass it detached.")
         if conditions and not self._takes_conditions(len(conditions)):
             raise OracleError(f"{self.name} takes no per-row conditions, got {len(conditions)}; call query(inputs).")
-        self._check_budget(n)
+        self.ledger.check_call(self, n)
+        call = self.call_label(n)
         with torch.no_grad():
-            out = self._query(inputs, *conditions)
-        self.rows_used += n
-        self.calls_used += 1
+            try:
+                out = self._query_in_batches(inputs, conditions)
+            except BbzoError:
+                raise
+            except Exception as e:  # the black box's own code failed: one clear line, the cause chained
+                raise OracleError(f"oracle {self.name}, {call} raised {type(e).__name__}{where_raised(e)}: {e}") from e
+        self.ledger.record_call(self, n)
         return self._validate(out, n, inputs)
 
     __call__ = query
 
+    def call_label(self, n: int) -> str:
+        """``call #50 (step 25, 1088 rows)``: how errors name the call about to be made."""
+        acc = self.ledger.account(self)
+        step = self.ledger.step
+        where = f"step {step}, " if step is not None and not self.ledger.in_evaluation else (
+            "evaluation, " if self.ledger.in_evaluation else "")
+        return f"call #{acc.calls + acc.eval_calls + 1} ({where}{n} rows)"
+
+    def _query_in_batches(self, inputs: torch.Tensor, conditions: Sequence[torch.Tensor]) -> Any:
+        n = int(inputs.shape[0])
+        if self.max_batch is None or n <= self.max_batch:
+            return self._query(inputs, *conditions)
+        parts = []
+        for s in range(0, n, self.max_batch):
+            part = self._query(inputs[s:s + self.max_batch], *(c[s:s + self.max_batch] for c in conditions))
+            parts.append(self._validate(part, min(self.max_batch, n - s), inputs))
+        return torch.cat(parts)
+
     def _takes_conditions(self, k: int) -> bool:
         return _max_conditions(type(self)) >= k
-
-    def _check_budget(self, n: int) -> None:
-        if self.max_rows is not None and self.rows_used + n > self.max_rows:
-            raise BudgetExceeded(
-                f"{self.name}: this call of {n} rows would use {self.rows_used + n} of a budget of "
-                f"{self.max_rows} rows ({self.rows_used} used). Raise max_rows / --max-queries, or "
-                "lower the query cost per step (fewer coordinates, higher sparsity, smaller batch)."
-            )
-        if self.max_calls is not None and self.calls_used + 1 > self.max_calls:
-            raise BudgetExceeded(
-                f"{self.name}: call budget of {self.max_calls} calls is spent. Raise max_calls."
-            )
 
     def _validate(self, out: Any, n: int, inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(out, np.ndarray):
@@ -159,17 +198,22 @@ class Oracle(ABC):
             )
         return out.detach()
 
-    # ------------------------------------------------------------------ counters / checkpoint
-    def reset_counters(self) -> None:
-        self.rows_used = 0
-        self.calls_used = 0
+    # ------------------------------------------------------------------ counters (kept by the ledger)
+    @property
+    def rows_used(self) -> int:
+        """Charged rows answered so far (evaluation rows are counted apart by the ledger)."""
+        return self.ledger.account(self).rows
+
+    @property
+    def calls_used(self) -> int:
+        return self.ledger.account(self).calls
 
     def state_dict(self) -> dict[str, int]:
         return {"rows_used": self.rows_used, "calls_used": self.calls_used}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.rows_used = int(state["rows_used"])
-        self.calls_used = int(state["calls_used"])
+        acc = self.ledger.account(self)
+        acc.rows, acc.calls = int(state["rows_used"]), int(state["calls_used"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, rows_used={self.rows_used}, calls_used={self.calls_used})"

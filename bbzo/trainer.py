@@ -1,16 +1,18 @@
-"""The ZO training loop: estimator -> ``param.grad`` -> any ``torch.optim`` optimizer -> scheduler.
+"""The training loop: estimator -> ``param.grad`` -> any ``torch.optim`` optimizer -> scheduler.
 
-EvoTorch's split: the oracle is queried inside ``loss_fn``, the estimator forms the gradient, the
-trainer runs the loop. Everything else (progress bar, JSONL metrics, checkpoints) is a listener on
-the trainer's hooks:
+EvoTorch's split: the objective (which queries the oracle) is the problem, the estimator forms the
+gradient, the trainer runs the loop, and a :class:`~bbzo.ledger.QueryLedger` counts every query and
+oracle row. Everything else (progress bar, JSONL metrics, budgets, periodic evaluation) is a listener
+on the trainer's hooks:
 
-* ``before_step``: ``fn(trainer)``
+* ``before_step``: ``fn(trainer)`` -- may call ``trainer.stop(reason)`` to end the run cleanly
 * ``after_step``: ``fn(trainer, status)`` -- every step
 * ``on_log``: ``fn(trainer, status)`` -- every ``log_every`` steps
 * ``on_resume``: ``fn(trainer)`` -- after a checkpoint was loaded
 
-``status`` holds ``step``, ``loss``, ``queries`` (this step), ``queries_used`` (total),
-``oracle_rows`` (if an oracle is given), ``step_time``, ``queries_per_s``, ``grad_norm``, ``lr``.
+``status`` holds ``step``, ``loss``, ``queries`` (this step), ``queries_used`` (the ledger's total),
+``oracle_rows`` (if the ledger counts an oracle), ``step_time``, ``queries_per_s``, ``grad_norm``, ``lr``,
+``elapsed_s`` (cumulative across resumes) and whatever the estimator reports for the step (a sparsity draw).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters.common import Adapter, LossFn
-from .adapters.staged import make_adapter
+from .adapters import Adapter, make_adapter
 from .api import estimate, write_grads
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .data import BatchSource
 from .errors import CheckpointError, ConfigError
 from .estimators.base import Estimator
-from .oracle import Oracle
+from .estimators.transforms import clip_by_global_norm
+from .ledger import QueryLedger
 
 __all__ = ["Trainer"]
 
@@ -38,40 +40,45 @@ Hook = Callable[..., Any]
 
 
 class Trainer:
-    """Zeroth-order training of the white-box ``model`` that feeds a black box.
+    """Training of the white-box ``model`` that feeds (or sits inside the loop of) a black box.
 
     Args:
         model: The white-box component (any ``nn.Module``; staged models get feature reuse).
-        loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-sample losses (queries the oracle).
-        estimator: A registered estimator (:func:`bbzo.create_estimator`).
+        objective: Per-sample losses ``(N,)`` -- an :class:`~bbzo.objective.Objective`, a function
+            ``fn(outputs, targets)`` / ``fn(outputs, inputs, targets)``, or a rollout for a
+            :class:`~bbzo.adapters.LoopAdapter`. It queries the oracle.
+        estimator: A registered estimator (:func:`bbzo.create_estimator`), possibly wrapped by transforms.
         optimizer: Any ``torch.optim`` optimizer over ``model``'s parameters.
         data: A :class:`~bbzo.data.BatchSource` (``get_batch(step) -> (inputs, targets)``).
         max_steps: Length of the run.
         scheduler: Optional LR scheduler, stepped once per step.
-        oracle: The black box queried in ``loss_fn``; its counters go into status and checkpoints.
+        ledger: The :class:`~bbzo.ledger.QueryLedger` that counts this run's queries (a new one if None);
+            restored exactly on resume.
+        oracle: An oracle to count in the ledger (the objective's oracles can also be attached directly).
         feature_reuse, n_shards: As :func:`bbzo.estimate_grad`.
         update_bn_stats: In train mode, run one unperturbed forward per step to update BatchNorm
             running statistics (queries never do; see :mod:`bbzo.adapters.common`).
-        clip_grad_norm: Optionally clip the estimate's global norm before the optimizer step.
-        run_dir: Folder for ``checkpoint.pt`` (and whatever listeners write).
+        clip_grad_norm: Clip the estimate's global norm (wraps the estimator in ``clip_by_global_norm``).
+        run_dir: Folder for ``checkpoint.pt`` (and its recovery copy ``checkpoint.prev.pt``).
         checkpoint_every: Save every N steps (0: only at the end and on failure).
         log_every: Call ``on_log`` hooks every N steps.
         adapter_kw: ``max_chunk_bytes`` / ``max_chunk``.
         adapter: Use this adapter instead of :func:`~bbzo.adapters.make_adapter`'s choice (e.g. a
-            :class:`~bbzo.adapters.LoopAdapter`, whose ``loss_fn`` is a rollout).
+            :class:`~bbzo.adapters.LoopAdapter`, whose objective is a rollout).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        objective: Any,
         estimator: Estimator,
         optimizer: torch.optim.Optimizer,
         data: BatchSource,
         *,
         max_steps: int,
         scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-        oracle: Optional[Oracle] = None,
+        ledger: Optional[QueryLedger] = None,
+        oracle: Any = None,
         feature_reuse: Any = "auto",
         n_shards: int = 1,
         update_bn_stats: bool = True,
@@ -84,10 +91,15 @@ class Trainer:
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
-        self.model, self.loss_fn, self.estimator = model, loss_fn, estimator
-        self.optimizer, self.scheduler, self.data, self.oracle = optimizer, scheduler, data, oracle
+        if clip_grad_norm is not None:
+            estimator = clip_by_global_norm(estimator, clip_grad_norm)
+        self.model, self.objective, self.estimator = model, objective, estimator
+        self.optimizer, self.scheduler, self.data = optimizer, scheduler, data
+        self.ledger = ledger if ledger is not None else QueryLedger()
+        if oracle is not None and getattr(oracle, "ledger", None) is not self.ledger:
+            self.ledger.attach(oracle)
         self.max_steps, self.n_shards = int(max_steps), int(n_shards)
-        self.update_bn_stats, self.clip_grad_norm = update_bn_stats, clip_grad_norm
+        self.update_bn_stats = update_bn_stats
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every, self.log_every = int(checkpoint_every), max(1, int(log_every))
         if adapter is not None and adapter.model is not model:
@@ -98,8 +110,10 @@ class Trainer:
         self.on_log: list[Hook] = []
         self.on_resume: list[Hook] = []
         self.step_count = 0
-        self.queries_used = 0
+        self.elapsed = 0.0  # seconds spent in steps (and whatever a run adds), cumulative across resumes
+        self.stop_reason: Optional[str] = None
         self.status: dict[str, Any] = {}
+        self._saved_step: Optional[int] = None  # the step the checkpoint on disk holds (no second identical save)
         self._has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
 
     # ------------------------------------------------------------------ loop
@@ -107,49 +121,73 @@ class Trainer:
     def done(self) -> bool:
         return self.step_count >= self.max_steps
 
+    @property
+    def queries_used(self) -> int:
+        """Charged queries so far (the ledger's count)."""
+        return self.ledger.queries
+
+    def stop(self, reason: str) -> None:
+        """End the run before the next step (a budget listener calls this)."""
+        self.stop_reason = reason
+
+    def query_cost(self) -> int:
+        """Queries the next step will cost."""
+        params = self.adapter.trainable()
+        return self.estimator.query_cost(params, self.estimator.state or self.estimator.init(params))
+
     def step(self) -> dict[str, Any]:
-        """One ZO step on the batch of the current step; returns the status dict."""
+        """One step on the batch of the current step; returns the status dict (unchanged if stopped)."""
         rng_at_start = capture_rng()
-        oracle_at_start = self.oracle.state_dict() if self.oracle is not None else None
+        ledger_at_start = self.ledger.state_dict()
+        t0 = time.perf_counter()
         try:
             for h in self.before_step:
                 h(self)
-            t0 = time.perf_counter()
+            if self.stop_reason is not None:
+                return self.status
             inputs, targets = self.data.get_batch(self.step_count)
+            self.ledger.step = self.step_count + 1
             if self.update_bn_stats and self._has_bn and self.model.training and self.adapter.inputs_are_model_inputs:
                 with torch.no_grad():
                     self.model(inputs)
-            res = estimate(self.adapter, self.estimator, self.loss_fn, inputs, targets, n_shards=self.n_shards)
+            params = self.adapter.trainable()
+            info = self.estimator.step_info(params, self.estimator.ensure_state(params))
+            queries_before = self.ledger.queries
+            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, n_shards=self.n_shards,
+                           ledger=self.ledger)
         except BaseException:
-            # nothing of this step was applied: save the last completed state, then re-raise
-            # (the oracle's counters too: rows spent inside the failed step are re-spent on resume)
+            # nothing of this step was applied: save the last completed state (the ledger as it was at the
+            # step's start: rows spent inside the failed step are spent again on resume), then re-raise
             if self.run_dir is not None and self.step_count > 0:
-                self.save_checkpoint(rng=rng_at_start, oracle_state=oracle_at_start)
+                self.save_checkpoint(rng=rng_at_start, ledger_state=ledger_at_start)
             raise
+        finally:
+            self.ledger.step = None
         write_grads(self.model, res.grads)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().double().norm() for p in params]))) if params else 0.0
-        if self.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.detach().double().norm() for g in grads]))) if grads else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.step_count += 1
-        self.queries_used += res.queries
         dt = time.perf_counter() - t0
+        self.elapsed += dt
+        queries = self.ledger.queries - queries_before
         self.status = {
             "step": self.step_count,
             "loss": res.loss,
-            "queries": res.queries,
-            "queries_used": self.queries_used,
+            "queries": queries,
+            "queries_used": self.ledger.queries,
             "step_time": dt,
-            "queries_per_s": res.queries / dt if dt > 0 else float("inf"),
+            "queries_per_s": queries / dt if dt > 0 else float("inf"),
             "grad_norm": grad_norm,
             "lr": lr,
+            "elapsed_s": self.elapsed,
+            **info,
         }
-        if self.oracle is not None:
-            self.status["oracle_rows"] = self.oracle.rows_used
+        if self.ledger.accounts:
+            self.status["oracle_rows"] = self.ledger.rows()
         for h in self.after_step:
             h(self, self.status)
         if self.step_count % self.log_every == 0 or self.done:
@@ -160,40 +198,45 @@ class Trainer:
         return self.status
 
     def run(self, steps: Optional[int] = None) -> dict[str, Any]:
-        """Run ``steps`` more steps (default: until ``max_steps``); saves a final checkpoint."""
+        """Run ``steps`` more steps (default: until ``max_steps`` or a stop); saves a final checkpoint."""
         end = self.max_steps if steps is None else min(self.max_steps, self.step_count + steps)
-        while self.step_count < end:
+        while self.step_count < end and self.stop_reason is None:
             self.step()
-        if self.run_dir is not None and self.step_count > 0:
+        if self.run_dir is not None and self.step_count > 0 and self._saved_step != self.step_count:
             self.save_checkpoint()
         return self.status
 
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Optional[Path]:
-        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+        return None if self.run_dir is None else self.run_dir / CHECKPOINT_NAME
 
     def state_dict(self, rng: Optional[dict[str, Any]] = None,
-                   oracle_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   ledger_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        ledger = ledger_state if ledger_state is not None else self.ledger.state_dict()
         return {
             "step": self.step_count,
-            "queries_used": self.queries_used,
+            "queries_used": int(ledger["queries"]),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "estimator": self.estimator.state_dict(),
-            "oracle": oracle_state if oracle_state is not None else (
-                self.oracle.state_dict() if self.oracle is not None else None),
+            "ledger": ledger,
+            "elapsed": float(self.elapsed),
             "rng": rng if rng is not None else capture_rng(),
             "status": {k: v for k, v in self.status.items() if isinstance(v, (int, float, str))},
         }
 
     def save_checkpoint(self, path: Optional[Union[str, Path]] = None, rng: Optional[dict[str, Any]] = None,
-                        oracle_state: Optional[dict[str, Any]] = None) -> Path:
+                        ledger_state: Optional[dict[str, Any]] = None) -> Path:
+        own = path is None
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("save_checkpoint needs a path or a Trainer(run_dir=...).")
-        return save_checkpoint(path, self.state_dict(rng, oracle_state))
+        out = save_checkpoint(path, self.state_dict(rng, ledger_state))
+        if own:
+            self._saved_step = self.step_count
+        return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         try:
@@ -209,11 +252,13 @@ class Trainer:
                 "same model, optimizer and scheduler settings it was written with."
             ) from e
         self.estimator.load_state_dict(sd["estimator"])
-        if self.oracle is not None and sd.get("oracle") is not None:
-            self.oracle.load_state_dict(sd["oracle"])
+        if sd.get("ledger") is not None:
+            self.ledger.load_state_dict(sd["ledger"])
+        else:  # written before the ledger existed
+            self.ledger.queries = int(sd.get("queries_used", 0))
         restore_rng(sd["rng"])
         self.step_count = int(sd["step"])
-        self.queries_used = int(sd["queries_used"])
+        self.elapsed = float(sd.get("elapsed", 0.0))
         self.status = dict(sd.get("status") or {})
 
     def resume(self, path: Optional[Union[str, Path]] = None) -> "Trainer":
@@ -223,6 +268,21 @@ class Trainer:
             raise ConfigError("resume needs a path or a Trainer(run_dir=...).")
         dev = next(self.model.parameters()).device
         self.load_state_dict(load_checkpoint(path, map_location=dev))
+        self._saved_step = self.step_count
         for h in self.on_resume:
             h(self)
         return self
+
+    def replan_schedule(self) -> None:
+        """After ``max_steps`` changed on resume: set each group's lr from the scheduler at the current step.
+
+        A :class:`~torch.optim.lr_scheduler.LambdaLR` whose factor depends on the run's total length (as
+        :func:`bbzo.optim.cosine_with_warmup`) is then continued over the *new* length from this step on,
+        instead of applying the old schedule's last value for one step.
+        """
+        sched = self.scheduler
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return
+        for group, base, lam in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]

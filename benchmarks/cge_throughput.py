@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import bbzo
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
-from bbzo.adapters.staged import _linear_core
+from bbzo.adapters.linear_delta import linear_core
 from bbzo.models import create_model
 
 
@@ -166,7 +166,7 @@ def main() -> None:
         if n not in coords:
             continue
         i = adapter.stage_of[n][0]
-        own = 0.0 if _linear_core(stages[i])[0] is not None else stage_s[i]
+        own = 0.0 if linear_core(stages[i])[0] is not None else stage_s[i]
         lim += [own + suffix[i + 1]] * int(coords[n].numel())
     limit_s = sum(lim) / len(lim)
 

@@ -3,9 +3,9 @@
 For each LPR file (``benchmarks/pruning_agreement.py --lpr-dir``) the weights of every scored layer
 keep exactly the LPR's count, at positions drawn uniformly inside the layer (DeepZero uses the ratios
 this way; the sampler of ``bbzo.sparsity``); the pruned weights stay zero. BN and the classifier bias
-are dense. The sparse network is trained **first-order** (autograd, SGD) as in the paper's Table A2
-("FO-trained sparse models"), which isolates the question "how good are these ratios" from ZO noise
-and fits a CPU. Small scale: 10,000 training images, few epochs, so compare the rows with each other,
+are dense. The sparse network is trained **first-order** (the ``autograd`` estimator through bbzo's
+``Trainer``, SGD) as in the paper's Table A2 ("FO-trained sparse models"), which isolates the question
+"how good are these ratios" from ZO noise and fits a CPU. Small scale: 10,000 training images, few epochs, so compare the rows with each other,
 not with the paper's 50-epoch numbers. Prints JSON.
 
     .venv/bin/python benchmarks/lpr_training.py --epochs 4 --out benchmarks/results/lpr_training.json
@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bbzo
 from bbzo.models import create_model
+from bbzo.provenance import provenance
 from bbzo.sparsity import DynamicSparsity, LayerRatios
 from bbzo.tasks.cifar import load_image_classification
+from bbzo.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "cifar10_subset.npz"
@@ -44,6 +47,29 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+class AugmentedEpochs:
+    """Shuffled, augmented minibatches; one generator drives the permutation of each epoch and the augmentation.
+
+    Batches must be asked for in step order (this benchmark never resumes).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> None:
+        self.x, self.y, self.batch = x, y, batch
+        self.steps_per_epoch = x.shape[0] // batch
+        self.g = torch.Generator().manual_seed(seed)
+        self.next_step = 0
+        self.perm = torch.arange(0)
+
+    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert step == self.next_step, "AugmentedEpochs serves steps in order"
+        self.next_step += 1
+        if step % self.steps_per_epoch == 0:
+            self.perm = torch.randperm(self.x.shape[0], generator=self.g)
+        s = step % self.steps_per_epoch
+        idx = self.perm[s * self.batch:(s + 1) * self.batch]
+        return augment(self.x[idx], self.g), self.y[idx]
+
+
 def train_one(lpr: LayerRatios, xtr, ytr, xte, yte, *, epochs: int, batch: int, lr: float, seed: int) -> dict:
     torch.manual_seed(seed)
     model = create_model("resnet20")
@@ -58,32 +84,32 @@ def train_one(lpr: LayerRatios, xtr, ytr, xte, yte, *, epochs: int, batch: int, 
         for n, m in masks.items():
             params[n].mul_(m)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps_per_epoch = xtr.shape[0] // batch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
-    g = torch.Generator().manual_seed(seed)
+    data = AugmentedEpochs(xtr, ytr, batch, seed)
+    spe = data.steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * spe, pct_start=0.15)
+    model.train()
+    trainer = Trainer(model, lambda out, t: F.cross_entropy(out, t, reduction="none"),
+                      bbzo.create_estimator("autograd"), opt, data, max_steps=epochs * spe, scheduler=sched)
+    losses: list[float] = []
     t0 = time.perf_counter()
-    for ep in range(epochs):
-        model.train()
-        perm = torch.randperm(xtr.shape[0], generator=g)
-        tot = 0.0
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch:(s + 1) * batch]
-            loss = F.cross_entropy(model(augment(xtr[idx], g)), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for n, m in masks.items():
-                    params[n].mul_(m)
-            tot += float(loss)
-        print(f"  {lpr.score:<16} epoch {ep + 1}/{epochs} train loss {tot / steps_per_epoch:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    def after_step(tr, status):
+        with torch.no_grad():  # the pruned weights stay zero
+            for n, m in masks.items():
+                params[n].mul_(m)
+        losses.append(status["loss"])
+        if tr.step_count % spe == 0:
+            print(f"  {lpr.score:<16} epoch {tr.step_count // spe}/{epochs} train loss {sum(losses[-spe:]) / spe:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    trainer.after_step.append(after_step)
+    trainer.run()
+    tot = sum(losses[-spe:])
     model.eval()
     with torch.no_grad():
         correct = sum(int((model(xte[i:i + 500]).argmax(1) == yte[i:i + 500]).sum()) for i in range(0, xte.shape[0], 500))
     nz = sum(int((params[n] != 0).sum()) for n in masks)
-    return {"test_acc": round(100.0 * correct / xte.shape[0], 2), "train_loss_last_epoch": round(tot / steps_per_epoch, 4),
+    return {"test_acc": round(100.0 * correct / xte.shape[0], 2), "train_loss_last_epoch": round(tot / spe, 4),
             "nonzero_scored_weights": nz, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -122,7 +148,7 @@ def main() -> None:
               "epochs": args.epochs, "batch": args.batch, "optimizer": f"SGD nesterov lr {args.lr} one-cycle, wd 5e-4",
               "training": "first-order, static mask: LPR counts at uniformly random positions per layer",
               "paper_table_a2_90pct": {"random": 86.55, "zo_grasp": 88.08, "fo_grasp": 88.55},
-              "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
+              "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M"), "provenance": provenance()}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

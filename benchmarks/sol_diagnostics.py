@@ -30,15 +30,17 @@ def main() -> None:
     import bbzo
     from bbzo.adapters import LoopAdapter
     from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
-    from bbzo.tasks.sol import features, make_corrector, make_rollout, non_pairs, preset
-    from bbzo.tasks.sol_data import RolloutBatches, generate
+    from bbzo.config import resolve
+    from bbzo.provenance import provenance
+    from bbzo.tasks.sol import RolloutBatches, SolSettings, features, generate, make_corrector, make_rollout, non_pairs
     from sol_small import emit  # benchmarks/ is on sys.path when run as a script
 
-    cfg = preset("demo")
+    cfg, _ = resolve(SolSettings, {"preset": "demo", "data_dir": args.data_dir})
     data = generate(cfg.data, args.data_dir, progress=False)
     std = data.velocity_std()
     out: dict = {"benchmark": "sol_diagnostics", "preset": "demo",
-                 "command": "python benchmarks/sol_diagnostics.py" + (f" --out {args.out}" if args.out else "")}
+                 "command": "python benchmarks/sol_diagnostics.py" + (f" --out {args.out}" if args.out else ""),
+                 "provenance": provenance()}
 
     # 1. finite-difference step vs the autograd gradient through PhiFlow
     model = make_corrector(cfg, data)

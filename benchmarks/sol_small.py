@@ -1,8 +1,8 @@
 """ZO-SOL at CPU scale (issue 4): test MAE of SRC / NON / ZO-SOL / FO-SOL on held-out Re. Prints JSON.
 
-Runs ``bbzo.tasks.sol.run_sol`` with the ``small`` preset (override any setting with KEY=VALUE, JSON
-values) on data it generates (cached in --data-dir), and writes the summary, with the command that
-produced it, the queries and the wall time of every method, to ``--out-json``.
+Runs the ``sol`` task with the ``small`` preset (override any setting with KEY=VALUE, JSON values) on
+data it generates (cached in --data-dir), and writes the summary, with the command that produced it,
+the queries and the wall time of every method, to ``--out-json``.
 
     .venv/bin/python benchmarks/sol_small.py --out-json benchmarks/results/sol_small.json
 
@@ -32,15 +32,19 @@ def main() -> None:
     ap.add_argument("set", nargs="*", help="KEY=VALUE overrides of the preset (JSON values), e.g. steps=200")
     args = ap.parse_args()
 
-    from bbzo.tasks.sol import preset, run_sol
+    from bbzo.config import resolve
+    from bbzo.provenance import provenance
+    from bbzo.run import run_task
+    from bbzo.tasks.sol import TASK, SolSettings
 
     over = {}
     for item in args.set:
         k, v = item.split("=", 1)
         over[k] = json.loads(v)
-    cfg = preset(args.preset, **over)
+    cfg, sources = resolve(SolSettings, {"preset": args.preset, "out": args.run_dir, "data_dir": args.data_dir,
+                                         "methods": args.methods, "no_progress": True, **over})
     t0 = time.perf_counter()
-    s = run_sol(cfg, args.run_dir, methods=tuple(args.methods.split(",")), data_dir=args.data_dir, progress=False)
+    s = run_task(TASK, cfg, sources)
     ev = s["eval"]
     src = ev["src"]["mae"] if "src" in ev else None
     out = {
@@ -55,6 +59,7 @@ def main() -> None:
         "eval_seconds": s["eval_seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
         "config": s["config"],
+        "provenance": provenance(),
         "paper_full_scale": {"src": 0.180, "non": 0.153, "zo": 0.119, "fo": 0.074},
         "table": s["table"],
     }

@@ -7,7 +7,7 @@ face columns, a cylinder of radius 10 at (50, 50), ``dt = 1``. One step is
 
 1. explicit diffusion with viscosity ``nu = 1e4 / re_param``, ``re_param = 1638.4 * Re`` (the
    original's ``--re`` convention; the *same* physical viscosity on every grid, see
-   ``../shared/research/phiflow_sol.md`` §1 for the PhiFlow-2 ports' resolution-dependent mistake),
+   the README's ZO-SOL decisions for the PhiFlow-2 ports' resolution-dependent mistake),
 2. the inflow overwrite,
 3. semi-Lagrangian self-advection,
 4. pressure projection around the obstacle (CG, tolerance 1e-5).
@@ -314,7 +314,7 @@ class KarmanOracle(Oracle):
         jit: Jit-compile the step (torch backend).
         min_bucket, max_batch: Batches are padded (with copies of row 0, not counted as queries) up to
             the next power of two, at least ``min_bucket``, so the jit traces only a few batch sizes.
-            Batches above ``max_batch`` rows are split.
+            Calls above ``max_batch`` rows are split (by the :class:`~bbzo.oracle.Oracle` base).
         device: Where the answers go.
         **kw: :class:`~bbzo.oracle.Oracle` options (``name``, ``max_rows``, ``max_calls``).
     """
@@ -322,9 +322,9 @@ class KarmanOracle(Oracle):
     def __init__(self, setup: KarmanSetup = KarmanSetup(), *, backend: str = "torch", jit: bool = True,
                  min_bucket: int = 8, max_batch: int = 512, device: Any = "cpu", **kw: Any) -> None:
         kw.setdefault("name", f"phiflow-karman-{setup.nx}x{setup.ny}({backend})")
-        super().__init__(input_shape=setup.shape, output_shape=setup.shape, **kw)
+        super().__init__(input_shape=setup.shape, output_shape=setup.shape, max_batch=int(max_batch), **kw)
         self.solver = KarmanSolver(setup, backend=backend, jit=jit, device=device)
-        self.min_bucket, self.max_batch = int(min_bucket), int(max_batch)
+        self.min_bucket = int(min_bucket)
         self.pad_rows = 0
 
     @property
@@ -352,21 +352,17 @@ class KarmanOracle(Oracle):
                 f"{int(bad.nonzero()[0])}). The rollout diverged before reaching the solver: lower the "
                 "learning rate / perturbation mu, or check the corrector's output scale."
             )
-        outs = []
-        for start in range(0, inputs.shape[0], self.max_batch):
-            x, r = inputs[start:start + self.max_batch], re[start:start + self.max_batch]
-            n, b = x.shape[0], self._bucket(x.shape[0])
-            if b > n:
-                x = torch.cat([x, x[:1].expand(b - n, *x.shape[1:])])
-                r = torch.cat([r, r[:1].expand(b - n)])
-                self.pad_rows += b - n
-            try:
-                outs.append(self.solver.step(x, r)[:n])
-            except phi().math.ConvergenceException as e:
-                raise OracleError(
-                    f"{self.name}: the pressure solve failed on rows {start}..{start + n - 1} "
-                    f"({type(e).__name__}: {str(e)[:160]}). The states are outside the range the solver can "
-                    "handle (velocities of order 1 are expected): a corrector or perturbation produced them; "
-                    "lower the learning rate or mu."
-                ) from e
-        return torch.cat(outs).to(inputs.device)
+        x, r = inputs, re  # at most max_batch rows: the base class splits larger calls
+        n, b = x.shape[0], self._bucket(x.shape[0])
+        if b > n:
+            x = torch.cat([x, x[:1].expand(b - n, *x.shape[1:])])
+            r = torch.cat([r, r[:1].expand(b - n)])
+            self.pad_rows += b - n
+        try:
+            return self.solver.step(x, r)[:n].to(inputs.device)
+        except phi().math.ConvergenceException as e:
+            raise OracleError(
+                f"{self.name}: the pressure solve failed on a batch of {n} rows ({type(e).__name__}: "
+                f"{str(e)[:160]}). The states are outside the range the solver can handle (velocities of order 1 "
+                "are expected): a corrector or perturbation produced them; lower the learning rate or mu."
+            ) from e

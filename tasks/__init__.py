@@ -1,1 +1,8 @@
-"""Applications built on the bbzo engine (installed as ``bbzo.tasks``)."""
+"""Applications built on the bbzo engine (installed as ``bbzo.tasks``); each registers a :class:`bbzo.task.Task`.
+
+* ``projectile`` -- a launch policy through a numpy projectile simulator (``bbzo demo``);
+* ``custom`` -- your model through your simulator (``bbzo train``);
+* ``sol`` -- ZO-SOL, a PDE corrector through the PhiFlow solver (``bbzo sol``).
+"""
+
+from . import custom, projectile, sol  # noqa: F401  (registration)

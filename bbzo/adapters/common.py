@@ -1,7 +1,9 @@
 """What every adapter shares: the ``Evaluator`` interface, loss reduction, chunk sizing, BN handling.
 
-An *adapter* wraps a model once; ``adapter.bind(inputs, targets)`` gives an :class:`Evaluator` for one
-minibatch, which evaluates probe batches (see :mod:`bbzo.probes`) and counts its queries.
+An *adapter* wraps a model once; ``adapter.bind(objective, inputs, targets, ledger)`` gives an
+:class:`Evaluator` for one minibatch, which evaluates probe batches (see :mod:`bbzo.probes`), charges
+each batched loss call to the :class:`~bbzo.ledger.QueryLedger` *before* making it, and can also give
+the differentiable loss at the current parameters (for the ``autograd`` reference estimator).
 
 BatchNorm during queries (decided here, tested in ``tests/bbzo/test_adapters.py``):
     A model in **train mode** is queried with **per-perturbation batch statistics**: each perturbed
@@ -26,14 +28,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import NonFiniteError, ShapeError
+from ..ledger import QueryLedger
+from ..objective import as_objective
 from ..probes import Probes
 
 __all__ = [
-    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "reduce_losses", "per_set_losses", "tree_bytes",
-    "chunk_size", "DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_CHUNK",
+    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "per_set_losses", "tree_bytes",
+    "chunk_size", "repeat_targets", "flatten_k", "DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_CHUNK",
 ]
 
-LossFn = Callable[[Any, Any], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
 #: Working-set bound of one batched call. On CPU, chunks that stay near the cache are faster per
 #: probe than big ones (ResNet-20, batch 64: K=4 -> 0.13x a forward per coordinate, K=16 -> 0.17x);
 #: a GPU wants big batches. ``None`` means "choose by device".
@@ -77,7 +81,7 @@ def chunk_size(per_set_bytes: int, max_chunk_bytes: int, max_chunk: int) -> int:
 
 
 def repeat_targets(targets: Any, k: int) -> Any:
-    """``targets`` (B, ...) -> (K*B, ...) matching K stacked output batches."""
+    """``targets`` (B, ...) -> (K*B, ...) matching K stacked output batches (also used for inputs)."""
     def rep(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return t.unsqueeze(0).expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
@@ -90,15 +94,19 @@ def flatten_k(tree: Any) -> Any:
     return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]), tree)
 
 
-def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "loss_fn") -> torch.Tensor:
-    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked)."""
-    if not isinstance(per_sample, torch.Tensor) or per_sample.shape != (k * batch,):
+def _check_per_sample(per_sample: Any, n: int, what: str, k: int, batch: int) -> None:
+    if not isinstance(per_sample, torch.Tensor) or per_sample.shape != (n,):
         shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
         raise ShapeError(
-            f"{what} must return per-sample losses of shape (N,) = ({k * batch},) for N = {k} parameter "
+            f"{what} must return per-sample losses of shape (N,) = ({n},) for N = {k} parameter "
             f"sets x {batch} samples; it returned {shape}. Reduce over every dimension except the first "
             "(e.g. F.cross_entropy(..., reduction='none') or ((y - t) ** 2).flatten(1).mean(1))."
         )
+
+
+def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "the objective") -> torch.Tensor:
+    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked)."""
+    _check_per_sample(per_sample, k * batch, what, k, batch)
     losses = per_sample.detach().to(torch.float64).view(k, batch).mean(1)
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
@@ -109,30 +117,31 @@ def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "loss_fn") -
     return losses
 
 
-def reduce_losses(loss_fn: LossFn, outputs_k: Any, targets: Any, k: int, batch: int) -> torch.Tensor:
-    """Mean per-sample loss of each of ``K`` stacked output batches.
-
-    Args:
-        outputs_k: model outputs with leaves ``(K, B, ...)``.
-        targets: targets with leaves ``(B, ...)`` (or None).
-    Returns:
-        ``(K,)`` float64 losses.
-    """
-    return per_set_losses(loss_fn(flatten_k(outputs_k), repeat_targets(targets, k)), k, batch)
+def mean_loss(per_sample: Any, batch: int, what: str = "the objective") -> torch.Tensor:
+    """Differentiable mean of ``(B,)`` per-sample losses (checked), for the autograd reference."""
+    _check_per_sample(per_sample, batch, what, 1, batch)
+    return per_sample.mean()
 
 
 class Evaluator(ABC):
-    """Evaluates probes on one bound minibatch; counts queries (= parameter-set evaluations)."""
+    """Evaluates probes on one bound minibatch; charges and counts queries (= parameter-set evaluations).
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
-                 params: dict[str, torch.Tensor], max_chunk_bytes: int, max_chunk: int) -> None:
+    Attributes:
+        queries: Queries this evaluator made (the ledger holds the run's total).
+        calls: Batched calls of the objective.
+    """
+
+    def __init__(self, model: nn.Module, objective: Any, inputs: Any, targets: Any,
+                 params: dict[str, torch.Tensor], max_chunk_bytes: int, max_chunk: int,
+                 ledger: Optional[QueryLedger] = None) -> None:
         self.model = model
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.inputs = inputs
         self.targets = targets
         self.params = params
         self.max_chunk_bytes = max_chunk_bytes
         self.max_chunk = max_chunk
+        self.ledger = ledger if ledger is not None else QueryLedger()
         leaves, _ = tree_flatten(inputs)
         if not leaves or not isinstance(leaves[0], torch.Tensor) or leaves[0].dim() == 0:
             raise ShapeError("inputs must be a tensor (or a tuple of tensors) with a batch dimension.")
@@ -140,13 +149,18 @@ class Evaluator(ABC):
         self.queries = 0
         self.calls = 0
         self._base: Optional[torch.Tensor] = None
+        self._reps: dict[int, Any] = {}
+
+    def _charge(self, k: int) -> None:
+        """Charge ``k`` queries to the ledger (raises BudgetExceeded first if they do not fit)."""
+        self.ledger.charge_queries(k)
+        self.queries += k
 
     def base_loss(self) -> torch.Tensor:
         """Loss at the unperturbed parameters, float64 scalar (one query, computed once)."""
         if self._base is None:
             with torch.no_grad(), frozen_bn_stats(self.model):
                 self._base = self._base_loss()
-            self.queries += 1
         return self._base
 
     def evaluate(self, probes: Probes) -> torch.Tensor:
@@ -154,13 +168,30 @@ class Evaluator(ABC):
         if len(probes) == 0:
             return torch.zeros(0, dtype=torch.float64)
         with torch.no_grad(), frozen_bn_stats(self.model):
-            out = self._evaluate(probes)
-        self.queries += len(probes)
-        return out
+            return self._evaluate(probes)
+
+    def differentiable_loss(self) -> torch.Tensor:
+        """Mean loss at the current parameters with autograd enabled (white-box; BN statistics untouched)."""
+        objective = as_objective(self.objective)
+        with torch.enable_grad(), frozen_bn_stats(self.model):
+            out = self.model(self.inputs)
+            per = objective(out, self.inputs if objective.needs_inputs else None, self.targets)
+        return mean_loss(per, self.batch)
+
+    def _inputs_for(self, k: int) -> Any:
+        """The minibatch inputs repeated for ``k`` stacked sets, if the objective reads them."""
+        if not getattr(self.objective, "needs_inputs", True):
+            return None
+        if k not in self._reps:
+            self._reps = {k: repeat_targets(self.inputs, k)}  # keep one size: chunks mostly share it
+        return self._reps[k]
 
     def _loss(self, outputs_k: Any, k: int) -> torch.Tensor:
+        """Mean per-sample loss ``(K,)`` float64 of ``K`` stacked output batches with leaves ``(K, B, ...)``."""
+        self._charge(k)
         self.calls += 1
-        return reduce_losses(self.loss_fn, outputs_k, self.targets, k, self.batch)
+        per = self.objective(flatten_k(outputs_k), self._inputs_for(k), repeat_targets(self.targets, k))
+        return per_set_losses(per, k, self.batch)
 
     @abstractmethod
     def _base_loss(self) -> torch.Tensor: ...
@@ -189,5 +220,9 @@ class Adapter(ABC):
         """Trainable parameters (``requires_grad``), detached, keyed like ``named_parameters``."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def prepare_objective(self, objective: Any) -> Any:
+        """The callable the evaluator scores with (plain losses become :class:`~bbzo.objective.Objective`)."""
+        return as_objective(objective)
+
     @abstractmethod
-    def bind(self, loss_fn: LossFn, inputs: Any, targets: Any) -> Evaluator: ...
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> Evaluator: ...

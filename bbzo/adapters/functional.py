@@ -1,65 +1,30 @@
 """Generic adapter: any ``nn.Module``, K perturbed parameter sets per call through ``torch.func``.
 
-For a chunk of ``K`` probes only the parameters the chunk touches are stacked to ``(K, *shape)``; every
-other parameter enters ``vmap`` unbatched, so a chunk of single-coordinate probes costs ``K`` copies of
-one tensor, not of the model. ``vmap`` gives each of the K sets its own BatchNorm batch statistics.
+For a chunk of ``K`` probes only the parameters the chunk touches are stacked to ``(K, *shape)``
+(``probes.stack``); every other parameter enters ``vmap`` unbatched, so a chunk of single-coordinate
+probes costs ``K`` copies of one tensor, not of the model. ``vmap`` gives each of the K sets its own
+BatchNorm batch statistics.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..probes import BlockProbes, CoordinateProbes, DirectionProbes, Probes
-from .common import Adapter, Evaluator, LossFn, chunk_size, frozen_bn_stats, tree_bytes
+from ..ledger import QueryLedger
+from ..probes import Probes
+from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 
-__all__ = ["FunctionalAdapter", "FunctionalEvaluator", "stack_coordinate_params", "stack_block_params"]
-
-
-def stack_coordinate_params(
-    params: dict[str, torch.Tensor], probes: CoordinateProbes, name_of: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """``(K, *shape)`` copies of each parameter the K probes touch, each with its one coordinate moved."""
-    k = len(probes)
-    stacked: dict[str, torch.Tensor] = {}
-    rows_all = torch.arange(k)
-    for p, rows in probes.groups():
-        name = name_of[p]
-        base = params[name]
-        s = base.reshape(1, -1).expand(k, -1).clone()
-        idx = probes.index[rows].to(base.device)
-        r = rows_all[rows].to(base.device)
-        s[r, idx] += probes.step[rows].to(device=base.device, dtype=base.dtype)
-        stacked[name] = s.view(k, *base.shape)
-    return stacked
-
-
-def stack_direction_params(params: dict[str, torch.Tensor], probes: DirectionProbes) -> dict[str, torch.Tensor]:
-    """``(K, *shape)`` parameter sets ``theta + step_k u_{dir_k}`` for K direction probes."""
-    k = len(probes)
-    out = {n: params[n].unsqueeze(0).repeat(k, *([1] * params[n].dim())) for n in probes.names}
-    for j in range(k):
-        u = probes.direction(int(probes.dirs[j]))
-        step = float(probes.step[j])
-        for n, un in zip(probes.names, u):
-            out[n][j].add_(un.to(device=out[n].device, dtype=out[n].dtype), alpha=step)
-    return out
-
-
-def stack_block_params(params: dict[str, torch.Tensor], probes: BlockProbes) -> dict[str, torch.Tensor]:
-    """``(K, *shape)`` copies of the one perturbed tensor: ``theta + step_k * dir_k``."""
-    base = params[probes.name]
-    d = probes.dirs.to(device=base.device, dtype=base.dtype) * probes.step.to(device=base.device, dtype=base.dtype)[:, None]
-    return {probes.name: (base.reshape(1, -1) + d).view(len(probes), *base.shape)}
+__all__ = ["FunctionalAdapter", "FunctionalEvaluator"]
 
 
 class FunctionalEvaluator(Evaluator):
-    def __init__(self, adapter: "FunctionalAdapter", *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, adapter: "FunctionalAdapter", *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.adapter = adapter
         self.buffers = {n: b for n, b in self.model.named_buffers()}
         self.all_params = {n: p.detach() for n, p in self.model.named_parameters()}
@@ -89,23 +54,10 @@ class FunctionalEvaluator(Evaluator):
     def _evaluate(self, probes: Probes) -> torch.Tensor:
         m = len(probes)
         losses = torch.empty(m, dtype=torch.float64)
-        if isinstance(probes, BlockProbes):
-            touched = self.params[probes.name].numel() * self.params[probes.name].element_size()
-        elif isinstance(probes, CoordinateProbes):
-            touched = max(self.params[probes.names[p]].numel() * self.params[probes.names[p]].element_size()
-                          for p in torch.unique(probes.pidx).tolist())
-        else:
-            touched = sum(p.numel() * p.element_size() for p in self.params.values())
-        k = self._chunk(touched)
+        k = self._chunk(probes.touched_bytes(self.params))
         for start in range(0, m, k):
             chunk = probes.slice(start, min(m, start + k))
-            if isinstance(chunk, BlockProbes):
-                stacked = stack_block_params(self.params, chunk)
-            elif isinstance(chunk, CoordinateProbes):
-                stacked = stack_coordinate_params(self.params, chunk, probes.names)
-            else:
-                stacked = stack_direction_params(self.params, chunk)
-            losses[start:start + len(chunk)] = self._run(stacked)
+            losses[start:start + len(chunk)] = self._run(chunk.stack(self.params))
         return losses
 
 
@@ -135,6 +87,7 @@ class FunctionalAdapter(Adapter):
             self._act_bytes[key] = 3 * max(sizes, default=tree_bytes(inputs))
         return self._act_bytes[key]
 
-    def bind(self, loss_fn: LossFn, inputs: Any, targets: Any) -> FunctionalEvaluator:
-        return FunctionalEvaluator(self, self.model, loss_fn, inputs, targets, self.trainable(),
-                                   self.max_chunk_bytes, self.max_chunk)
+    def bind(self, objective: Any, inputs: Any, targets: Any,
+             ledger: Optional[QueryLedger] = None) -> FunctionalEvaluator:
+        return FunctionalEvaluator(self, self.model, self.prepare_objective(objective), inputs, targets,
+                                   self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger)

@@ -25,14 +25,15 @@ not apply (a perturbed model changes its own later inputs).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
-from .common import Adapter, per_set_losses, repeat_targets
+from ..ledger import QueryLedger
+from .common import Adapter, mean_loss, per_set_losses, repeat_targets
 from .functional import FunctionalEvaluator
 
 __all__ = ["LoopAdapter", "LoopEvaluator", "RolloutFn"]
@@ -47,9 +48,15 @@ class LoopEvaluator(FunctionalEvaluator):
     adapter: "LoopAdapter"
 
     def _base_loss(self) -> torch.Tensor:
+        self._charge(1)
         self.calls += 1
-        per_sample = self.loss_fn(self.model, self.inputs, self.targets)
+        per_sample = self.objective(self.model, self.inputs, self.targets)
         return per_set_losses(per_sample, 1, self.batch, "rollout")[0]
+
+    def differentiable_loss(self) -> torch.Tensor:
+        """The rollout with the plain model and autograd (FO-SOL: only meaningful through a white-box solver)."""
+        with torch.enable_grad():
+            return mean_loss(self.objective(self.model, self.inputs, self.targets), self.batch, "rollout")
 
     def _chunk(self, touched_bytes: int) -> int:
         return self.adapter.sets_per_call
@@ -73,8 +80,9 @@ class LoopEvaluator(FunctionalEvaluator):
             out = many(stacked, x.reshape(k, b, *x.shape[1:]))
             return out.reshape(k * b, *out.shape[2:])
 
+        self._charge(k)
         self.calls += 1
-        per_sample = self.loss_fn(model_fn, repeat_targets(self.inputs, k), repeat_targets(self.targets, k))
+        per_sample = self.objective(model_fn, repeat_targets(self.inputs, k), repeat_targets(self.targets, k))
         return per_set_losses(per_sample, k, b, "rollout")
 
 
@@ -86,7 +94,7 @@ class LoopAdapter(Adapter):
         sets_per_call: Parameter sets evaluated side by side; each oracle call in the rollout then
             carries ``sets_per_call * B`` rows. Keep it fixed so a jit-compiled black box traces once.
 
-    The trainer's ``loss_fn`` is the rollout: ``Trainer(model, rollout, ..., adapter=LoopAdapter(model))``.
+    The trainer's objective is the rollout: ``Trainer(model, rollout, ..., adapter=LoopAdapter(model))``.
     """
 
     reuses_features = False
@@ -98,6 +106,9 @@ class LoopAdapter(Adapter):
             raise ConfigError(f"sets_per_call must be >= 1, got {sets_per_call}.")
         self.sets_per_call = int(sets_per_call)
 
-    def bind(self, loss_fn: Any, inputs: Any, targets: Any) -> LoopEvaluator:
-        return LoopEvaluator(self, self.model, loss_fn, inputs, targets, self.trainable(),
-                             self.max_chunk_bytes, self.max_chunk)
+    def prepare_objective(self, objective: Any) -> Any:
+        return objective  # a rollout(model_fn, inputs, targets), called as it is
+
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> LoopEvaluator:
+        return LoopEvaluator(self, self.model, objective, inputs, targets, self.trainable(),
+                             self.max_chunk_bytes, self.max_chunk, ledger=ledger)

@@ -1,14 +1,17 @@
-"""Estimator base class: pure ``init`` / ``ask`` / ``tell`` functions plus a thin stateful facade.
+"""Estimator base class: pure ``init`` / ``ask`` / ``tell`` functions over explicit state.
 
-A ZO gradient estimate is three steps (optax's explicit state, nevergrad's ask/tell):
+A zeroth-order gradient estimate is three steps (optax's explicit state, nevergrad's ask/tell):
 
 1. ``probes, state = est.ask(params, state)`` -- which perturbed parameter sets to evaluate;
 2. ``losses = evaluator.evaluate(probes)`` -- done by an adapter, batched, possibly in shards;
 3. ``grads = est.tell(params, probes, losses, base_loss)`` -- combine into a gradient.
 
-States are small ``NamedTuple`` s of ints and tensors, so a checkpoint is a dict of tensors. The
-object keeps the current state in ``self.state`` for the one-call API (:func:`bbzo.estimate_grad`)
-and the trainer; ``state_dict`` / ``load_state_dict`` make it checkpointable.
+:meth:`Estimator.estimate` runs the three on one bound minibatch; an estimator that is not built from
+probes (the ``autograd`` reference) overrides it. States are small ``NamedTuple`` s of ints and
+tensors, so a checkpoint is a dict of tensors. For convenience the object also keeps the current state
+in ``self.state`` (the one-call API and the trainer advance it); ``state_dict`` / ``load_state_dict``
+make it checkpointable. Transforms (:mod:`bbzo.estimators.transforms`: ``masked``,
+``clip_by_global_norm``) wrap an estimator instead of flagging it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..probes import Probes
+from ..probes import Probes, concat_losses
 
-__all__ = ["Estimator", "EstimatorInfo", "Params", "Grads"]
+__all__ = ["Estimator", "EstimatorInfo", "Params", "Grads", "evaluate_sharded"]
 
 Params = Mapping[str, torch.Tensor]
 Grads = dict[str, torch.Tensor]
@@ -35,12 +38,25 @@ class EstimatorInfo:
     name: str
     description: str
     cost: str  # human-readable queries-per-step formula
-    coordinatewise: bool  # probes are single coordinates (feature reuse applies)
+    coordinatewise: bool  # probes are single coordinates (feature reuse applies; masked() works)
     supports_sparse: bool
+    zeroth_order: bool = True  # False: a white-box reference that differentiates the objective
+
+
+def evaluate_sharded(evaluator: Any, probes: Probes, n_shards: int = 1) -> torch.Tensor:
+    """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
+
+    Each shard is self-contained (a slice of small index tensors), so the same call works when shards
+    run on other processes or machines: every worker evaluates ``probes.shard(rank, world)`` and the
+    losses are concatenated in shard order.
+    """
+    if n_shards < 1:
+        raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
+    return concat_losses([evaluator.evaluate(probes.shard(i, n_shards)) for i in range(n_shards)])
 
 
 class Estimator(ABC):
-    """Base class of every zeroth-order gradient estimator.
+    """Base class of every gradient estimator.
 
     Args:
         mu: Finite-difference step (DeepZero: 5e-3).
@@ -97,6 +113,24 @@ class Estimator(ABC):
         base_loss: Optional[torch.Tensor],
     ) -> Grads:
         """Combine probe losses ``(M,)`` (float64, probe order) into gradients keyed like ``params``."""
+
+    def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
+                 n_shards: int = 1) -> tuple[Grads, float, NamedTuple]:
+        """``(grads, loss, new state)`` on the evaluator's minibatch: ask -> evaluate (sharded) -> tell.
+
+        ``loss`` is the loss at the unperturbed parameters (the mean probe loss for central
+        differences, which is within O(mu^2) of it).
+        """
+        probes, new_state = self.ask(params, state)
+        base = evaluator.base_loss() if self.needs_base else None
+        losses = evaluate_sharded(evaluator, probes, n_shards)
+        grads = self.tell(params, probes, losses, base)
+        loss = float(base) if base is not None else float(losses.mean())
+        return grads, loss, new_state
+
+    def step_info(self, params: Params, state: NamedTuple) -> dict[str, Any]:
+        """Numbers worth logging about the step that ``state`` is about to take (e.g. a sparsity draw)."""
+        return {}
 
     # ------------------------------------------------------------------ helpers
     def _signed_steps(self, m: int) -> torch.Tensor:

@@ -1,15 +1,14 @@
-"""CGE and Sparse-CGE: coordinate-wise finite differences (DeepZero Eq. (2)).
+"""CGE: coordinate-wise finite differences (DeepZero Eq. (2)).
 
-``g_i = (f(theta + mu e_i) - f(theta)) / mu`` for each coordinate ``i`` of the set (forward), or
+``g_i = (f(theta + mu e_i) - f(theta)) / mu`` for each coordinate ``i`` (forward), or
 ``(f(theta + mu e_i) - f(theta - mu e_i)) / (2 mu)`` (central). CGE estimates every coordinate of every
-trainable parameter; Sparse-CGE only a coordinate set per parameter tensor, and returns zero
-elsewhere (DeepZero §4: the *gradient* is sparse, the model stays dense).
+trainable parameter; ``masked(cge, coords)`` -- registered as ``sparse_cge`` -- only a coordinate set
+per tensor, and returns zero elsewhere (DeepZero §4: the *gradient* is sparse, the model stays dense).
 """
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 
@@ -18,7 +17,7 @@ from ..probes import CoordinateProbes
 from .base import Estimator, EstimatorInfo, Grads, Params
 from .registry import register_estimator
 
-__all__ = ["CGE", "SparseCGE", "normalize_coords"]
+__all__ = ["CGE", "CoordinateEstimator", "normalize_coords", "CoordSpec"]
 
 CoordSpec = Mapping[str, torch.Tensor]
 
@@ -50,17 +49,27 @@ class CGEState(NamedTuple):
     step: int
 
 
-class _CoordinateEstimator(Estimator):
-    def _coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
+class CoordinateEstimator(Estimator):
+    """Finite differences along coordinate axes; :meth:`ask_coords` takes an explicit coordinate set."""
+
+    def coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
+        """The coordinate set of the step ``state`` is about to take (``{name: flat indices}``)."""
         raise NotImplementedError
 
     def num_probes(self, params: Params, state: NamedTuple) -> int:
-        m = sum(int(v.numel()) for v in self._coords(params, state).values())
+        return self.count_probes(self.coords(params, state))
+
+    def count_probes(self, coords: Mapping[str, torch.Tensor]) -> int:
+        m = sum(int(v.numel()) for v in coords.values())
         return m if self.difference == "forward" else 2 * m
 
     def ask(self, params: Params, state: NamedTuple) -> tuple[CoordinateProbes, NamedTuple]:
+        return self.ask_coords(params, self.coords(params, state), state)
+
+    def ask_coords(self, params: Params, coords: Mapping[str, torch.Tensor],
+                   state: NamedTuple) -> tuple[CoordinateProbes, NamedTuple]:
+        """Probes for the coordinates ``coords`` (in parameter order), and the next state."""
         names = tuple(params)
-        coords = self._coords(params, state)
         pidx, index = [], []
         for p, name in enumerate(names):
             idx = coords.get(name)
@@ -91,7 +100,7 @@ class _CoordinateEstimator(Estimator):
 
 
 @register_estimator
-class CGE(_CoordinateEstimator):
+class CGE(CoordinateEstimator):
     """Coordinate-wise gradient estimate over every coordinate of every trainable parameter.
 
     Costs ``d + 1`` queries per step (forward) or ``2d`` (central), ``d`` = number of trainable scalars.
@@ -109,56 +118,5 @@ class CGE(_CoordinateEstimator):
     def init(self, params: Params) -> CGEState:
         return CGEState(step=0)
 
-    def _coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
+    def coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
         return {n: torch.arange(p.numel()) for n, p in params.items()}
-
-
-class SparseCGEState(NamedTuple):
-    step: int
-    coords: dict  # name -> int64 flat indices
-
-
-@register_estimator
-class SparseCGE(_CoordinateEstimator):
-    """CGE on a coordinate set per parameter tensor; zero gradient elsewhere (DeepZero Sparse-CGE).
-
-    Args:
-        coords: ``{param name: bool mask or int flat indices}``. Parameters not named get zero
-            gradient unless they match ``dense``. Replace the set between steps with
-            :meth:`set_coords` (dynamic sparsity).
-        dense: Glob patterns of parameters estimated on all coordinates every step (e.g.
-            ``("*bn*", "*.bias")``: DeepZero trains BN and biases densely).
-        mu, difference: as :class:`~bbzo.estimators.base.Estimator`.
-
-    Costs ``|S| + 1`` queries per step (forward) or ``2|S|`` (central).
-    """
-
-    info = EstimatorInfo(
-        name="sparse_cge",
-        description="CGE on a per-tensor coordinate set, zero elsewhere (DeepZero Sparse-CGE)",
-        cost="|S| + 1 (forward) | 2|S| (central)",
-        coordinatewise=True,
-        supports_sparse=True,
-    )
-    State = SparseCGEState
-
-    def __init__(self, coords: Optional[CoordSpec] = None, dense: Sequence[str] = (),
-                 mu: float = 5e-3, difference: str = "forward") -> None:
-        super().__init__(mu=mu, difference=difference)
-        self._initial = coords
-        self.dense = tuple(dense)
-
-    def init(self, params: Params) -> SparseCGEState:
-        return SparseCGEState(step=0, coords=normalize_coords(self._initial or {}, params))
-
-    def set_coords(self, params: Params, coords: CoordSpec) -> None:
-        """Replace the coordinate set (keeps the step counter)."""
-        state = self.ensure_state(params)
-        self.state = state._replace(coords=normalize_coords(coords, params))
-
-    def _coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
-        coords = dict(state.coords)
-        for n, p in params.items():
-            if any(fnmatch.fnmatch(n, pat) for pat in self.dense):
-                coords[n] = torch.arange(p.numel())
-        return coords

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ..errors import ConfigError
 from .base import Estimator, EstimatorInfo
@@ -23,9 +23,15 @@ def register_estimator(cls: type[Estimator]) -> type[Estimator]:
     return cls
 
 
-def list_estimators(pattern: str = "*", with_info: bool = False) -> Union[list[str], list[EstimatorInfo]]:
-    """Registered estimator names (or their :class:`EstimatorInfo`) matching a glob pattern."""
-    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+def list_estimators(pattern: str = "*", with_info: bool = False,
+                    zeroth_order: Optional[bool] = None) -> Union[list[str], list[EstimatorInfo]]:
+    """Registered estimator names (or their :class:`EstimatorInfo`) matching a glob pattern.
+
+    ``zeroth_order=True`` keeps only those that query (usable through a black box), ``False`` only the
+    white-box references.
+    """
+    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)
+                   and (zeroth_order is None or _REGISTRY[n].info.zeroth_order == zeroth_order))
     return [_REGISTRY[n].info for n in names] if with_info else names
 
 

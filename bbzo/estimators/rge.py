@@ -3,6 +3,8 @@
 ``g = (1/q) sum_k (f(theta + mu u_k) - f(theta)) / mu * u_k`` (forward) or with the central difference
 ``(f(theta + mu u_k) - f(theta - mu u_k)) / (2 mu)``. Directions have ``E[u u^T] = I`` (Gaussian, or
 uniform on the sphere of radius sqrt(d)), so the estimate is unbiased for the smoothed loss.
+``tensor_sphere`` (each tensor's block of unit norm, DeepZero's ZO-GraSP directions) is not isotropic:
+its estimate is ``blockdiag(I / d_l) g`` in expectation, a per-tensor rescaled gradient.
 Directions are regenerated from a per-step seed, never stored.
 """
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeError
-from ..probes import DirectionProbes, make_direction
+from ..probes import DISTRIBUTIONS, DirectionProbes, make_direction
 from .base import Estimator, EstimatorInfo, Grads, Params
 from .registry import register_estimator
 
@@ -32,8 +34,12 @@ class RGE(Estimator):
 
     Args:
         q: Directions per step.
-        distribution: ``"gaussian"`` (u ~ N(0, I)) or ``"sphere"`` (uniform, radius sqrt(d)).
+        distribution: ``"gaussian"`` (u ~ N(0, I)), ``"sphere"`` (uniform, radius sqrt(d)) or
+            ``"tensor_sphere"`` (unit norm per tensor; not isotropic, see the module docstring).
         seed: Seed of the direction stream; step ``t`` uses directions derived from ``(seed, t)``.
+        seeding: ``"per_step"`` (default: a fresh stream each step, derived from ``(seed, t)``) or
+            ``"given"`` (``seed`` itself seeds the directions: one estimate whose directions the caller
+            chose, as ZO-GraSP's two estimates with seeds ``2s`` and ``2s + 1``).
         mu, difference: as :class:`~bbzo.estimators.base.Estimator`.
 
     Costs ``q + 1`` queries per step (forward) or ``2q`` (central).
@@ -49,15 +55,18 @@ class RGE(Estimator):
     State = RGEState
 
     def __init__(self, q: int = 192, distribution: str = "gaussian", seed: int = 0,
-                 mu: float = 5e-3, difference: str = "forward") -> None:
+                 mu: float = 5e-3, difference: str = "forward", seeding: str = "per_step") -> None:
         super().__init__(mu=mu, difference=difference)
         if q < 1:
             raise ConfigError(f"rge: q must be >= 1, got {q}.")
-        if distribution not in ("gaussian", "sphere"):
-            raise ConfigError(f"rge: distribution must be 'gaussian' or 'sphere', got {distribution!r}.")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"rge: distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}.")
+        if seeding not in ("per_step", "given"):
+            raise ConfigError(f"rge: seeding must be 'per_step' or 'given', got {seeding!r}.")
         self.q = int(q)
         self.distribution = distribution
         self.seed = int(seed)
+        self.seeding = seeding
 
     def init(self, params: Params) -> RGEState:
         return RGEState(seed=self.seed, step=0)
@@ -66,6 +75,8 @@ class RGE(Estimator):
         return self.q if self.difference == "forward" else 2 * self.q
 
     def _step_seed(self, state: RGEState) -> int:
+        if self.seeding == "given":
+            return int(state.seed)
         return int(np.random.SeedSequence([state.seed, state.step, 0x5EED]).generate_state(1)[0])
 
     def ask(self, params: Params, state: RGEState) -> tuple[DirectionProbes, RGEState]:

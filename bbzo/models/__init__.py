@@ -1,8 +1,9 @@
-"""Models shipped with bbzo, by name."""
+"""Models shipped with bbzo, by name (``create_model``, ``list_models``; ``bbzo models`` lists them)."""
 
 from .registry import create_model, list_models, register_model
 from .resnet_cifar import CifarResNet, resnet20, resnet32, resnet44, resnet56
 from .simple import mlp, simple_cnn
+from .sol_corrector import CORRECTOR_CHANNELS, Corrector, sol_corrector
 
 __all__ = ["create_model", "list_models", "register_model", "CifarResNet", "resnet20", "resnet32",
-           "resnet44", "resnet56", "simple_cnn", "mlp"]
+           "resnet44", "resnet56", "simple_cnn", "mlp", "Corrector", "CORRECTOR_CHANNELS", "sol_corrector"]

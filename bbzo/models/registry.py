@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "model_builder"]
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 
@@ -27,6 +27,13 @@ def register_model(name: str, description: str = "") -> Callable[[Callable[..., 
 def list_models(pattern: str = "*", with_description: bool = False) -> list[Any]:
     names = sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
     return [(n, _MODELS[n][1]) for n in names] if with_description else names
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder of ``name`` (to read its signature)."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODELS))}.")
+    return _MODELS[name][0]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.staged import Fork, Merge, OnFirst
+from ..stages import Fork, Merge, OnFirst
 from .registry import register_model
 
 __all__ = ["CifarResNet", "BasicBlock", "resnet20", "resnet32", "resnet44", "resnet56"]

@@ -5,6 +5,9 @@ while the *dense* model is trained.
 The set of step ``t`` is a pure function of ``(seed, t // resample_every)``, so a resumed run draws
 exactly the sets the uninterrupted run would have drawn (nothing to checkpoint beyond the step).
 
+It is a coordinate *schedule*: ``masked(create_estimator("cge"), sampler)`` estimates, at step ``t``,
+exactly ``sampler.coords_at(t)`` (:func:`bbzo.estimators.masked`); nothing mutates the estimator.
+
 Tensors the LPR does not name (BatchNorm affine parameters, biases) follow ``others``:
 
 * ``"dense"`` (default, as DeepZero's reference): estimated on every coordinate every step;
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..estimators.transforms import Masked
 from .lpr import LayerRatios
 
 __all__ = ["DynamicSparsity", "OTHERS"]
@@ -55,7 +59,7 @@ class DynamicSparsity:
                 self.counts[n] = int(round((1.0 - lpr.sparsity) * size))
             elif others == "dense":
                 self.counts[n] = size
-        self._current: Optional[int] = None
+        self._cache: Optional[tuple[int, dict[str, torch.Tensor]]] = None
 
     @property
     def coords_per_step(self) -> int:
@@ -67,6 +71,8 @@ class DynamicSparsity:
 
     def coords(self, draw: int) -> dict[str, torch.Tensor]:
         """``{name: sorted int64 flat indices}`` of draw ``draw`` (exactly ``counts[name]`` each)."""
+        if self._cache is not None and self._cache[0] == draw:
+            return dict(self._cache[1])
         out: dict[str, torch.Tensor] = {}
         for j, (n, k) in enumerate(self.counts.items()):
             size = self.sizes[n]
@@ -76,31 +82,23 @@ class DynamicSparsity:
             ss = np.random.SeedSequence([self.seed & 0xFFFFFFFF, int(draw), j])
             g = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1)))
             out[n] = torch.sort(torch.randperm(size, generator=g)[:k]).values
-        return out
+        self._cache = (int(draw), out)
+        return dict(out)
 
     def coords_at(self, step: int) -> dict[str, torch.Tensor]:
         return self.coords(self.draw_index(step))
 
     # ------------------------------------------------------------------ trainer integration
     def attach(self, trainer: Any) -> "DynamicSparsity":
-        """Drive ``trainer.estimator`` (a ``sparse_cge``): set the draw of each step before it runs."""
+        """Make ``trainer``'s ``sparse_cge`` estimator draw its coordinates from this schedule.
+
+        Equivalent to building the trainer with ``masked(cge, sampler)``; done once, before training.
+        """
         est = trainer.estimator
-        if not hasattr(est, "set_coords"):
+        if not isinstance(est, Masked):
             raise ConfigError(
                 f"dynamic sparsity needs the 'sparse_cge' estimator, the trainer uses {est.info.name!r}. "
-                "Use create_estimator('sparse_cge') (CLI: --estimator sparse_cge)."
+                "Use create_estimator('sparse_cge') (CLI: --estimator sparse_cge), or masked(estimator, sampler)."
             )
-        trainer.before_step.append(self._before_step)
-        trainer.after_step.append(self._after_step)
-        trainer.on_resume.append(lambda tr: setattr(self, "_current", None))
+        trainer.estimator = est.with_schedule(self)
         return self
-
-    def _before_step(self, trainer: Any) -> None:
-        d = self.draw_index(trainer.step_count)
-        if d != self._current:
-            trainer.estimator.set_coords(trainer.adapter.trainable(), self.coords(d))
-            self._current = d
-
-    def _after_step(self, trainer: Any, status: dict[str, Any]) -> None:
-        status["sparsity_draw"] = self._current
-        status["coords"] = self.coords_per_step

@@ -82,8 +82,10 @@ def test_sharded_evaluation_combines_exactly_and_chunking_does_not_matter(adapte
         assert parts.shape == whole.shape
         assert float((parts - whole).abs().max()) <= 1e-12
         assert ev.queries == len(probes)
+    # shards partition the probes in order: concatenated, they are the probe batch itself
     shards = [probes.shard(i, 4) for i in range(4)]
-    assert sum(len(s) for s in shards) == len(probes)
+    assert torch.equal(torch.cat([s.index for s in shards]), probes.index)
+    assert torch.equal(torch.cat([s.pidx for s in shards]), probes.pidx) and min(len(s) for s in shards) > 0
 
 
 def test_rge_shards_regenerate_directions():
@@ -156,7 +158,12 @@ def test_float32_resnet_reuse_close_to_plain():
     est = lambda: bbzo.create_estimator("sparse_cge", coords=coords, mu=5e-3)  # noqa: E731
     a = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est(), feature_reuse=False)
     b = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est())
-    assert _max_diff(a, b) < 2e-3  # float32 rounding of (f(x+mu)-f(x))/mu
+    # float32 rounding of (f(x+mu)-f(x))/mu: of the order of eps32 * |f| / mu, the same for both paths
+    ref = bbzo.estimate_grad(model.double(), lambda o, t: F.cross_entropy(o, t, reduction="none"), x.double(), y,
+                             est(), feature_reuse=False)
+    scale = max(float(v.abs().max()) for v in ref.values())
+    assert _max_diff(a, b) < 0.05 * scale
+    assert _max_diff(a, ref) < 0.05 * scale and _max_diff(b, ref) < 0.05 * scale
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -197,4 +204,4 @@ def test_block_probes_reuse_features_exactly():
         a, b = staged.evaluate(probes), plain.evaluate(probes)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert float((a - staged.base_loss()).abs().max()) > 1e-6, n  # the probes did move the loss
-        assert len(probes.shard(1, 2)) + len(probes.shard(0, 2)) == 3
+        assert torch.equal(torch.cat([probes.shard(0, 2).dirs, probes.shard(1, 2).dirs]), probes.dirs)

@@ -1,34 +1,52 @@
-"""Config files: YAML/TOML load, --config fills click defaults, flags win, the resolved config round-trips."""
+"""Settings declared once: YAML/TOML files, presets, flags win, sources recorded, runtime keys, generated click options."""
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import click
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from bbzo.config import Argv, MappingParam, config_option, load_config, write_resolved_config
+from bbzo.cli.options import Argv, MappingParam, config_option, resolve_command, settings_options
+from bbzo.config import (as_plain, differing, from_plain, load_config, resolve, runtime_keys, setting, setting_infos,
+                         write_config)
 from bbzo.errors import ConfigError
+
+
+@dataclass
+class Fit:
+    PRESETS: ClassVar[dict] = {"quick": {"steps": 3, "lr": 0.3}, "slow": {"steps": 100}}
+
+    preset: str = setting("quick", choices=("quick", "slow"), compare=False, help="Base values.")
+    steps: int = setting(10, runtime=True, help="Steps.")
+    lr: float = setting(0.1, help="Learning rate.")
+    name: str = setting("run", help="A name.")
+    cmd: Optional[list[str]] = setting(None, kind="argv", replaces=("script",), help="A program.")
+    script: Optional[str] = setting(None, replaces=("cmd",), help="A script.")
+    kwargs: dict = setting(default_factory=dict, help="Options.")
+    res: tuple[float, ...] = setting((1.0, 2.0), help="Numbers.")
+    fast: bool = setting(False, help="Go fast.")
+    out: Path = setting(Path("o"), kind="path", runtime=True, help="Folder.")
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
 
 
 @click.command("fit")
 @config_option
-@click.option("--steps", type=int, default=10)
-@click.option("--lr", type=float, default=0.1)
-@click.option("--name", default="run")
-@click.option("--cmd", type=Argv(), default=None)
-@click.option("--kwargs", type=MappingParam(), default=None)
-@click.option("--fast", is_flag=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("o"))
+@settings_options(Fit)
 @click.pass_context
-def fit(ctx, config, steps, lr, name, cmd, kwargs, fast, out):
-    write_resolved_config(ctx, out)
-    click.echo(repr((steps, lr, name, cmd, kwargs, fast)))
+def fit(ctx, config, **_):
+    s, sources = resolve_command(ctx, Fit)
+    write_config(s.out, as_plain(s), sources)
+    click.echo(repr((s.steps, s.lr, s.name, s.cmd, s.kwargs, s.fast, s.res)))
 
 
 def run(*args):
-    r = CliRunner().invoke(fit, list(args))
-    return r
+    return CliRunner().invoke(fit, list(map(str, args)))
 
 
 def test_yaml_and_toml_load_and_bad_files_are_config_errors(tmp_path):
@@ -51,36 +69,83 @@ def test_yaml_and_toml_load_and_bad_files_are_config_errors(tmp_path):
         load_config(tmp_path / "a.ini")
 
 
+def test_layers_default_preset_file_flag_and_their_sources(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("preset: slow\nlr: 0.5\nkwargs: {k: 2}\nres: 3,4.5\n")
+    s, src = resolve(Fit, {"name": "x"}, cfg, "fit")
+    assert (s.steps, s.lr, s.name, s.kwargs, s.res) == (100, 0.5, "x", {"k": 2}, (3.0, 4.5))
+    assert src["steps"] == "preset slow" and src["lr"] == "config" and src["name"] == "command line"
+    assert src["fast"] == "default"
+    s, src = resolve(Fit, {"preset": "quick", "steps": 7})
+    assert (s.steps, s.lr) == (7, 0.3) and src["lr"] == "preset quick"
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        resolve(Fit, {"preset": "huge"})
+    with pytest.raises(ConfigError, match="steps must be >= 0"):  # the dataclass validates
+        resolve(Fit, {"steps": -1})
+
+
 def test_config_fills_options_and_command_line_flags_win(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"steps: 5\nlr: 0.5\ncmd: [sim, --fast, 'a b']\nkwargs: {{k: 2}}\nfast: true\nout: {tmp_path / 'o'}\n")
-    r = run("--config", str(cfg))
+    r = run("--config", cfg)
     assert r.exit_code == 0, r.output
-    assert r.output.strip() == repr((5, 0.5, "run", ["sim", "--fast", "a b"], {"k": 2}, True))
-    r = run("--steps", "7", "--config", str(cfg), "--cmd", "other 'x y'")  # order does not matter
+    assert r.output.strip() == repr((5, 0.5, "run", ["sim", "--fast", "a b"], {"k": 2}, True, (1.0, 2.0)))
+    r = run("--steps", 7, "--config", cfg, "--cmd", "other 'x y'", "--res", "9,8")  # order does not matter
     assert r.exit_code == 0, r.output
-    assert r.output.strip() == repr((7, 0.5, "run", ["other", "x y"], {"k": 2}, True))
+    assert r.output.strip() == repr((7, 0.5, "run", ["other", "x y"], {"k": 2}, True, (9.0, 8.0)))
     saved = (tmp_path / "o" / "config.resolved.yaml").read_text()
     assert "steps: 7  # from command line" in saved and "lr: 0.5  # from config" in saved
     assert "name: run\n" in saved  # defaults are saved too, without a source comment
-    # the resolved file reproduces the run when fed back
     values = yaml.safe_load(saved)
-    assert values["cmd"] == ["other", "x y"] and values["kwargs"] == {"k": 2}
-    r2 = run("--config", str(tmp_path / "o" / "config.resolved.yaml"))
+    assert values["cmd"] == ["other", "x y"] and values["kwargs"] == {"k": 2} and values["res"] == [9.0, 8.0]
+    r2 = run("--config", tmp_path / "o" / "config.resolved.yaml")  # the resolved file reproduces the run
     assert r2.output == r.output
 
 
-def test_unknown_keys_and_sections(tmp_path):
+def test_a_flag_replaces_the_files_alternative(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("cmd: [sim]\n")
+    s, src = resolve(Fit, {"script": "x.py"}, cfg)
+    assert s.cmd is None and s.script == "x.py" and "overridden by --script" in src["cmd"]
+    s, _ = resolve(Fit, {}, cfg)
+    assert s.cmd == ["sim"]
+
+
+def test_unknown_keys_sections_and_bad_values(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("stepz: 5\n")
-    r = run("--config", str(cfg))
+    r = run("--config", cfg)
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
     assert "unknown option 'stepz' for `bbzo fit`. Did you mean 'steps'?" in str(r.exception)
     cfg.write_text(f"fit:\n  steps: 4\n  out: {tmp_path}\nother:\n  steps: 9\n")  # a section per command
-    r = run("--config", str(cfg))
-    assert r.exit_code == 0 and r.output.startswith("(4, 0.1")
-    cfg.write_text("steps: many\n")
-    r = run("--config", str(cfg))
+    r = run("--config", cfg)
+    assert r.exit_code == 0 and r.output.startswith("(4, 0.3")  # lr from the default preset
+    for text, message in [("steps: many\n", "'many' is not a valid integer"), ("lr: [1]\n", "not a valid number"),
+                          ("fast: maybe\n", "not a valid boolean"), ("res: a,b\n", "comma-separated numbers"),
+                          ("preset: fastest\n", "unknown preset")]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve(Fit, {}, cfg)
+
+
+def test_runtime_keys_and_differing_settings_round_trip():
+    assert runtime_keys(Fit) == {"steps", "out", "preset"}
+    a = as_plain(Fit())
+    b = as_plain(Fit(steps=99, lr=0.2, out=Path("elsewhere")))
+    assert differing(Fit, a, b) == ["lr"]  # steps and out may change; preset only selects
+    assert from_plain(Fit, b) == Fit(steps=99, lr=0.2, out=Path("elsewhere"))
+    with pytest.raises(ConfigError, match="unknown settings"):
+        from_plain(Fit, {**a, "gone": 1})
+    assert [i.name for i in setting_infos(Fit)][:3] == ["preset", "steps", "lr"]
+
+
+def test_generated_options_have_help_and_types():
+    r = CliRunner().invoke(fit, ["--help"])
+    assert r.exit_code == 0
+    for p in fit.params:
+        assert p.help and p.opts[0] in r.output, p.name
+    assert "[default: 10, or the preset]" in r.output
+    r = run("--steps", "many")
     assert r.exit_code == 2 and "'many' is not a valid integer" in r.output
 
 

@@ -7,15 +7,10 @@ import torch
 
 import bbzo
 from bbzo.errors import ConfigError
+from bbzo.ledger import QueryLedger
 from tests.helpers import SpyOracle, autograd_grads, mlp64, problems, rel_err
 
 PROBLEMS = problems()
-
-
-def make(name, **kw):
-    if name == "sparse_cge":
-        return None  # built per model below
-    return bbzo.create_estimator(name, **kw)
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
@@ -51,29 +46,49 @@ def test_sparse_cge_equals_cge_on_its_set_and_zero_elsewhere(problem):
     assert n_set > 0
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "sphere"])
-@pytest.mark.parametrize("difference", ["forward", "central"])
-def test_rge_is_unbiased_within_statistical_tolerance(distribution, difference):
-    """Mean of N independent RGE draws -> true gradient; error within 5 sigma of the predicted spread."""
-    model, x, y, loss_fn = PROBLEMS["mlp"]
-    ref = autograd_grads(model, x, y, loss_fn)
-    d = sum(v.numel() for v in ref.values())
-    q, draws = 8, 400
-    est = bbzo.create_estimator("rge", q=q, mu=1e-6, distribution=distribution, difference=difference, seed=11)
+def _rge_mean(model, x, y, loss_fn, draws, **kw):
+    est = bbzo.create_estimator("rge", mu=1e-6, seed=11, **kw)
     adapter = bbzo.make_adapter(model)
-    acc = {k: torch.zeros_like(v) for k, v in ref.items()}
+    acc = None
     for _ in range(draws):
         g = bbzo.estimate(adapter, est, loss_fn, x, y).grads
-        for k in acc:
-            acc[k] += g[k] / draws
-    g2 = sum(float((v ** 2).sum()) for v in ref.values())
-    err2 = sum(float(((acc[k] - ref[k]) ** 2).sum()) for k in ref)
-    # Gaussian: E||g_hat - g||^2 = (d + 1) ||g||^2 / q per draw (sphere: smaller)
-    sigma = math.sqrt((d + 1) * g2 / (q * draws))
-    assert math.sqrt(err2) < 5 * sigma, (math.sqrt(err2), sigma)
-    # and it is not trivially small: a single draw is far from the truth
-    one = bbzo.estimate(adapter, est, loss_fn, x, y).grads
-    assert rel_err(one, ref) > 0.3
+        acc = {k: v / draws for k, v in g.items()} if acc is None else {k: acc[k] + g[k] / draws for k in acc}
+    return acc
+
+
+def _err(a, b):
+    return math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
+
+
+def _within(mean, ref, d, q, draws):
+    """Mean of ``draws`` estimates within 5 sigma of the truth: E||g_hat - g||^2 = (d + 1) ||g||^2 / q per draw."""
+    g = math.sqrt(sum(float((v ** 2).sum()) for v in ref.values()))
+    return _err(mean, ref) < 5 * math.sqrt((d + 1) / (q * draws)) * g
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere"])
+@pytest.mark.parametrize("difference", ["forward", "central"])
+def test_rge_is_unbiased_and_the_test_would_catch_a_scaled_estimate(distribution, difference):
+    """Mean of N independent RGE draws -> true gradient; an estimate scaled by 0.5x or 1.5x fails the same check."""
+    model, x, y, loss_fn = PROBLEMS["quadratic"]
+    ref = autograd_grads(model, x, y, loss_fn)
+    q, draws = 8, 400
+    mean = _rge_mean(model, x, y, loss_fn, draws, q=q, distribution=distribution, difference=difference)
+    assert _within(mean, ref, 7, q, draws), _err(mean, ref)
+    for scale in (0.5, 1.5):
+        assert not _within({k: scale * v for k, v in mean.items()}, ref, 7, q, draws)
+    one = bbzo.estimate(bbzo.make_adapter(model), bbzo.create_estimator("rge", q=q, seed=5), loss_fn, x, y).grads
+    assert rel_err(one, ref) > 0.1  # a single draw is far from the truth: the averaging is what is tested
+
+
+def test_tensor_sphere_directions_rescale_the_gradient_per_tensor():
+    """Unit norm per tensor: E[u u^T] = blockdiag(I / d_l), so the mean is g_l / d_l (ZO-GraSP's directions)."""
+    qm, dm = PROBLEMS["quadratic"][0], 7
+    xq, lq = PROBLEMS["quadratic"][1], PROBLEMS["quadratic"][3]
+    refq = autograd_grads(qm, xq, None, lq)
+    ts = _rge_mean(qm, xq, None, lq, 400, q=8, distribution="tensor_sphere")
+    scaled = {k: v / dm for k, v in refq.items()}
+    assert rel_err(ts, scaled) < 0.25 and rel_err(ts, refq) > 0.5
 
 
 def test_rge_directions_change_every_step_and_are_reproducible():
@@ -87,36 +102,73 @@ def test_rge_directions_change_every_step_and_are_reproducible():
     assert not all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
+#: Every registered estimator, in the settings its tests use (a new estimator must be added here).
 ESTIMATORS = {
-    "cge": lambda params: bbzo.create_estimator("cge"),
-    "cge-central": lambda params: bbzo.create_estimator("cge", difference="central"),
+    "cge": lambda params: bbzo.create_estimator("cge", mu=1e-6),
+    "cge-central": lambda params: bbzo.create_estimator("cge", mu=1e-5, difference="central"),
     "sparse_cge": lambda params: bbzo.create_estimator(
-        "sparse_cge", coords={n: torch.arange(0, p.numel(), 3) for n, p in params.items()}),
+        "sparse_cge", coords={n: torch.arange(0, p.numel(), 3) for n, p in params.items()}, mu=1e-6),
     "sparse_cge-central": lambda params: bbzo.create_estimator(
-        "sparse_cge", coords={n: torch.arange(0, p.numel(), 2) for n, p in params.items()}, difference="central"),
-    "rge": lambda params: bbzo.create_estimator("rge", q=5),
-    "rge-central": lambda params: bbzo.create_estimator("rge", q=5, difference="central"),
+        "sparse_cge", coords={n: torch.arange(0, p.numel(), 2) for n, p in params.items()}, difference="central", mu=1e-5),
+    "rge": lambda params: bbzo.create_estimator("rge", q=5, mu=1e-6),
+    "rge-central": lambda params: bbzo.create_estimator("rge", q=5, difference="central", mu=1e-6),
+    "autograd": lambda params: bbzo.create_estimator("autograd"),
 }
+#: How each is checked against the analytic gradient: "exact" (on the coordinates it estimates) or
+#: "unbiased" (the mean of many draws, see the RGE tests above).
+ANALYTIC = {"cge": ("exact", 1e-5), "sparse_cge": ("exact", 1e-5), "rge": ("unbiased", None), "autograd": ("exact", 1e-12)}
 
 
 def test_every_registered_estimator_is_covered():
-    assert {k.split("-")[0] for k in ESTIMATORS} == set(bbzo.list_estimators())
+    assert {k.split("-")[0] for k in ESTIMATORS} == set(bbzo.list_estimators()) == set(ANALYTIC)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_registered_estimator_against_the_analytic_gradient(name):
+    """f(w) = 0.5 (w - c)^T A (w - c): the gradient is A (w - c), known in closed form."""
+    model, x, _, loss_fn = problems()["quadratic"]
+    truth = {"w": (model.A @ (model.w - model.c)).detach()}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    kind, tol = ANALYTIC[name.split("-")[0]]
+    if kind == "exact":
+        est = ESTIMATORS[name](params)
+        g = bbzo.estimate_grad(model, loss_fn, x, None, est, set_grad=False)
+        if name.startswith("sparse_cge"):
+            idx = est.coords(params, est.init(params))["w"]
+            assert float((g["w"][idx] - truth["w"][idx]).abs().max()) <= tol * float(truth["w"].abs().max())
+            mask = torch.ones(7, dtype=torch.bool)
+            mask[idx] = False
+            assert torch.equal(g["w"][mask], torch.zeros(int(mask.sum()), dtype=torch.float64))
+        else:
+            assert rel_err(g, truth) <= tol, rel_err(g, truth)
+    else:
+        draws, q = 400, 5
+        mean = _rge_mean(model, x, None, loss_fn, draws, q=q,
+                         difference="central" if name.endswith("central") else "forward")
+        assert _within(mean, truth, 7, q, draws), _err(mean, truth)
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 @pytest.mark.parametrize("feature_reuse", [False, "auto"])
-def test_queries_used_equal_declared_cost_and_oracle_sees_no_grad(name, feature_reuse):
+def test_queries_counted_by_the_ledger_equal_the_declared_cost_and_the_oracle_sees_no_grad(name, feature_reuse):
     model = mlp64()
     params = dict(model.named_parameters())
     est = ESTIMATORS[name](params)
     oracle = SpyOracle(3, 2)
+    ledger = QueryLedger()
+    ledger.attach(oracle)
     x = torch.randn(8, 4, dtype=torch.float64)
     loss_fn = lambda out, t: oracle.query(out).pow(2).sum(1)  # noqa: E731
     adapter = bbzo.make_adapter(model, feature_reuse=feature_reuse, max_chunk=7)
     declared = est.query_cost({n: p.detach() for n, p in params.items()})
-    res = bbzo.estimate(adapter, est, loss_fn, x, None)
-    assert res.queries == declared
-    assert oracle.rows_used == declared * 8
+    if name == "autograd":  # a white-box reference: it must not get through a black box
+        with pytest.raises(bbzo.OracleError, match="refuses inputs that require grad"):
+            bbzo.estimate(adapter, est, loss_fn, x, None, ledger=ledger)
+        assert declared == 0 and ledger.queries == 0
+        return
+    res = bbzo.estimate(adapter, est, loss_fn, x, None, ledger=ledger)
+    assert res.queries == declared == ledger.queries
+    assert oracle.rows_used == declared * 8 == ledger.rows(oracle)
     assert oracle.calls_used == res.calls > 1  # chunked
     assert oracle.saw_requires_grad and not any(oracle.saw_requires_grad)
     d = sum(p.numel() for p in params.values())
@@ -135,8 +187,10 @@ def test_registry_errors_are_clear():
     with pytest.raises(ConfigError, match="already registered"):
         bbzo.register_estimator(bbzo.estimators.CGE)
     infos = bbzo.list_estimators(with_info=True)
-    assert {i.name for i in infos} == {"cge", "sparse_cge", "rge"}
-    assert bbzo.list_estimators("*cge") == ["cge", "sparse_cge"]
+    assert {i.name for i in infos} == set(bbzo.list_estimators())
+    assert all(n.endswith("cge") for n in bbzo.list_estimators("*cge")) and "cge" in bbzo.list_estimators("*cge")
+    assert "autograd" not in bbzo.list_estimators(zeroth_order=True)
+    assert bbzo.list_estimators(zeroth_order=False) == ["autograd"]
 
 
 def test_sparse_coords_validation():
@@ -166,3 +220,23 @@ def test_frozen_parameters_are_not_estimated():
     g = bbzo.estimate_grad(model, lambda o, t: o.pow(2).sum(1), torch.randn(3, 4, dtype=torch.float64), None,
                            bbzo.create_estimator("cge"))
     assert "0.weight" not in g and "0.bias" in g
+
+
+def test_transforms_compose_masked_and_clipped():
+    from bbzo.estimators import clip_by_global_norm, masked
+
+    model, x, y, loss_fn = PROBLEMS["mlp"]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    coords = {"0.weight": torch.tensor([0, 5, 7])}
+    full = bbzo.estimate_grad(model, loss_fn, x, y, bbzo.create_estimator("cge", mu=1e-6), set_grad=False)
+    m = bbzo.estimate_grad(model, loss_fn, x, y, masked(bbzo.create_estimator("cge", mu=1e-6), coords), set_grad=False)
+    assert torch.equal(m["0.weight"].flatten()[[0, 5, 7]], full["0.weight"].flatten()[[0, 5, 7]])
+    assert int((m["0.weight"] != 0).sum()) == 3 and all(float(m[n].abs().max()) == 0 for n in params if n != "0.weight")
+    clipped = bbzo.estimate_grad(model, loss_fn, x, y, clip_by_global_norm(bbzo.create_estimator("cge", mu=1e-6), 1e-3),
+                                 set_grad=False)
+    norm = float(torch.sqrt(sum((v ** 2).sum() for v in clipped.values())))
+    assert norm == pytest.approx(1e-3, rel=1e-3)
+    ratio = clipped["2.bias"] / full["2.bias"]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # a uniform scaling, direction kept
+    with pytest.raises(ConfigError, match="coordinate-wise"):
+        masked(bbzo.create_estimator("rge"), coords)

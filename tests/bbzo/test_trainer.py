@@ -9,7 +9,7 @@ import bbzo
 from bbzo.checkpoint import load_checkpoint, save_checkpoint
 from bbzo.data import TensorBatches
 from bbzo.errors import CheckpointError, OracleError
-from bbzo.logging import JSONLLogger, read_jsonl
+from bbzo.listeners import JSONLLogger, read_jsonl
 from bbzo.optim import cosine_with_warmup, make_optimizer
 from bbzo.trainer import Trainer
 from tests.helpers import SpyOracle
@@ -53,7 +53,7 @@ def build(run_dir, estimator="rge", fail_at_row=None, **kw):
 
 @pytest.mark.parametrize("estimator", ["rge", "cge"])
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, estimator):
-    full, model_a, _ = build(tmp_path / "a", estimator)
+    full, model_a, oracle_a = build(tmp_path / "a", estimator)
     full.run()
     part, _, _ = build(tmp_path / "b", estimator, checkpoint_every=3)
     JSONLLogger(tmp_path / "b" / "m.jsonl").attach(part)
@@ -73,7 +73,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, estimator):
     for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), n
     assert resumed.queries_used == full.queries_used
-    assert oracle_b.rows_used == full.oracle.rows_used
+    assert oracle_b.rows_used == oracle_a.rows_used and resumed.ledger.state_dict() == full.ledger.state_dict()
     assert [r["step"] for r in read_jsonl(log.path)] == list(range(1, 9))
 
 
@@ -100,7 +100,13 @@ def test_status_hooks_and_query_accounting(tmp_path):
     s = seen["after"][-1]
     assert s["queries"] == d + 1 and s["queries_used"] == 8 * (d + 1)
     assert s["oracle_rows"] == oracle.rows_used == 8 * (d + 1) * 16
-    assert set(s) >= {"loss", "step_time", "grad_norm", "lr", "queries_per_s"}
+    # the numbers are the run's: the lr the schedule gave the step, the norm of the estimate in .grad
+    lrs = [a["lr"] for a in seen["after"]]
+    assert lrs[:2] == [0.005, 0.01] and lrs[-1] < lrs[2] and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+    norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
+    assert s["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    assert s["queries_per_s"] == pytest.approx(s["queries"] / s["step_time"]) and s["elapsed_s"] >= s["step_time"] > 0
+    assert 0 < seen["after"][0]["loss"] < 5
     assert full_loss() < start - 0.05  # it learns
     assert model[1].num_batches_tracked.item() == 8  # one stats update per step, none from queries
 
@@ -123,14 +129,62 @@ def test_checkpoint_is_atomic_and_corrupt_files_give_clear_errors(tmp_path):
     assert load_checkpoint(p)["step"] == 1  # old checkpoint intact
     assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]
     p.write_bytes(p.read_bytes()[:40])
-    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
         load_checkpoint(p)
+    assert "weights_only" not in str(e.value)
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
-    # a pickle with arbitrary objects is refused by weights_only loading
+    # a pickle with arbitrary objects is refused by weights_only loading, and torch's advice is not relayed
     torch.save({"format": 1, "obj": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not written by bbzo") as e:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(e.value)
+
+
+def test_the_previous_checkpoint_is_a_recovery_copy(tmp_path):
+    from bbzo.checkpoint import RecoveredCheckpointWarning
+
+    tr, model, _ = build(tmp_path / "r", "cge", checkpoint_every=2)
+    tr.run(steps=4)  # checkpoints at steps 2 and 4: step 2's is the recovery copy
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.prev.pt", allow_previous=False)["step"] == 2
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"damaged")
+    again, model2, _ = build(tmp_path / "r", "cge", checkpoint_every=2)
+    with pytest.warns(RecoveredCheckpointWarning, match="step 2"):
+        again.resume()
+    assert again.step_count == 2
+    again.run()
+    ref, model3, _ = build(tmp_path / "ref", "cge")
+    ref.run()
+    assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model3.state_dict().values()))
+
+
+def test_a_budget_stops_cleanly_before_the_step_that_would_exceed_it(tmp_path):
+    from bbzo.ledger import QueryLedger
+    from bbzo.listeners import BudgetGuard
+
+    tr, model, oracle = build(tmp_path / "b", "rge", ledger=QueryLedger(max_queries=20))  # 7 queries per step
+    BudgetGuard().attach(tr)
+    tr.run()
+    assert tr.step_count == 2 and tr.stop_reason == "max_queries" and tr.ledger.queries == 14
+    assert load_checkpoint(tmp_path / "b")["step"] == 2
+
+
+def test_extending_a_run_replans_the_cosine_over_the_new_length(tmp_path):
+    tr, _, _ = build(tmp_path / "x", "cge")
+    tr.run()  # 8 steps: the cosine ends at lr 0
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    longer, _, _ = build(tmp_path / "x", "cge")
+    longer.max_steps = 16
+    longer.scheduler = cosine_with_warmup(longer.optimizer, total_steps=16, warmup_steps=2)
+    longer.resume()
+    longer.replan_schedule()
+    lr = longer.optimizer.param_groups[0]["lr"]
+    import math
+    assert lr == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 6 / 14)))  # cosine(16) at step 8, no jump to 0
+    seen = []
+    longer.after_step.append(lambda t, s: seen.append(s["lr"]))
+    longer.run()
+    assert seen[0] == pytest.approx(lr) and seen == sorted(seen, reverse=True) and longer.elapsed > tr.elapsed
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):

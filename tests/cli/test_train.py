@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from bbzo.checkpoint import load_checkpoint
 from bbzo.cli.main import main
 from bbzo.cli.train import train
-from bbzo.logging import read_jsonl
+from bbzo.listeners import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 EX = ROOT / "examples" / "custom_simulator"
@@ -200,3 +200,48 @@ def test_help_documents_every_option_and_demo_takes_a_config(tmp_path):
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["results"][0]["steps"] == 2
     text = (tmp_path / "demo" / "config.resolved.yaml").read_text()
     assert "steps: 2  # from config" in text and "batch: 8  # from command line" in text
+
+
+def test_a_changed_setting_on_resume_is_refused_by_name_and_steps_extend_the_run(tmp_path, fake_data):
+    out = tmp_path / "run"
+    args = fake_args(fake_data, out, extra=["--steps", 2])
+    assert invoke(*args).exit_code == 0
+    r = invoke(*args, "--resume", "--lr", 0.5)  # never recorded-but-ignored
+    assert r.exit_code == 2 and "differs in: lr: lr (0.05 -> 0.5)" in r.output
+    r = invoke(*args, "--resume", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    res = results(out)
+    assert res["steps"] == 4 and res["resumed_from_step"] == 2
+    assert "steps: 4  # from command line" in (out / "config.resolved.yaml").read_text()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[2]["lr"] > 0.01  # the cosine continues over 4 steps, not at the old schedule's lr 0
+    r = invoke(*fake_args(fake_data, tmp_path / "fresh", extra=["--resume"]))
+    assert r.exit_code == 2 and "holds no checkpoint" in r.output
+
+
+def test_train_eval_scores_a_trained_run_on_another_data_file(tmp_path, fake_data):
+    out = tmp_path / "run"
+    assert invoke(*fake_args(fake_data, out)).exit_code == 0
+    g = np.random.default_rng(1)
+    x = g.uniform(-1, 1, (40, 3))
+    np.savez(tmp_path / "other.npz", inputs=x, targets=x[:, :1] - 0.5 * x[:, 1:2] + 0.3 * x[:, 2:3] ** 2)
+    r = invoke("eval", "--out", out, "--data", tmp_path / "other.npz")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["rows"] == 40 and ev["oracle_rows"] == 40 and 0 < ev["loss"] < results(out)["val_loss_initial"]
+
+
+def test_a_command_line_data_file_replaces_the_config_files_data_source(tmp_path):
+    sys.path.insert(0, str(EX))
+    try:
+        import heater
+    finally:
+        sys.path.remove(str(EX))
+    x, y = heater.make_data(n=96)
+    np.savez(tmp_path / "mine.npz", inputs=x, targets=y)
+    out = tmp_path / "run"
+    r = invoke(*heater_args(out, "--oracle", f"{EX / 'heater.py:simulate'}", "--data", tmp_path / "mine.npz",
+                            "--steps", 2))
+    assert r.exit_code == 0, r.output  # the file's data_kwargs {n: 2048} belonged to its data function
+    saved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert saved["data"] == str(tmp_path / "mine.npz") and saved["data_kwargs"] == {}

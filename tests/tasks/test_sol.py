@@ -9,12 +9,16 @@ from click.testing import CliRunner
 import bbzo
 from bbzo.adapters import LoopAdapter
 from bbzo.cli.main import main
+from bbzo.config import resolve
 from bbzo.errors import ConfigError
-from bbzo.oracles.karman import KarmanOracle, KarmanSolver
-from bbzo.tasks.sol import SolConfig, make_corrector, make_rollout, train_zo
-from bbzo.tasks.sol_data import DataSettings, RolloutBatches, generate, load
+from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
+from bbzo.run import run_task
+from bbzo.tasks.sol import TASK, SolSettings, make_corrector, make_rollout
+from bbzo.tasks.sol.data import DataSettings, RolloutBatches, generate, load
 
-SETTINGS = DataSettings(nx=16, ny=32, factor=2, train_re=(195.3, 3125.0), test_re=(781.3,), warmup=30, frames=10)
+SMALL = dict(nx=16, ny=32, factor=2, train_re=(195.3, 3125.0), test_re=(781.3,), warmup=30, frames=10,
+             corrector="tiny", unroll=2, batch=2, steps=8, lr=1e-3, sparsity=0.9, score_q=4, sets_per_call=8,
+             non_steps=20, eval_steps=6, checkpoint_every=2, no_progress=True, no_plots=True)
 
 
 @pytest.fixture(scope="module")
@@ -22,35 +26,38 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sol-data")
 
 
+def cfg(data_dir, **kw):
+    s, _ = resolve(SolSettings, {**SMALL, "data_dir": data_dir, **kw})
+    return s
+
+
 @pytest.fixture(scope="module")
 def data(data_dir):
     torch.set_num_threads(1)
-    return generate(SETTINGS, data_dir, progress=False)
+    return generate(cfg(data_dir).data, data_dir, progress=False)
 
 
-def cfg(**kw):
-    base = dict(data=SETTINGS, corrector="tiny", unroll=2, batch=2, steps=8, lr=1e-3, sparsity=0.9, score_q=4,
-                sets_per_call=8, non_steps=20, eval_steps=6, checkpoint_every=2)
-    base.update(kw)
-    return SolConfig(**base)
+def train(s, method):
+    return run_task(TASK, s, trainings=[method], evaluate=False)["trainings"][method]
 
 
 def test_data_is_cached_keyed_and_checked(data, data_dir):
+    settings = cfg(data_dir).data
     assert data.train.shape == (2, 10, 2, 32, 16) and data.test.shape == (1, 10, 2, 32, 16)
     assert torch.isfinite(data.train).all() and data.train.abs().max() > 0.5
     npz = next(data_dir.glob("karman_*.npz"))
     mtime = npz.stat().st_mtime_ns
-    again = generate(SETTINGS, data_dir, progress=False)  # cached: not regenerated
+    again = generate(settings, data_dir, progress=False)  # cached: not regenerated
     assert npz.stat().st_mtime_ns == mtime and torch.equal(again.train, data.train)
-    other = DataSettings(**{**SETTINGS.__dict__, "frames": 11})
-    assert other.key() != SETTINGS.key()
+    other = DataSettings(**{**settings.__dict__, "frames": 11})
+    assert other.key() != settings.key()
     with pytest.raises(ConfigError, match="bbzo sol generate"):
         load(other, data_dir)
     bad_dir = data_dir / "corrupt"
     bad_dir.mkdir()
     (bad_dir / npz.name).write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match="unreadable"):
-        load(SETTINGS, bad_dir)
+        load(settings, bad_dir)
 
 
 def test_rollout_batches_are_windows_of_the_reference(data):
@@ -64,9 +71,10 @@ def test_rollout_batches_are_windows_of_the_reference(data):
         assert torch.equal(y[i], data.train[sim, t + 1:t + 4])
 
 
-def test_zo_gradient_through_phiflow_matches_fo_sol(data):
-    """Sparse-CGE through the query-only oracle vs autograd through PhiFlow's torch backend."""
-    c = cfg()
+def test_zo_gradient_through_phiflow_matches_fo_sol_at_the_shipped_setting(data, data_dir):
+    """Sparse-CGE through the query-only oracle, forward differences at the shipped mu = 1e-4, vs autograd."""
+    c = cfg(data_dir)
+    assert c.mu == 1e-4  # the default every preset uses
     model = make_corrector(c, data)
     with torch.no_grad():  # a non-zero last layer so every layer has a gradient
         model.net[-1].weight.normal_(0, 0.02)
@@ -74,12 +82,11 @@ def test_zo_gradient_through_phiflow_matches_fo_sol(data):
     inputs, y = batches.get_batch(0)
     std = data.velocity_std()
     fo_rollout = make_rollout(KarmanSolver(c.data.low, backend="torch", jit=False).step, std)
-    from bbzo.oracles.karman import phi
     loss = fo_rollout(model, inputs, y).mean()
     with phi().TORCH:
         fo = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
     coords = {"net.4.weight": torch.arange(0, 400, 7), "net.2.weight": torch.arange(0, 1600, 23), "net.4.bias": torch.arange(2)}
-    est = bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3, difference="central")
+    est = bbzo.create_estimator("sparse_cge", coords=coords, mu=c.mu)  # forward differences, as ZO-SOL trains
     oracle = KarmanOracle(c.data.low, backend="torch")
     zo = bbzo.estimate(LoopAdapter(model, sets_per_call=16), est, make_rollout(oracle.query, std), inputs, y)
     a = torch.cat([zo.grads[n].flatten()[i] for n, i in coords.items()]).double()
@@ -99,31 +106,38 @@ def _objective(c, data, model):
         return float(rollout(model, inputs, y).mean())
 
 
-def test_a_few_zo_steps_lower_the_loss(data, tmp_path):
-    c = cfg(steps=10)
+def test_a_few_zo_steps_lower_the_loss(data, data_dir, tmp_path):
+    c = cfg(data_dir, steps=10, out=tmp_path)
     before = _objective(c, data, make_corrector(c, data))
-    res = train_zo(c, data, tmp_path, progress=False)
+    res = train(c, "zo")
     model = make_corrector(c, data)
-    model.load_state_dict(torch.load(tmp_path / "corrector.pt", weights_only=True))
+    model.load_state_dict(torch.load(tmp_path / "zo" / "corrector.pt", weights_only=True))
     after = _objective(c, data, model)
     assert after < 0.95 * before, (before, after)
-    lpr = json.loads((tmp_path / "lpr.json").read_text())
-    assert lpr["score"] == "zo_grasp" and res["score_queries"] == 2 * (c.score_q + 1)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lpr = json.loads((tmp_path / "zo" / "lpr.json").read_text())
+    assert lpr["score"] == "zo_grasp" and res["score_queries"] == 2 * (c.score_q + 1) == lpr["queries"]
+    assert res["queries"] == res["score_queries"] + 10 * res["queries_per_step"]  # the ledger counts both
+    assert res["oracle_rows"] == res["queries"] * c.batch * c.unroll
+    rows = [json.loads(line) for line in (tmp_path / "zo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and all(r["queries"] == res["queries_per_step"] for r in rows)
+    assert [r["sparsity_draw"] for r in rows] == list(range(10))  # redrawn every step
 
 
-def test_zo_sol_resume_is_exact(data, tmp_path):
-    c = cfg(steps=4)
-    train_zo(c, data, tmp_path / "full", progress=False)
-    train_zo(cfg(steps=2), data, tmp_path / "part", progress=False)
-    res = train_zo(c, data, tmp_path / "part", resume=True, progress=False)
-    a = torch.load(tmp_path / "full" / "corrector.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "corrector.pt", weights_only=True)
-    assert res["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a)
+@pytest.mark.parametrize("method, key", [("zo", "steps"), ("non", "non_steps"), ("fo", "steps")])
+def test_resume_is_exact(data, data_dir, tmp_path, method, key):
+    full = cfg(data_dir, **{key: 4}, out=tmp_path / "full")
+    train(full, method)
+    part = cfg(data_dir, **{key: 2}, out=tmp_path / "part")
+    train(part, method)
+    res = train(cfg(data_dir, **{key: 4}, out=tmp_path / "part", resume=True), method)
+    a = torch.load(tmp_path / "full" / method / "corrector.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / method / "corrector.pt", weights_only=True)
+    assert res["steps"] == 4 and res["resumed_from_step"] == 2 and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "part" / method / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_cli_run_and_eval(data, data_dir, tmp_path):
+def test_cli_run_eval_new_conditions_and_the_folder_policy(data, data_dir, tmp_path):
     out = tmp_path / "run"
     flags = ["--nx", "16", "--train-re", "195.3,3125", "--test-re", "781.3", "--warmup", "30", "--frames", "10",
              "--corrector", "tiny", "--unroll", "2", "--batch", "2", "--steps", "3", "--score-q", "4",
@@ -132,59 +146,51 @@ def test_cli_run_and_eval(data, data_dir, tmp_path):
     r = CliRunner().invoke(main, ["sol", "run", "--out", str(out), "--methods", "src,non,zo,fo", *flags])
     assert r.exit_code == 0, r.output
     assert "ZO-SOL" in r.output and "FO-SOL (white-box)" in r.output
-    for f in ("results.json", "results.md", "vorticity.png", "mae_over_time.png", "config.resolved.yaml"):
+    for f in ("results.json", "results.md", "vorticity.png", "mae_over_time.png", "loss.png", "config.resolved.yaml"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     assert set(res["eval"]) == {"src", "non", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
+    assert res["train"]["non"]["oracle_rows"] == 2 * 9 and res["train"]["fo"]["solver_state_steps"] == 3 * 2 * 2
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--no-plots"])  # data dir from the run
     assert r.exit_code == 0, r.output
     assert json.loads((out / "eval.json").read_text())["eval"]["src"]["mae"] == res["eval"]["src"]["mae"]
     # a different setting in the same folder is refused, with the reason; more steps (resume) are not
     r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags, "--unroll", "3"])
-    assert r.exit_code == 2 and "other settings (differs in: unroll)" in r.output
+    assert r.exit_code == 2 and "other settings (differs in: unroll" in r.output
     r = CliRunner().invoke(main, ["sol", "train", "--out", str(out), *flags, "--method", "zo", "--steps", "4",
                                   "--resume"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "zo" / "train.json").read_text())["steps"] == 4
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--methods", "non", "--no-plots"])
     assert r.exit_code == 0  # non is trained there
+    # new held-out conditions: data generated for the run's other settings, every trained method evaluated
+    r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--test-re", "400,1200", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    new = json.loads((out / "eval-re-400,1200" / "eval.json").read_text())
+    assert set(new["eval"]) == {"src", "non", "zo", "fo"} and list(new["eval"]["zo"]["mae_per_re"]) == ["400", "1200"]
+    assert new["eval"]["src"]["mae"] != res["eval"]["src"]["mae"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "config.json").write_text((out / "config.json").read_text())
+    (empty / "run.json").write_text((out / "run.json").read_text())
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(empty), "--methods", "zo", "--data-dir", str(data_dir)])
     assert r.exit_code == 2 and "none of the methods" in r.output
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "train there first" in r.output
 
 
-def test_presets_build_and_the_paper_corrector_has_56898_parameters(data):
-    from bbzo.tasks.sol import PRESETS, preset
-
+def test_presets_build_and_the_paper_corrector_has_56898_parameters(data, data_dir):
     sizes = {}
-    for name in PRESETS:
-        c = preset(name)
+    for name in SolSettings.PRESETS:
+        c, _ = resolve(SolSettings, {"preset": name})
         sizes[name] = sum(p.numel() for p in make_corrector(c, data).parameters())
     assert sizes["paper"] == 56_898 and sizes["small"] == 2_618 and sizes["demo"] == 2_618
-    p = preset("paper")
+    p, _ = resolve(SolSettings, {"preset": "paper"})
     assert (p.unroll, p.lr, p.sparsity, p.data.nx, p.data.ny, p.data.factor) == (16, 1e-4, 0.95, 32, 64, 2)
     assert p.data.train_re == (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
     assert p.data.test_re == (146.5, 293.0, 585.9, 1171.9, 2343.8)
     with pytest.raises(ConfigError, match="unknown preset"):
-        preset("huge")
+        resolve(SolSettings, {"preset": "huge"})
     with pytest.raises(ConfigError, match="corrector must be"):
-        SolConfig(corrector="giant")
-
-
-def test_non_and_fo_resume_is_exact(data, tmp_path):
-    from bbzo.tasks.sol import train_fo, train_non
-
-    for fn, key in ((train_non, "non_steps"), (train_fo, "steps")):
-        full, part = tmp_path / fn.__name__ / "full", tmp_path / fn.__name__ / "part"
-        fn(cfg(**{key: 4}), data, full, progress=False)
-        fn(cfg(**{key: 2}), data, part, progress=False)
-        res = fn(cfg(**{key: 4}), data, part, resume=True, progress=False)
-        a = torch.load(full / "corrector.pt", weights_only=True)
-        b = torch.load(part / "corrector.pt", weights_only=True)
-        assert res["steps"] == 4 and all(torch.equal(a[k], b[k]) for k in a), fn.__name__
-        rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        SolSettings(corrector="giant")
+    with pytest.warns(DeprecationWarning, match="now called 'paper'"):
+        assert SolSettings(corrector="mercury").corrector == "paper"

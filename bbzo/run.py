@@ -1,0 +1,395 @@
+"""One run folder, one lifecycle, for every task.
+
+:class:`Run` owns a run folder and enforces the rules a user can count on:
+
+* **One folder, one setting.** A folder that holds a run with other settings is refused, naming the
+  differing settings (``lr: 0.05 -> 0.5``) and those allowed to change (declared ``runtime``);
+  ``--overwrite`` starts over. Runtime settings changed on ``--resume`` are applied and recorded in
+  ``run.json``'s history; no setting is silently ignored.
+* **Resume is exact.** ``--resume`` continues every training from its checkpoint (bitwise on CPU);
+  ``--resume`` on a folder without a checkpoint says so instead of starting afresh. Extending a run
+  (``--resume --steps N``) re-plans a length-dependent schedule over the new length from the resume
+  step on (:meth:`bbzo.trainer.Trainer.replan_schedule`). A run whose query budget is spent says to
+  raise ``--max-queries``.
+* **Nothing is lost.** Checkpoints are atomic and the previous one is kept as a recovery copy; a failed
+  run still writes ``results.json`` with its status, the error and how far each training got; wall time
+  is cumulative across resumes.
+* **Every run shows itself.** A progress bar, ``metrics.jsonl`` per training, ``loss.png`` (training loss
+  against steps and against queries), ``results.json`` and the task's ``results.md`` table.
+
+:func:`run_task` runs a registered :class:`~bbzo.task.Task` through all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, previous_path
+from .config import RESOLVED_NAME, as_plain, differing, from_plain, runtime_keys, write_config
+from .data import BatchSource
+from .errors import BbzoError, ConfigError
+from .estimators.base import Estimator
+from .ledger import QueryLedger
+from .listeners import BudgetGuard, JSONLLogger, PeriodicEval, ProgressBar, plot_losses, read_jsonl
+from .provenance import provenance
+from .task import Task
+from .trainer import Trainer
+
+__all__ = ["Run", "Training", "BuildContext", "run_task", "RUN_FILE"]
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "bbzo-run/1"
+TRAINING_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "train.json")
+RUN_OUTPUTS = ("results.json", "results.md", "loss.png")
+
+
+@dataclass
+class Training:
+    """What a task builds for one training: the trainer's parts, and how to report on it.
+
+    Attributes:
+        model, objective, estimator, optimizer, data, steps, scheduler, adapter: As :class:`~bbzo.trainer.Trainer`.
+        oracles: Black boxes to count in the training's ledger (and to close at the end).
+        evaluate: ``evaluate(model) -> {name: number}``, run before and after training (and every
+            ``eval_every`` steps) in the ledger's uncharged evaluation scope.
+        weights: File name of the final weights in the training folder.
+        desc: Progress-bar label.
+        log_extra: Constant fields of every ``metrics.jsonl`` row (e.g. ``{"method": "zo"}``).
+        summary: ``summary(trainer) -> dict`` merged into ``train.json`` (task-specific numbers).
+        trainer_kw: More :class:`~bbzo.trainer.Trainer` arguments (``update_bn_stats``, ``n_shards``...).
+    """
+
+    model: nn.Module
+    objective: Any
+    estimator: Estimator
+    optimizer: torch.optim.Optimizer
+    data: BatchSource
+    steps: int
+    scheduler: Any = None
+    adapter: Any = None
+    oracles: Sequence[Any] = ()
+    evaluate: Optional[Callable[[nn.Module], dict[str, Any]]] = None
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 1
+    weights: str = "model.pt"
+    desc: str = ""
+    log_extra: dict[str, Any] = field(default_factory=dict)
+    summary: Optional[Callable[[Trainer], dict[str, Any]]] = None
+    trainer_kw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildContext:
+    """What a task's ``build`` gets besides its settings.
+
+    Attributes:
+        run: The :class:`Run`. ``run.shared`` holds what the task's ``prepare`` returned.
+        name: The training's name; ``folder`` its folder.
+        resuming: Whether the training continues from a checkpoint (reuse saved setup, e.g. an LPR file).
+        ledger: The training's :class:`~bbzo.ledger.QueryLedger`: attach oracles, charge setup queries.
+    """
+
+    run: "Run"
+    name: str
+    folder: Path
+    resuming: bool
+    ledger: QueryLedger
+
+    @property
+    def shared(self) -> Any:
+        return self.run.shared
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=1, default=str) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    path.chmod(0o644)
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    return f"{key} ({old!r} -> {new!r})"
+
+
+class Run:
+    """A run folder and its lifecycle (see the module docstring).
+
+    Args:
+        folder: The run folder.
+        task: The :class:`~bbzo.task.Task` it runs.
+        settings: The task's settings (a dataclass instance); ``sources``: where each value came from.
+        resume, overwrite, progress, plots: As the flags of the same names.
+        command: The command line, recorded in ``run.json`` and the resolved config's header.
+    """
+
+    def __init__(self, folder: Path, task: Task, settings: Any, sources: Optional[dict[str, str]] = None, *,
+                 resume: bool = False, overwrite: bool = False, progress: bool = True, plots: bool = True,
+                 command: Optional[str] = None) -> None:
+        self.folder = Path(folder)
+        self.task, self.settings = task, settings
+        self.sources = dict(sources or {})
+        self.resume, self.overwrite, self.progress, self.plots = resume, overwrite, progress, plots
+        self.command = command or " ".join(["bbzo", *sys.argv[1:]])
+        self.previous: Optional[dict[str, Any]] = None  # the settings the folder held before this invocation
+        self.shared: Any = None
+        self.summaries: dict[str, dict[str, Any]] = {}
+        self.single = False
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ folder policy
+    def training_folder(self, name: str) -> Path:
+        return self.folder / name if name else self.folder
+
+    def _has_checkpoint(self, name: str) -> bool:
+        ck = self.training_folder(name) / CHECKPOINT_NAME
+        return ck.exists() or previous_path(ck).exists()
+
+    def _read_record(self) -> Optional[dict[str, Any]]:
+        path = self.folder / RUN_FILE
+        if not path.exists():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is unreadable ({type(e).__name__}); delete it or use --overwrite.") from None
+        if not isinstance(rec, dict) or rec.get("format") != RUN_FORMAT:
+            raise ConfigError(f"{path} is not a bbzo run record; use another --out or --overwrite.")
+        return rec
+
+    def _wipe(self, record: Optional[dict[str, Any]], names: Sequence[str]) -> None:
+        old = list((record or {}).get("trainings", [])) + list(names)
+        for n in set(old):
+            folder = self.training_folder(n)
+            if n and folder.is_dir():
+                shutil.rmtree(folder)
+            elif not n:
+                self._clean_training(folder)
+        for f in (*RUN_OUTPUTS, RUN_FILE, RESOLVED_NAME):
+            (self.folder / f).unlink(missing_ok=True)
+
+    def _clean_training(self, folder: Path) -> None:
+        for f in (*TRAINING_FILES, *self.task.training_files):
+            (folder / f).unlink(missing_ok=True)
+
+    def open(self, trainings: Sequence[str]) -> "Run":
+        """Apply the folder policy for these trainings, then record the settings (run.json, resolved config)."""
+        cls = type(self.settings)
+        self.single = list(trainings) == [""]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = self._read_record()
+        new = as_plain(self.settings)
+        history: list[dict[str, Any]] = []
+        if record is not None and record.get("task") != self.task.name and not self.overwrite:
+            raise ConfigError(f"{self.folder} holds a run of task {record.get('task')!r}, not {self.task.name!r}. "
+                              "Use another --out, or --overwrite to start over.")
+        if self.overwrite:
+            self._wipe(record, trainings)
+            record = None
+        if record is not None:
+            old = record.get("settings", {})
+            diff = differing(cls, old, new)
+            if diff:
+                changes = ", ".join(_describe_change(k, old.get(k), new.get(k)) for k in diff)
+                allowed = ", ".join(sorted(k for k in runtime_keys(cls)))
+                raise ConfigError(
+                    f"{self.folder} holds a run with other settings (differs in: {', '.join(diff)}: {changes}). "
+                    f"Settings that may change on --resume: {allowed}. Use another --out, the same settings, "
+                    "or --overwrite to start over.")
+            if not self.resume and self.task.on_existing == "refuse" and any(self._has_checkpoint(n) for n in trainings):
+                raise ConfigError(f"{self.folder} already holds a run ({CHECKPOINT_NAME}). Pass --resume to continue "
+                                  "it, --overwrite to start over, or another --out.")
+            self.previous = old
+            history = list(record.get("history", []))
+        if self.resume and not any(self._has_checkpoint(n) for n in trainings):
+            where = self.training_folder(trainings[0]) if self.single else self.folder
+            raise ConfigError(f"--resume: {where} holds no checkpoint ({CHECKPOINT_NAME}), so there is nothing to "
+                              "continue. Start the run without --resume.")
+        if not self.resume:
+            for f in RUN_OUTPUTS:
+                (self.folder / f).unlink(missing_ok=True)
+        changed = {k: {"from": self.previous.get(k), "to": v} for k, v in new.items()
+                   if self.previous is not None and k in self.previous and self.previous.get(k) != v
+                   and k not in ("resume", "overwrite")}
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": self.command, "resume": self.resume,
+                        "trainings": list(trainings), **({"changed": changed} if changed else {})})
+        known = list(dict.fromkeys([*(record or {}).get("trainings", []), *trainings]))
+        _write_json(self.folder / RUN_FILE, {"format": RUN_FORMAT, "task": self.task.name, "settings": new,
+                                             "sources": self.sources, "trainings": known, "history": history,
+                                             "provenance": provenance()})
+        write_config(self.folder, new, self.sources,
+                     header=f"{self.command}: the settings this run used\nre-run: bbzo ... --config "
+                            f"{self.folder / RESOLVED_NAME}")
+        return self
+
+    @classmethod
+    def settings_of(cls, folder: Path, task: Task) -> Any:
+        """The settings recorded in a run folder (for evaluating a trained run)."""
+        path = Path(folder) / RUN_FILE
+        if not path.exists():
+            raise ConfigError(f"{folder} holds no run ({RUN_FILE} is missing); train there first.")
+        rec = json.loads(path.read_text())
+        if rec.get("task") != task.name:
+            raise ConfigError(f"{folder} holds a run of task {rec.get('task')!r}, not {task.name!r}.")
+        return from_plain(task.settings, rec["settings"], str(path))
+
+    # ------------------------------------------------------------------ one training
+    def train(self, name: str, build: Callable[[BuildContext], Optional[Training]]) -> dict[str, Any]:
+        """Build, resume if asked, train, evaluate and save one training; returns its summary (``train.json``)."""
+        folder = self.training_folder(name)
+        resuming = self.resume and self._has_checkpoint(name)
+        if not resuming:
+            self._clean_training(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        ledger = QueryLedger(max_queries=getattr(self.settings, "max_queries", None))
+        t0 = time.perf_counter()
+        spec = build(BuildContext(self, name, folder, resuming, ledger))
+        if spec is None:  # nothing to train (a baseline)
+            if name and not any(folder.iterdir()):
+                folder.rmdir()
+            summary = {"method": name, "steps": 0}
+            self.summaries[name] = summary
+            return summary
+        try:
+            return self._train(name, folder, spec, ledger, resuming, time.perf_counter() - t0)
+        finally:
+            for o in spec.oracles:
+                o.close()
+
+    def _train(self, name: str, folder: Path, spec: Training, ledger: QueryLedger, resuming: bool,
+               setup_s: float) -> dict[str, Any]:
+        for o in spec.oracles:
+            if o.ledger is not ledger:
+                ledger.attach(o)
+        trainer = Trainer(spec.model, spec.objective, spec.estimator, spec.optimizer, spec.data, max_steps=spec.steps,
+                          scheduler=spec.scheduler, ledger=ledger, run_dir=folder, checkpoint_every=spec.checkpoint_every,
+                          log_every=spec.log_every, adapter=spec.adapter, **spec.trainer_kw)
+        JSONLLogger(folder / "metrics.jsonl", extra=spec.log_extra).attach(trainer)
+        bar = ProgressBar(desc=spec.desc or name or self.task.name, disable=not self.progress).attach(trainer)
+        BudgetGuard().attach(trainer)
+        initial = None
+        if spec.evaluate is not None:
+            with ledger.evaluation():
+                initial = spec.evaluate(spec.model)
+            PeriodicEval(spec.evaluate, spec.eval_every).attach(trainer)
+        resumed_from = 0
+        if resuming:
+            trainer.resume()
+            resumed_from = trainer.step_count
+            old_steps = (self.previous or {}).get("steps")
+            if old_steps is not None and old_steps != getattr(self.settings, "steps", old_steps):
+                trainer.replan_schedule()
+            left = ledger.queries_left()
+            if not trainer.done and left is not None and trainer.query_cost() > left:
+                raise ConfigError(
+                    f"the query budget of this run is spent: {ledger.queries} of --max-queries {ledger.max_queries} "
+                    f"used, and the next step costs {trainer.query_cost()}. Raise --max-queries to continue.")
+        else:
+            trainer.elapsed += setup_s
+        try:
+            trainer.run()
+        except BbzoError as e:
+            bar.close()
+            done = trainer.step_count
+            ckpt = trainer.checkpoint_path
+            saved = (f" The last completed step ({done}) is saved in {ckpt}; fix the cause and rerun with --resume "
+                     "to continue." if done > 0 else " No step had completed; nothing was saved.")
+            self.summaries[name] = {"method": name, "status": "failed", "steps": done, "error": str(e),
+                                    "queries": ledger.queries, "oracle_rows": ledger.rows(), "elapsed_s": trainer.elapsed}
+            _write_json(folder / "train.json", self.summaries[name])
+            raise type(e)(f"{e}{saved}" if str(e).endswith(".") else f"{e}.{saved}") from e
+        finally:
+            bar.close()
+        final = None
+        if spec.evaluate is not None:
+            with ledger.evaluation():
+                final = spec.evaluate(spec.model)
+        atomic_write_bytes(folder / spec.weights, lambda f: torch.save(spec.model.state_dict(), f))
+        summary: dict[str, Any] = {
+            "method": name, "status": "done", "steps": trainer.step_count,
+            "stopped_by": trainer.stop_reason or "steps", "resumed_from_step": resumed_from,
+            "params": sum(p.numel() for p in spec.model.parameters() if p.requires_grad),
+            "queries": ledger.queries, "queries_per_step": trainer.query_cost(),
+            "oracle_rows": ledger.rows(), "wall_s": round(trainer.elapsed, 1), "elapsed_s": trainer.elapsed,
+            "final_train_loss": trainer.status.get("loss"),
+            "estimator": spec.estimator.info.name, "zeroth_order": spec.estimator.info.zeroth_order,
+            "ledger": ledger.summary(),
+        }
+        if initial is not None:
+            summary["eval_initial"], summary["eval_final"] = initial, final
+        if spec.summary is not None:
+            summary.update(spec.summary(trainer))
+        _write_json(folder / "train.json", summary)
+        self.summaries[name] = summary
+        return summary
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Write ``results.json`` (and ``results.md`` from ``results["table"]``) and the loss plot."""
+        plots = list(results.get("plots", []))
+        if self.plots:
+            curves = {}
+            for name in self.summaries:
+                metrics = self.training_folder(name) / "metrics.jsonl"
+                if metrics.exists():
+                    curves[name or self.task.name] = read_jsonl(metrics)
+            path = plot_losses(self.folder / "loss.png", curves, title=f"{self.task.name}: training loss")
+            if path is not None:
+                plots.append(str(path))
+        out = {k: v for k, v in results.items() if k not in ("table", "plots")}
+        out.setdefault("status", "done")
+        _write_json(self.folder / "results.json", out)
+        if results.get("table"):
+            (self.folder / "results.md").write_text(results["table"] + "\n")
+        return {**results, "plots": plots}
+
+    def fail(self, error: BaseException) -> None:
+        """Record a failed run: ``results.json`` with its status, the error and how far each training got."""
+        try:
+            _write_json(self.folder / "results.json", {
+                "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                "error": f"{type(error).__name__}: {error}", "task": self.task.name,
+                "trainings": {n or self.task.name: s for n, s in self.summaries.items()}})
+        except OSError:  # the folder itself is the problem: the error already says what happened
+            pass
+
+
+def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None, *,
+             trainings: Optional[Sequence[str]] = None, evaluate: bool = True,
+             command: Optional[str] = None) -> dict[str, Any]:
+    """Run ``task`` with ``settings``: folder policy, every training, evaluation, results and plots.
+
+    Args:
+        trainings: A subset of the task's trainings (e.g. one method); default: all of them.
+        evaluate: Call the task's ``evaluate`` and write the results (False: train only).
+    Returns:
+        The results dict (``results["table"]``, ``results["plots"]``), or ``{"trainings": summaries}``
+        when not evaluating.
+    """
+    if task.threads is not None:
+        torch.set_num_threads(task.threads)
+    names = list(trainings) if trainings is not None else list(task.trainings(settings))
+    if not names:
+        raise ConfigError(f"task {task.name}: nothing to train (no trainings given).")
+    run = Run(Path(settings.out), task, settings, sources, resume=settings.resume, overwrite=settings.overwrite,
+              progress=not settings.no_progress, plots=not getattr(settings, "no_plots", False), command=command)
+    run.open(names)
+    try:
+        if task.prepare is not None:
+            run.shared = task.prepare(settings, run)
+        for n in names:
+            run.train(n, lambda ctx, n=n: task.build(settings, n, ctx))
+        if not evaluate or task.evaluate is None:
+            return {"trainings": run.summaries}
+        return run.finish(task.evaluate(settings, run, run.summaries))
+    except BaseException as e:
+        run.fail(e)
+        raise

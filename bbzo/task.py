@@ -1,0 +1,97 @@
+"""Tasks by name: a settings dataclass plus build / evaluate functions, found through a registry.
+
+A :class:`Task` is all an application writes. The engine's :func:`bbzo.run.run_task` gives it the run
+folder policy, the resolved config, resume, the progress bar, JSONL metrics, checkpoints, the loss
+plots and the results files; :mod:`bbzo.cli.tasks` gives it a command line generated from the
+settings. ``docs/adding_a_task.md`` walks through a complete one.
+
+* ``trainings(settings) -> names``: the trainings of one run (one per method or estimator), each in
+  ``OUT/<name>``; the single name ``""`` trains in ``OUT`` itself.
+* ``build(settings, name, ctx) -> Training | None``: the parts of one training (see
+  :class:`bbzo.run.Training`); ``None`` when the method needs no training (a baseline).
+* ``evaluate(settings, run, summaries) -> results``: the run's results (a dict; ``results["table"]``,
+  a Markdown table, is also written as ``results.md``; ``results["plots"]`` lists pictures it drew).
+* ``prepare(settings, run) -> shared``: work every training needs (e.g. reference data), once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from .config import setting
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .run import BuildContext, Run, Training
+
+__all__ = ["Task", "RunSettings", "register_task", "get_task", "list_tasks"]
+
+
+@dataclass
+class RunSettings:
+    """The settings every task has: where the run lives and how it is (re)started. Never compared."""
+
+    out: Any = setting(None, help="Run folder: metrics.jsonl, checkpoints, results.json/.md, config.resolved.yaml, plots.",
+                       kind="path", runtime=True)
+    resume: bool = setting(False, help="Continue the run in --out from its checkpoint(s).", runtime=True)
+    overwrite: bool = setting(False, help="Start over even if --out holds a run (with other settings, too).",
+                              runtime=True)
+    no_progress: bool = setting(False, help="No progress bars.", runtime=True)
+    no_plots: bool = setting(False, help="Skip the PNG plots.", runtime=True)
+
+
+@dataclass(frozen=True)
+class Task:
+    """An application of the engine (see the module docstring).
+
+    Args:
+        on_existing: What a run folder that holds a finished or interrupted run of the same settings
+            does without ``--resume``: ``"restart"`` (train again from scratch) or ``"refuse"`` (ask for
+            ``--resume`` or ``--overwrite``: protects long runs).
+        training_files: Files of a training folder, besides the standard ones, that a fresh start removes.
+        threads: torch threads for the whole run (``None``: leave torch's choice).
+    """
+
+    name: str
+    settings: type
+    description: str
+    trainings: Callable[[Any], Sequence[str]]
+    build: Callable[[Any, str, "BuildContext"], Optional["Training"]]
+    evaluate: Optional[Callable[[Any, "Run", dict[str, dict[str, Any]]], dict[str, Any]]] = None
+    prepare: Optional[Callable[[Any, "Run"], Any]] = None
+    on_existing: str = "restart"
+    training_files: tuple[str, ...] = ()
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.on_existing not in ("restart", "refuse"):
+            raise ConfigError(f"task {self.name}: on_existing must be 'restart' or 'refuse', got {self.on_existing!r}.")
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task to the registry (raises on a duplicate name)."""
+    if task.name in _TASKS:
+        raise ConfigError(f"a task named {task.name!r} is already registered.")
+    _TASKS[task.name] = task
+    return task
+
+
+def _load_shipped() -> None:
+    import bbzo.tasks  # noqa: F401  (registers the tasks shipped with bbzo)
+
+
+def list_tasks(pattern: str = "*") -> list[str]:
+    _load_shipped()
+    return sorted(n for n in _TASKS if fnmatch.fnmatch(n, pattern))
+
+
+def get_task(name: str) -> Task:
+    _load_shipped()
+    if name not in _TASKS:
+        raise ConfigError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}.")
+    return _TASKS[name]

@@ -1,0 +1,64 @@
+"""Commands generated for tasks: options from the settings dataclass, ``--config``, the run lifecycle.
+
+``task_command(get_task("projectile"), "demo", report)`` is ``bbzo demo``; a new task gets its command
+the same way (see ``docs/adding_a_task.md``), and ``bbzo run TASK`` runs any registered task.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import click
+
+from bbzo.run import run_task
+from bbzo.task import Task, get_task, list_tasks
+
+from .options import config_option, resolve_command, settings_options
+
+__all__ = ["task_command", "print_results", "run_group"]
+
+
+def print_results(results: dict[str, Any], settings: Any) -> None:
+    """The default report: the results table, where the results are, and every plot."""
+    if results.get("table"):
+        click.echo("\n" + results["table"])
+    click.echo(f"\nresults: {settings.out / 'results.json'}")
+    for p in results.get("plots", []):
+        click.echo(f"plot:    {p}")
+
+
+def task_command(task: Task, name: Optional[str] = None, report: Callable[[dict[str, Any], Any], None] = print_results,
+                 *, help: Optional[str] = None, exclude: Sequence[str] = ()) -> click.Command:
+    """A click command that runs ``task`` with settings from flags, ``--config`` and presets."""
+
+    @click.command(name or task.name, help=help or f"{task.description[:1].upper()}{task.description[1:]}.")
+    @config_option
+    @settings_options(task.settings, exclude=exclude)
+    @click.pass_context
+    def command(ctx: click.Context, config: Optional[str], **_: Any) -> None:
+        settings, sources = resolve_command(ctx, task.settings)
+        report(run_task(task, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]])), settings)
+
+    return command
+
+
+class _TaskGroup(click.Group):
+    """``bbzo run TASK``: one generated command per registered task, built when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list_tasks()
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        if cmd_name not in list_tasks():
+            return None
+        return task_command(get_task(cmd_name))
+
+
+@click.group("run", cls=_TaskGroup, invoke_without_command=True)
+@click.pass_context
+def run_group(ctx: click.Context) -> None:
+    """Run any registered task by name (`bbzo run` lists them; `bbzo run TASK --help` shows its settings)."""
+    if ctx.invoked_subcommand is None:
+        for n in list_tasks():
+            click.echo(f"{n:<12} {get_task(n).description}")

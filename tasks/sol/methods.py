@@ -1,0 +1,220 @@
+"""The four methods of ZO-SOL, each a :class:`~bbzo.run.Training` built for the shared run lifecycle.
+
+The corrector ``C_theta`` sees the solver's output (u, v, Re) and adds a correction after every step:
+``s_{t+1} = P(s_t) + C_theta(P(s_t))``; the loss is the mean over ``n`` unrolled steps of the squared
+error (velocity normalised by its training std) to the downsampled high-fidelity reference.
+
+* ``src``  -- the low-fidelity solver alone (nothing to train);
+* ``non``  -- supervised one-step training on pre-generated pairs ``(P(ref_t), ref_{t+1})`` (the
+  solver is queried once per pair to build them; no gradient through it), with the ``autograd``
+  estimator on the white-box corrector;
+* ``zo``   -- ZO-SOL: Sparse-CGE through the query-only :class:`~bbzo.oracles.karman.KarmanOracle`
+  (:class:`~bbzo.adapters.LoopAdapter`: K perturbed correctors x B samples per PhiFlow batch), dynamic
+  sparsity at ZO-GraSP's layer-wise ratios (computed from rollout queries only);
+* ``fo``   -- FO-SOL: the ``autograd`` estimator through PhiFlow's torch backend. **A white-box upper
+  reference**: it differentiates the solver, which is exactly what a black box does not allow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+import bbzo
+from bbzo.adapters import LoopAdapter
+from bbzo.errors import ConfigError
+from bbzo.estimators import masked
+from bbzo.models.sol_corrector import CORRECTOR_CHANNELS, Corrector
+from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
+from bbzo.run import BuildContext, Training
+from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores, score_accepts
+
+from .data import RolloutBatches, SolData
+from .settings import SolSettings
+
+__all__ = ["make_corrector", "load_corrector", "features", "make_rollout", "non_pairs", "PairBatches", "build_method",
+           "karman_oracle"]
+
+
+# ---------------------------------------------------------------------------- the corrector and the rollout
+def make_corrector(s: SolSettings, data: SolData, zero_last: bool = True) -> Corrector:
+    """The corrector of ``s.corrector``'s size, scaled by the training data's velocity std (seeded)."""
+    std = data.velocity_std()
+    re_std = float(torch.std(data.train_re.double())) if data.train_re.numel() > 1 else float(data.train_re[0])
+    torch.manual_seed(s.seed)
+    return Corrector(CORRECTOR_CHANNELS[s.corrector], torch.tensor([float(std[0]), float(std[1]), re_std]), std,
+                     zero_last=zero_last)
+
+
+def load_corrector(s: SolSettings, data: SolData, path: Path) -> Corrector:
+    model = make_corrector(s, data)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(sd)
+    except FileNotFoundError:
+        raise ConfigError(f"no trained corrector at {path}; run `bbzo sol train` for this method first.") from None
+    except Exception as e:
+        raise ConfigError(f"{path} is not a corrector for these settings ({type(e).__name__}: {str(e)[:200]}); "
+                          "retrain, or evaluate with the settings it was trained with.") from e
+    return model.to(s.device)
+
+
+def features(state: torch.Tensor, re: torch.Tensor) -> torch.Tensor:
+    """``(N, 2, ny, nx)`` state + ``(N,)`` Re -> ``(N, 3, ny, nx)`` corrector input."""
+    n, _, h, w = state.shape
+    return torch.cat([state, re.to(state.dtype).view(n, 1, 1, 1).expand(n, 1, h, w)], dim=1)
+
+
+def make_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std: torch.Tensor
+                 ) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """The SOL objective as a rollout for :class:`~bbzo.adapters.LoopAdapter` (and FO-SOL).
+
+    ``rollout(model_fn, (state (N,2,ny,nx), re (N,)), targets (N, n, 2, ny, nx)) -> (N,)``: ``n`` solver
+    steps, each followed by ``state += model_fn(features(state, re))`` (``model_fn=None``: SRC).
+    """
+    scale = (1.0 / std.to(torch.float32)).view(1, 2, 1, 1)
+
+    def rollout(model_fn: Any, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        state, re = inputs
+        loss = torch.zeros(state.shape[0], dtype=state.dtype, device=state.device)
+        n = targets.shape[1]
+        for t in range(n):
+            state = step(state, re)
+            if model_fn is not None:
+                state = state + model_fn(features(state, re))
+            loss = loss + ((state - targets[:, t]) * scale.to(state.device)).pow(2).flatten(1).mean(1)
+        return loss / n
+
+    return rollout
+
+
+def karman_oracle(s: SolSettings, name: str) -> KarmanOracle:
+    return KarmanOracle(s.data.low, backend=s.backend, device=s.device, name=name)
+
+
+def _initial_corrector(s: SolSettings, data: SolData, run_folder: Path) -> Corrector:
+    """The starting corrector of ZO-SOL / FO-SOL: fresh (zero output) or the trained NON corrector."""
+    if s.init == "non":
+        path = run_folder / "non" / "corrector.pt"
+        if not path.exists():
+            raise ConfigError(f"init='non' fine-tunes the NON corrector, but {path} does not exist; train NON "
+                              "first (`bbzo sol train --method non` with the same --out, or list non before "
+                              "zo/fo in --methods).")
+        return load_corrector(s, data, path)
+    return make_corrector(s, data).to(s.device)
+
+
+# ---------------------------------------------------------------------------- ZO-SOL
+def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
+    """Sparse-CGE through the query-only solver, ZO-GraSP ratios, coordinates redrawn per the schedule."""
+    data: SolData = ctx.shared
+    dev = torch.device(s.device)
+    model = _initial_corrector(s, data, ctx.run.folder)
+    oracle = ctx.ledger.attach(karman_oracle(s, "phiflow-karman(zo-sol)"))
+    rollout = make_rollout(oracle.query, data.velocity_std().to(dev))
+    batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lpr_path = ctx.folder / "lpr.json"
+    if lpr_path.exists() and ctx.resuming:
+        lpr = LayerRatios.load(lpr_path)
+        score_queries = lpr.queries
+    else:
+        (x, re), y = batches.get_batch(0)
+        names = [n for n in params if n.endswith("weight")]
+        # Pruning-at-init scores are theta-weighted: on the zero last layer of a fresh corrector they are
+        # all 0, that layer would keep no coordinate and the corrector could never leave zero. Score the
+        # network at its standard init instead (the architecture's layer-wise importance, as DeepZero).
+        scored = make_corrector(s, data, zero_last=False).to(dev) if s.init == "scratch" else model
+        options = {"q": s.score_q} if score_accepts(s.score, "q") else {}
+        res = compute_score(s.score, scored, rollout, (x, re), y, include=names, seed=s.seed, ledger=ctx.ledger,
+                            adapter_factory=lambda m: LoopAdapter(m, sets_per_call=s.sets_per_call), **options)
+        lpr = ratios_from_scores(res.scores, s.sparsity, keep=res.keep, model="sol-corrector-" + s.corrector,
+                                 score=s.score, seed=s.seed, queries=res.queries)
+        lpr.save(lpr_path)
+        score_queries = res.queries
+    sampler = DynamicSparsity(lpr, params, resample_every=s.resample_every, seed=s.seed, others="dense")
+    est = masked(bbzo.create_estimator("cge", mu=s.mu), sampler)
+    return Training(
+        model=model, objective=rollout, estimator=est, optimizer=torch.optim.Adam(model.parameters(), lr=s.lr),
+        data=batches, steps=s.steps, adapter=LoopAdapter(model, sets_per_call=s.sets_per_call), oracles=[oracle],
+        checkpoint_every=s.checkpoint_every, weights="corrector.pt",
+        desc=f"ZO-SOL ({sampler.coords_per_step + 1} q/step)", log_extra={"method": "zo"},
+        summary=lambda tr: {"score_queries": score_queries})
+
+
+# ---------------------------------------------------------------------------- FO-SOL
+def build_fo(s: SolSettings, ctx: BuildContext) -> Training:
+    """FO-SOL (white-box reference): autograd through PhiFlow's torch backend."""
+    data: SolData = ctx.shared
+    dev = torch.device(s.device)
+    model = _initial_corrector(s, data, ctx.run.folder)
+    solver = KarmanSolver(s.data.low, backend="torch", jit=False, device=dev)  # differentiable, on purpose
+    rollout = make_rollout(solver.step, data.velocity_std().to(dev))
+    batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
+    # PhiML builds the adjoint solve's tensors during backward: keep them on the torch backend
+    est = bbzo.create_estimator("autograd", context=lambda: phi().TORCH)
+    return Training(
+        model=model, objective=rollout, estimator=est,
+        optimizer=torch.optim.Adam(model.parameters(), lr=s.fo_lr or s.lr), data=batches, steps=s.steps,
+        adapter=LoopAdapter(model), checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="FO-SOL",
+        log_extra={"method": "fo"}, summary=lambda tr: {"solver_state_steps": tr.step_count * s.batch * s.unroll})
+
+
+# ---------------------------------------------------------------------------- NON
+def non_pairs(s: SolSettings, data: SolData, oracle: Optional[KarmanOracle] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(P(ref_t) (M,2,ny,nx), re (M,), ref_{t+1} (M,2,ny,nx), oracle rows)`` for every training pair."""
+    oracle = oracle or karman_oracle(s, "phiflow-karman(non-pairs)")
+    r, t = data.train.shape[:2]
+    src = data.train[:, :-1].reshape(-1, *data.train.shape[2:])
+    tgt = data.train[:, 1:].reshape(-1, *data.train.shape[2:])
+    re = data.train_re.repeat_interleave(t - 1).float()
+    rows_before = oracle.rows_used
+    out = torch.cat([oracle.query(src[i:i + 256], re[i:i + 256]) for i in range(0, src.shape[0], 256)])
+    return out, re, tgt, oracle.rows_used - rows_before
+
+
+class PairBatches:
+    """NON's minibatches: ``B`` pairs drawn with replacement, a pure function of ``(seed, step)``.
+
+    ``get_batch(step)`` -> ``(features(P(ref_t), re) (B, 3, ny, nx), (P(ref_t), ref_{t+1}))``.
+    """
+
+    def __init__(self, p: torch.Tensor, re: torch.Tensor, tgt: torch.Tensor, batch: int, seed: int) -> None:
+        self.p, self.re, self.tgt, self.seed = p, re, tgt, seed
+        self.batch = min(batch, p.shape[0])
+
+    def get_batch(self, step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        idx = torch.randint(0, self.p.shape[0], (self.batch,), generator=g).to(self.p.device)
+        return features(self.p[idx], self.re[idx]), (self.p[idx], self.tgt[idx])
+
+
+def build_non(s: SolSettings, ctx: BuildContext) -> Training:
+    """NON: supervised one-step correction on pre-generated pairs (no gradient through the solver)."""
+    data: SolData = ctx.shared
+    dev = torch.device(s.device)
+    model = make_corrector(s, data).to(dev)
+    oracle = ctx.ledger.attach(karman_oracle(s, "phiflow-karman(non-pairs)"))
+    p, re, tgt, _ = non_pairs(s, data, oracle)
+    p, re, tgt = p.to(dev), re.to(dev), tgt.to(dev)
+    scale = (1.0 / data.velocity_std().to(dev)).view(1, 2, 1, 1)
+
+    def one_step_loss(correction: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        start, target = pair
+        return ((start + correction - target) * scale).pow(2).flatten(1).mean(1)
+
+    return Training(
+        model=model, objective=one_step_loss, estimator=bbzo.create_estimator("autograd"),
+        optimizer=torch.optim.Adam(model.parameters(), lr=s.non_lr), data=PairBatches(p, re, tgt, s.non_batch, s.seed),
+        steps=s.non_steps, oracles=[oracle], checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="NON",
+        log_extra={"method": "non"})
+
+
+def build_method(s: SolSettings, method: str, ctx: BuildContext) -> Optional[Training]:
+    """The training of ``method`` (``src``: None, nothing to train)."""
+    if method == "src":
+        return None
+    return {"zo": build_zo, "fo": build_fo, "non": build_non}[method](s, ctx)
