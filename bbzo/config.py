@@ -32,7 +32,8 @@ import yaml
 from .checkpoint import atomic_write_bytes
 from .errors import ConfigError
 
-__all__ = ["setting", "SettingInfo", "setting_infos", "resolve", "coerce", "load_config", "file_values",
+__all__ = ["setting", "SettingInfo", "setting_infos", "resolve", "coerce", "parse_argv", "parse_mapping",
+           "load_config", "file_values",
            "as_plain", "from_plain", "differing", "runtime_keys", "write_config", "RESOLVED_NAME"]
 
 RESOLVED_NAME = "config.resolved.yaml"
@@ -144,6 +145,37 @@ def _fail(where: str, info: SettingInfo, value: Any, what: str) -> ConfigError:
     return ConfigError(f"{where}: {info.name}: {value!r} is not a valid {what}.")
 
 
+def parse_argv(value: Any, where: str = "argv") -> list[str]:
+    """A program's argument list from a list, or a string split like a POSIX shell line (never run by one)."""
+    if isinstance(value, (list, tuple)):
+        out = [str(v) for v in value]
+    elif isinstance(value, str):
+        try:
+            out = shlex.split(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: cannot split {value!r} into arguments: {e}") from None
+    else:
+        raise ConfigError(f"{where}: expected a string or a list of arguments, got {type(value).__name__}.")
+    if not out:
+        raise ConfigError(f"{where}: the argument list is empty.")
+    return out
+
+
+def parse_mapping(value: Any, where: str = "mapping") -> dict[str, Any]:
+    """Keyword arguments from a mapping, or a YAML/JSON flow mapping string ``'{k: 1}'`` ('' and None: empty)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: {value!r} is not a YAML/JSON mapping: {str(e).splitlines()[0]}") from None
+        value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping like '{{name: value}}', got {value!r}.")
+    return {str(a): b for a, b in value.items()}
+
+
 def coerce(info: SettingInfo, value: Any, where: str = "setting") -> Any:
     """``value`` (from a file, a flag or a preset) as the setting's type; a clear ConfigError otherwise."""
     if value is None:
@@ -180,28 +212,9 @@ def coerce(info: SettingInfo, value: Any, where: str = "setting") -> Any:
         elif k == "path":
             out = Path(value)
         elif k == "argv":
-            if isinstance(value, (list, tuple)):
-                out = [str(v) for v in value]
-            elif isinstance(value, str):
-                try:
-                    out = shlex.split(value)
-                except ValueError as e:
-                    raise ConfigError(f"{where}: {info.name}: cannot split {value!r} into arguments: {e}") from None
-            else:
-                raise _fail(where, info, value, "argument list")
-            if not out:
-                raise ConfigError(f"{where}: {info.name}: the argument list is empty.")
+            out = parse_argv(value, f"{where}: {info.name}")
         elif k == "mapping":
-            if isinstance(value, str):
-                try:
-                    value = yaml.safe_load(value) if value.strip() else {}
-                except yaml.YAMLError as e:
-                    raise ConfigError(f"{where}: {info.name}: {value!r} is not a YAML/JSON mapping: "
-                                      f"{str(e).splitlines()[0]}") from None
-                value = {} if value is None else value
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {info.name}: expected a mapping like '{{name: value}}', got {value!r}.")
-            out = {str(a): b for a, b in value.items()}
+            out = parse_mapping(value, f"{where}: {info.name}")
         elif k in ("floats", "ints", "strs"):
             items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else \
                 list(value) if isinstance(value, (list, tuple)) else [value]

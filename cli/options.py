@@ -6,14 +6,13 @@ preset, the ``--config`` file and the flags, and record where each value came fr
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import click
-import yaml
 
-from bbzo.config import RESOLVED_NAME, SettingInfo, resolve, setting_infos
+from bbzo.config import RESOLVED_NAME, SettingInfo, parse_argv, parse_mapping, resolve, setting_infos
+from bbzo.errors import ConfigError
 
 __all__ = ["settings_options", "config_option", "resolve_command", "Argv", "MappingParam", "CommaList"]
 
@@ -29,18 +28,10 @@ class Argv(click.ParamType):
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Optional[list[str]]:
         if value is None:
             return None
-        if isinstance(value, (list, tuple)):
-            argv = [str(v) for v in value]
-        elif isinstance(value, str):
-            try:
-                argv = shlex.split(value)
-            except ValueError as e:
-                self.fail(f"cannot split {value!r} into arguments: {e}", param, ctx)
-        else:
-            self.fail(f"expected a string or a list of arguments, got {type(value).__name__}", param, ctx)
-        if not argv:
-            self.fail("the argument list is empty", param, ctx)
-        return argv
+        try:
+            return parse_argv(value, "the value")
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 class MappingParam(click.ParamType):
@@ -49,18 +40,10 @@ class MappingParam(click.ParamType):
     name = "MAPPING"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> dict[str, Any]:
-        if value is None or value == "":
-            return {}
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                self.fail(f"{value!r} is not a YAML/JSON mapping: {str(e).splitlines()[0]}", param, ctx)
-            if value is None:
-                return {}
-        if not isinstance(value, dict):
-            self.fail(f"expected a mapping like '{{name: value}}', got {value!r}", param, ctx)
-        return {str(k): v for k, v in value.items()}
+        try:
+            return parse_mapping(value, "the value")
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 class CommaList(click.ParamType):

@@ -13,6 +13,7 @@ import click
 
 from bbzo.run import run_task
 from bbzo.task import Task, get_task, list_tasks
+from bbzo.userspec import load_object
 
 from .options import config_option, resolve_command, settings_options
 
@@ -43,22 +44,33 @@ def task_command(task: Task, name: Optional[str] = None, report: Callable[[dict[
     return command
 
 
+def _import_tasks(ctx: click.Context) -> None:
+    """Import the modules named by ``--import`` (they register their tasks)."""
+    for ref in (ctx.params.get("imports") or ()):
+        load_object(f"{ref}:__name__")  # a module or file reference; importing it registers its tasks
+
+
 class _TaskGroup(click.Group):
     """``bbzo run TASK``: one generated command per registered task, built when asked for."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        _import_tasks(ctx)
         return list_tasks()
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        _import_tasks(ctx)
         if cmd_name not in list_tasks():
             return None
         return task_command(get_task(cmd_name))
 
 
 @click.group("run", cls=_TaskGroup, invoke_without_command=True)
+@click.option("--import", "imports", multiple=True, metavar="MODULE|FILE.py",
+              help="Import this module or file first (it registers its tasks), e.g. examples/new_task/fit_task.py.")
 @click.pass_context
-def run_group(ctx: click.Context) -> None:
+def run_group(ctx: click.Context, imports: tuple[str, ...]) -> None:
     """Run any registered task by name (`bbzo run` lists them; `bbzo run TASK --help` shows its settings)."""
     if ctx.invoked_subcommand is None:
+        _import_tasks(ctx)
         for n in list_tasks():
             click.echo(f"{n:<12} {get_task(n).description}")

@@ -3,80 +3,24 @@ plus build / evaluate functions get the CLI, --config, resume, logs, results and
 
 import json
 import math
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
-import bbzo
 from bbzo.cli.main import main
 from bbzo.cli.tasks import task_command
-from bbzo.config import resolve, setting
-from bbzo.data import TensorBatches
+from bbzo.config import resolve
 from bbzo.errors import ConfigError, OracleError
-from bbzo.objective import OracleObjective
-from bbzo.optim import cosine_with_warmup
-from bbzo.oracle import FunctionOracle
-from bbzo.run import Training, run_task
-from bbzo.task import RunSettings, Task, get_task, register_task
+from bbzo.run import run_task
+from bbzo.task import get_task
+from bbzo.userspec import load_object
 
-FAIL_AT = {"call": None}  # make the black box fail on this call (a crash mid-run)
-
-
-@dataclass
-class FitSettings(RunSettings):
-    out: Path = setting(Path("runs/fit"), kind="path", runtime=True, help="Run folder.")
-    steps: int = setting(12, runtime=True, help="Training steps.")
-    lr: float = setting(0.3, help="Adam learning rate.")
-    seed: int = setting(0, help="Seed.")
-    max_queries: Optional[int] = setting(None, runtime=True, help="Query budget.")
-    checkpoint_every: int = setting(3, runtime=True, help="Checkpoint every N steps.")
-
-
-def _sim(rows):
-    _sim.calls += 1
-    if FAIL_AT["call"] is not None and _sim.calls == FAIL_AT["call"]:
-        raise RuntimeError("the simulator segfaulted (pretend)")
-    return 2.0 * rows
-
-
-_sim.calls = 0
-
-
-def _build(s, name, ctx):
-    g = torch.Generator().manual_seed(s.seed)
-    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
-    torch.manual_seed(s.seed)
-    model = nn.Linear(3, 1).double()
-    oracle = FunctionOracle(_sim, numpy=True, name="doubler")
-    objective = OracleObjective(oracle, lambda ans, out, inp, t: (ans - 2 * t).pow(2).flatten(1).mean(1),
-                                needs_inputs=False)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-
-    def evaluate(m):
-        with torch.no_grad():
-            return {"loss": float(objective(m(x), None, y).mean())}
-
-    return Training(model=model, objective=objective, estimator=bbzo.create_estimator("cge", mu=1e-4), optimizer=opt,
-                    data=TensorBatches(x, y, 16, seed=s.seed), steps=s.steps,
-                    scheduler=cosine_with_warmup(opt, s.steps, warmup_steps=1), oracles=[oracle], evaluate=evaluate,
-                    checkpoint_every=s.checkpoint_every)
-
-
-def _evaluate(s, run, summaries):
-    t = summaries[""]
-    return {"steps": t["steps"], "queries": t["queries"], "loss_before": t["eval_initial"]["loss"],
-            "loss_after": t["eval_final"]["loss"], "wall_s": t["wall_s"],
-            "table": f"| loss before | loss after |\n|---|---|\n| {t['eval_initial']['loss']:.4g} | {t['eval_final']['loss']:.4g} |"}
-
-
-TASK = register_task(Task(name="tiny-fit", settings=FitSettings, trainings=lambda s: [""], build=_build,
-                          evaluate=_evaluate, on_existing="refuse", description="fit a line through a doubler"))
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "new_task" / "fit_task.py"
+TASK = load_object(f"{EXAMPLE}:TASK")  # the example of docs/adding_a_task.md registers itself
+FitSettings = TASK.settings
 
 
 def fit(out, **kw):
@@ -86,15 +30,15 @@ def fit(out, **kw):
 
 def test_a_task_gets_results_logs_plots_and_a_recorded_config(tmp_path):
     res = fit(tmp_path / "a")
-    assert res["loss_after"] < 0.5 * res["loss_before"] and res["queries"] == 12 * 5
+    assert res["loss_after"] < 0.5 * res["loss_before"] and res["queries"] == 12 * 5  # CGE on 4 parameters
     for f in ("results.json", "results.md", "loss.png", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt",
               "model.pt", "train.json", "run.json", "config.resolved.yaml"):
         assert (tmp_path / "a" / f).exists(), f
     rec = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert rec["task"] == "tiny-fit" and rec["settings"]["lr"] == 0.3 and rec["sources"]["out"] == "command line"
+    assert rec["task"] == "fit-line" and rec["settings"]["lr"] == 0.3 and rec["sources"]["out"] == "command line"
     assert len(rec["provenance"]["commit"] or "x" * 40) == 40 and "torch" in rec["provenance"]["versions"]
     assert json.loads((tmp_path / "a" / "results.json").read_text())["status"] == "done"
-    assert get_task("tiny-fit") is TASK
+    assert get_task("fit-line") is TASK
 
 
 def test_other_settings_are_refused_by_name_and_runtime_ones_are_applied_and_recorded(tmp_path):
@@ -127,18 +71,25 @@ def test_resume_needs_a_checkpoint_and_a_spent_budget_says_how_to_continue(tmp_p
     assert res["steps"] == 12 and res["queries"] == 60
 
 
-def test_a_failed_run_writes_its_status_and_resume_completes_it_exactly(tmp_path):
+def test_a_failed_run_writes_its_status_and_resume_completes_it_exactly(tmp_path, monkeypatch):
     ref = fit(tmp_path / "ref")
     out = tmp_path / "crash"
-    _sim.calls, FAIL_AT["call"] = 0, 1 + 7 * 2 + 1  # initial eval, 7 steps of 2 calls, then step 8 fails
-    try:
-        with pytest.raises(OracleError, match=r"call #\d+ \(step 8, .*segfaulted.*last completed step \(7\) is saved"):
-            fit(out)
-    finally:
-        FAIL_AT["call"] = None
+    module = sys.modules[TASK.build.__module__]
+    calls = []
+
+    def crashing(rows):  # initial evaluation, 7 steps of 2 calls, then step 8 fails
+        calls.append(1)
+        if len(calls) == 1 + 7 * 2 + 1:
+            raise RuntimeError("the simulator segfaulted (pretend)")
+        return 2.0 * rows
+
+    monkeypatch.setattr(module, "simulate", crashing)
+    with pytest.raises(OracleError, match=r"call #\d+ \(step 8, .*segfaulted.*last completed step \(7\) is saved"):
+        fit(out)
+    monkeypatch.undo()
     failed = json.loads((out / "results.json").read_text())
     assert failed["status"] == "failed" and "segfaulted" in failed["error"]
-    assert failed["trainings"]["tiny-fit"]["steps"] == 7
+    assert failed["trainings"]["fit-line"]["steps"] == 7
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 7  # the failed step saved the last completed one
     again = fit(out, resume=True)
@@ -168,11 +119,15 @@ def test_the_generated_command_takes_flags_and_a_config_file(tmp_path):
     cfg.write_text(f"steps: 4\nlr: 0.1\nout: {tmp_path / 'from-file'}\nno_progress: true\n")
     r = CliRunner().invoke(cmd, ["--config", str(cfg), "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
-    assert "| loss before | loss after |" in r.output and "loss.png" in r.output
+    assert "| estimator | queries | loss before | loss after |" in r.output and "loss.png" in r.output
     text = (tmp_path / "c" / "config.resolved.yaml").read_text()
     assert "steps: 4  # from config" in text and "  # from command line" in text
     assert not (tmp_path / "from-file").exists()
-    r = CliRunner().invoke(main, ["run", "tiny-fit", "--help"])
-    assert r.exit_code == 0 and "--max-queries" in r.output and "--checkpoint-every" in r.output
+    r = CliRunner().invoke(main, ["run", "--import", str(EXAMPLE), "fit-line", "--help"])
+    assert r.exit_code == 0 and "--max-queries" in r.output and "--estimator [cge|rge]" in r.output
+    r = CliRunner().invoke(main, ["run", "--import", str(EXAMPLE), "fit-line", "--steps", "3", "--no-progress",
+                                  "--out", str(tmp_path / "via-run")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "via-run" / "results.json").read_text())["steps"] == 3
     r = CliRunner().invoke(main, ["run"])
-    assert "tiny-fit" in r.output and "projectile" in r.output
+    assert "fit-line" in r.output and "projectile" in r.output and "sol" in r.output
