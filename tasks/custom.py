@@ -14,6 +14,7 @@ that would exceed it (checkpoint saved, ``stopped_by: max_queries`` in ``results
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import bbzo
 from bbzo.config import setting
 from bbzo.data import TensorBatches
 from bbzo.errors import BbzoError, ConfigError, ShapeError
-from bbzo.estimators import list_estimators
+from bbzo.estimators import get_estimator_class, list_estimators
 from bbzo.objective import OracleObjective
 from bbzo.optim import cosine_with_warmup, make_optimizer
 from bbzo.oracle import Oracle, where_raised
@@ -210,19 +211,21 @@ def build_oracle(s: TrainSettings, run_dir: Optional[Path] = None) -> Oracle:
 
 
 def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor]) -> Any:
+    """The registered estimator with the run's mu, seed and q where its signature takes them."""
+    accepted = inspect.signature(get_estimator_class(s.estimator)).parameters
     kw = dict(s.estimator_kwargs)
-    kw.setdefault("mu", s.mu)
-    if s.estimator == "rge":
-        if s.q is not None:
-            kw.setdefault("q", s.q)
-        kw.setdefault("seed", s.seed)
-    elif s.q is not None:
-        raise ConfigError(f"--q sets the directions of rge; it does not apply to --estimator {s.estimator}.")
+    for key, value in (("mu", s.mu), ("seed", s.seed)):
+        if key in accepted:
+            kw.setdefault(key, value)
+    if s.q is not None:
+        if "q" not in accepted:
+            raise ConfigError(f"--q sets the number of random directions; --estimator {s.estimator} takes none.")
+        kw.setdefault("q", s.q)
     est = bbzo.create_estimator(s.estimator, **kw)
     if s.lpr:
         from bbzo.sparsity import DynamicSparsity, LayerRatios
 
-        if s.estimator != "sparse_cge":
+        if not est.info.supports_sparse:
             raise ConfigError(f"--lpr trains with a sparse gradient: use --estimator sparse_cge (got {s.estimator}).")
         est = est.with_schedule(DynamicSparsity(LayerRatios.load(s.lpr), params, resample_every=s.resample_every,
                                                 seed=s.seed, others=s.sparse_others))
@@ -303,7 +306,7 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         est = _make_estimator(s, params)
         q_step = est.query_cost(params)
-        if s.estimator == "sparse_cge" and q_step <= 1:
+        if est.info.supports_sparse and q_step <= 1:
             raise ConfigError("sparse_cge has no coordinates to estimate: give a set with --estimator-kwargs "
                               "'{coords: {\"0.weight\": [0, 1, 2]}}' or '{dense: [\"*\"]}'.")
         if s.max_queries is not None and q_step > s.max_queries and not ctx.resuming:
