@@ -191,20 +191,14 @@ def coerce(info: SettingInfo, value: Any, where: str = "setting") -> Any:
                 out = value.lower() in ("true", "yes", "1", "on")
             else:
                 raise _fail(where, info, value, "boolean")
-        elif k == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise _fail(where, info, value, "integer")
+        elif k in ("int", "float"):
+            cast, what = (int, "integer") if k == "int" else (float, "number")
+            if isinstance(value, bool) or (k == "int" and isinstance(value, float) and not value.is_integer()):
+                raise _fail(where, info, value, what)
             try:
-                out = int(value)
+                out = cast(value)
             except (TypeError, ValueError):
-                raise _fail(where, info, value, "integer") from None
-        elif k == "float":
-            if isinstance(value, bool):
-                raise _fail(where, info, value, "number")
-            try:
-                out = float(value)
-            except (TypeError, ValueError):
-                raise _fail(where, info, value, "number") from None
+                raise _fail(where, info, value, what) from None
         elif k == "str":
             if isinstance(value, (dict, list, tuple)):
                 raise _fail(where, info, value, "string")
