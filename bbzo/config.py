@@ -359,9 +359,15 @@ def from_plain(cls: type, data: Mapping[str, Any], where: str = "saved settings"
 
 
 def differing(cls: type, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Settings (by name) whose values differ between two plain dicts, except runtime ones."""
+    """Settings (by name) whose values differ between two plain dicts, except runtime ones.
+
+    A setting the old record lacks (it was added to bbzo since) counts as its default there, so a run
+    written before a new setting existed stays compatible as long as the new setting keeps its default.
+    """
     skip = runtime_keys(cls)
-    return sorted(k for k in set(old) | set(new) if k not in skip and _plain(old.get(k)) != _plain(new.get(k)))
+    defaults = {i.name: _plain(i.default) for i in setting_infos(cls)}
+    return sorted(k for k in new if k not in skip
+                  and _plain(old.get(k, defaults.get(k))) != _plain(new.get(k)))
 
 
 def write_config(folder: Union[str, Path], values: Mapping[str, Any], sources: Optional[Mapping[str, str]] = None,

@@ -23,13 +23,15 @@ Three kinds:
 * ``probes.touched_bytes(params)`` -- bytes of the parameters one stacked set of a chunk holds;
 * ``probes.stack(params)`` -- ``{name: (K, *shape)}`` copies of the touched tensors, perturbed;
 * ``probes.linear_delta(layer, x, base_out, local)`` -- for a Conv2d/Linear stage that the probes
-  move, the perturbed outputs ``(B, K, ...)`` from linearity in the weights, or ``None`` (no fast path).
+  move, the perturbed outputs ``(B, K, ...)`` from linearity in the weights, or ``None`` (no fast path);
+* ``probes.channel_start(layer, x, base_out, local)`` -- the same when each probe changes one channel,
+  as a :class:`~bbzo.adapters.channel.Channel` (channel-level reuse), or ``None``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -118,6 +120,13 @@ class CoordinateProbes:
 
         locals_ = [local[self.names[p]] for p in self.pidx.tolist()]
         return coordinate_outputs(layer, x, base_out, locals_, self.index, self.step)
+
+    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
+                      unfolded: Any = None) -> Any:
+        from .adapters.channel import channel_start
+
+        locals_ = [local[self.names[p]] for p in self.pidx.tolist()]
+        return channel_start(layer, x, base_out, locals_, self.index, self.step, unfolded)
 
 
 def direction_seed(seed: int, k: int) -> int:
@@ -209,6 +218,10 @@ class DirectionProbes:
                      local: Mapping[str, str]) -> None:
         return None
 
+    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
+                      unfolded: Any = None) -> None:
+        return None  # a direction moves every channel
+
 
 @dataclass(frozen=True)
 class BlockProbes:
@@ -265,6 +278,10 @@ class BlockProbes:
         from .adapters.linear_delta import block_outputs
 
         return block_outputs(layer, x, base_out, local[self.name], self.dirs, self.step)
+
+    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
+                      unfolded: Any = None) -> None:
+        return None  # a dense direction in one tensor moves every channel of its layer
 
 
 Probes = Union[CoordinateProbes, DirectionProbes, BlockProbes]

@@ -9,7 +9,7 @@
 * **Resume is exact.** ``--resume`` continues every training from its checkpoint (bitwise on CPU);
   ``--resume`` on a folder without a checkpoint says so instead of starting afresh. Extending a run
   (``--resume --steps N``) re-plans a length-dependent schedule over the new length from the resume
-  step on (:meth:`bbzo.trainer.Trainer.replan_schedule`). A run whose query budget is spent says to
+  step on (:meth:`bbzo.trainer.Trainer.resume` re-plans when the checkpoint's length differs). A run whose query budget is spent says to
   raise ``--max-queries``.
 * **Nothing is lost.** Checkpoints are atomic and the previous one is kept as a recovery copy; a failed
   run still writes ``results.json`` with its status, the error and how far each training got; wall time
@@ -284,9 +284,6 @@ class Run:
         if resuming:
             trainer.resume()
             resumed_from = trainer.step_count
-            old_steps = (self.previous or {}).get("steps")
-            if old_steps is not None and old_steps != getattr(self.settings, "steps", old_steps):
-                trainer.replan_schedule()
             left = ledger.queries_left()
             if not trainer.done and left is not None and trainer.query_cost() > left:
                 raise ConfigError(

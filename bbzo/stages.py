@@ -39,14 +39,21 @@ class OnFirst(nn.Module):
 
 
 class Merge(nn.Module):
-    """``(h, skip) -> post(h + shortcut(skip))``: close a residual branch."""
+    """``(h, skip) -> post(h + shortcut(skip))``: close a residual branch.
 
-    def __init__(self, shortcut: Optional[nn.Module] = None, post: Optional[nn.Module] = None) -> None:
+    ``subtract=True`` gives ``post(shortcut(skip) - h)`` (a branch that predicts what to remove, as DnCNN's noise).
+    """
+
+    def __init__(self, shortcut: Optional[nn.Module] = None, post: Optional[nn.Module] = None,
+                 subtract: bool = False) -> None:
         super().__init__()
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
         self.post = post if post is not None else nn.Identity()
+        self.subtract = subtract
 
     def forward(self, act: tuple) -> torch.Tensor:
+        if self.subtract:
+            return self.post(self.shortcut(act[1]) - act[0])
         return self.post(act[0] + self.shortcut(act[1]))
 
 

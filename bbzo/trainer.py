@@ -216,6 +216,7 @@ class Trainer:
         ledger = ledger_state if ledger_state is not None else self.ledger.state_dict()
         return {
             "step": self.step_count,
+            "max_steps": self.max_steps,
             "queries_used": int(ledger["queries"]),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -267,14 +268,18 @@ class Trainer:
         if path is None:
             raise ConfigError("resume needs a path or a Trainer(run_dir=...).")
         dev = next(self.model.parameters()).device
-        self.load_state_dict(load_checkpoint(path, map_location=dev))
+        sd = load_checkpoint(path, map_location=dev)
+        self.load_state_dict(sd)
         self._saved_step = self.step_count
+        if sd.get("max_steps") not in (None, self.max_steps):  # the run was extended (or shortened)
+            self.replan_schedule()
         for h in self.on_resume:
             h(self)
         return self
 
     def replan_schedule(self) -> None:
-        """After ``max_steps`` changed on resume: set each group's lr from the scheduler at the current step.
+        """After ``max_steps`` changed on resume (:meth:`resume` calls this): set each group's lr from the
+        scheduler at the current step.
 
         A :class:`~torch.optim.lr_scheduler.LambdaLR` whose factor depends on the run's total length (as
         :func:`bbzo.optim.cosine_with_warmup`) is then continued over the *new* length from this step on,

@@ -3,7 +3,7 @@
 A *reference* is ``pkg.mod:attr`` or ``path/to/file.py:attr``. This is how ``bbzo train --oracle
 mypkg.sim:Simulator --model mypkg.net:build --data net.py:make_data`` finds user code; the file form
 means a user does not need to install their package (``examples/custom_simulator/heater.py:build``
-imports that file directly). Every failure is a :class:`~bbzo.errors.ConfigError` that says which part
+imports that file directly, and the file may import the modules next to it). Every failure is a :class:`~bbzo.errors.ConfigError` that says which part
 is wrong (no module, no file, no attribute, a builder that raised) and how to fix it.
 
 * :func:`load_object` -- the object a reference names;
@@ -71,6 +71,9 @@ def _import_file(module: str, ref: str) -> Any:
         raise ConfigError(f"reference {ref!r}: cannot import {str(path)!r} as Python (is it a .py file?).")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses, pickling and relative lookups need the module registered
+    folder = str(path.parent)
+    if folder not in sys.path:  # a file's neighbours are importable (`import mysim_helpers` next to it);
+        sys.path.append(folder)  # appended, so a neighbour never shadows an installed package
     try:
         spec.loader.exec_module(mod)
     except Exception as e:

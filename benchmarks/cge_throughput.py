@@ -1,21 +1,25 @@
-"""CGE throughput on CIFAR ResNet-20 (batch 64): naive loop vs bbzo batched vs bbzo + feature reuse.
+"""CGE throughput on CIFAR ResNet-20 (batch 64, 1% random coordinates): every evaluation path side by side.
 
-Prints one JSON object. ``--quick`` times fewer coordinates (under a minute on 2 CPU cores).
+Prints one JSON object (``--out`` also writes it). ``--quick`` times fewer coordinates (under a minute).
 
 Keys (all per coordinate unless named otherwise; ms):
-  forward_ms            one full batch-64 forward (no grad)
-  naive_ms_per_coord    perturb one coordinate, full forward + loss, restore (DeepZero's loop minus deepcopy)
-  batched_ms_per_coord  bbzo, generic torch.func adapter (K perturbed sets per call, no feature reuse)
-  reuse_ms_per_coord    bbzo, staged adapter (feature reuse + linear-layer shortcut)
-  autograd_step_ms      forward + backward
-  limit_ms_per_coord    cost of only the stages downstream of each coordinate (stages timed at batch
-                        64, averaged over the set): what perfect reuse at this stage granularity costs
-Also ratios to forward_ms and the speed-up over naive.
+  forward_ms                one full batch-64 forward (no grad)
+  deepzero_loop_ms_per_coord DeepZero's single-process ``cge``: deep-copy the parameters, perturb, reload the
+                            state dict, full forward + loss, for every coordinate (the anchor)
+  naive_ms_per_coord        perturb one coordinate in place, full forward + loss, restore
+  batched_ms_per_coord      bbzo, generic torch.func adapter (K perturbed sets per call, no feature reuse)
+  reuse_ms_per_coord        bbzo, stage-level feature reuse + linear-layer shortcut (channel reuse off)
+  channel_ms_per_coord      bbzo's default: stage- and channel-level reuse
+  autograd_step_ms          forward + backward
+  limit_ms_per_coord        cost of only the stages downstream of each coordinate (stages timed at batch
+                            64, averaged over the set): what perfect reuse at stage granularity costs
+Also ratios to forward_ms and the speed-ups over naive, all measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -30,6 +34,7 @@ import bbzo
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
 from bbzo.adapters.linear_delta import linear_core
 from bbzo.models import create_model
+from bbzo.provenance import provenance
 
 
 def samples(fn, reps: int, warmup: int = 1) -> list[float]:
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,9 +130,25 @@ def main() -> None:
         sync()
     naive_s = timed(naive, 1 if args.quick else 2) / n_naive
 
-    def bbzo_run(adapter_cls, sub):
+    n_dz = max(4, n_naive // 4)
+
+    def deepzero_loop():
+        """``gradient_estimate.cge`` of the reference: a deep copy and a state-dict reload per coordinate."""
+        base_sd = copy.deepcopy(model.state_dict())
+        with torch.no_grad(), frozen_bn_stats(model):
+            base = loss_fn(model(x), y).mean()
+            for s in sample[:n_dz].tolist():
+                sd = copy.deepcopy(base_sd)
+                sd[owner[s]].view(-1)[int(flat_idx[s])] += 5e-3
+                model.load_state_dict(sd)
+                _ = (loss_fn(model(x), y).mean() - base) / 5e-3
+            model.load_state_dict(base_sd)
+        sync()
+    deepzero_s = timed(deepzero_loop, 1 if args.quick else 2) / n_dz
+
+    def bbzo_run(adapter_cls, sub, **kw):
         est = bbzo.create_estimator("sparse_cge", coords=sub)
-        adapter = adapter_cls(model)
+        adapter = adapter_cls(model, **kw)
         res = {}
 
         def run():
@@ -148,7 +170,8 @@ def main() -> None:
                 sub_coords[n] = sel
             pos += k
     batched_s, _ = bbzo_run(FunctionalAdapter, sub_coords)
-    reuse_s, reuse_res = bbzo_run(StagedAdapter, coords)
+    reuse_s, reuse_res = bbzo_run(StagedAdapter, coords, channel_reuse=False)
+    channel_s, channel_res = bbzo_run(StagedAdapter, coords)
 
     # downstream-only limit from timed stages
     adapter = StagedAdapter(model)
@@ -187,23 +210,35 @@ def main() -> None:
         "quick": args.quick,
         "forward_ms": ms(forward_s),
         "forward_ms_min": ms(min(fwd_samples)),
+        "deepzero_loop_ms_per_coord": ms(deepzero_s),
         "naive_ms_per_coord": ms(naive_s),
         "batched_ms_per_coord": ms(batched_s),
         "reuse_ms_per_coord": ms(reuse_s),
+        "channel_ms_per_coord": ms(channel_s),
         "autograd_step_ms": ms(autograd_s),
         "limit_ms_per_coord": ms(limit_s),
         "sum_of_stages_ms": ms(sum(stage_s)),
         "naive_over_forward": round(naive_s / forward_s, 3),
         "batched_over_forward": round(batched_s / forward_s, 3),
+        "deepzero_loop_over_forward": round(deepzero_s / forward_s, 3),
         "reuse_over_forward": round(reuse_s / forward_s, 3),
+        "channel_over_forward": round(channel_s / forward_s, 3),
         "limit_over_forward": round(limit_s / forward_s, 3),
         "reuse_speedup_vs_naive": round(naive_s / reuse_s, 2),
+        "channel_speedup_vs_naive": round(naive_s / channel_s, 2),
+        "channel_speedup_vs_deepzero_loop": round(deepzero_s / channel_s, 2),
         "batched_speedup_vs_naive": round(naive_s / batched_s, 2),
         "reuse_batched_calls": reuse_res.calls,
-        "full_sparse_cge_step_s": round(reuse_s * reuse_res.queries, 2),
+        "full_sparse_cge_step_s": round(channel_s * channel_res.queries, 2),
+        "full_sparse_cge_step_stage_reuse_s": round(reuse_s * reuse_res.queries, 2),
+        "command": " ".join(["python", *sys.argv]),
+        "provenance": provenance(),
     }
-    json.dump(out, sys.stdout, indent=1)
-    print()
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -15,17 +16,40 @@ from bbzo.errors import BbzoError
 from bbzo.task import get_task
 
 
+FIRST_LINE = 300  # characters of an error's first line; the details follow on indented lines
+
+
+def format_error(message: str, width: int = FIRST_LINE) -> str:
+    """``error: <what happened>`` within ``width`` characters, the details (stderr tail, hints) on the lines after."""
+    text = " ".join(message.split())
+    parts = re.split(r"(?<=[.;)]) (?=[A-Z(|])| (?=\| )", text)
+    lines, cur = [], "error:"
+    for part in parts:
+        if not lines and len(cur) + 1 + len(part) <= width:
+            cur = f"{cur} {part}"
+            continue
+        if not lines:
+            lines.append(cur)
+            cur = ""
+        lines.append("  " + part)
+    if not lines:
+        return cur
+    if lines[0] == "error:":  # the first clause alone is longer than the width: cut it at a word
+        clause = lines[1].strip()
+        head = clause[: width - 7].rsplit(" ", 1)[0]
+        lines = [f"error: {head}", "  " + clause[len(head):].strip(), *lines[2:]]
+    return "\n".join(lines)
+
+
 class _Group(click.Group):
-    """Turn bbzo's own errors into one clear line and exit code 2 (no traceback)."""
+    """Turn bbzo's own errors into a clear message and exit code 2 (no traceback): what happened on the
+    first line (at most a few hundred characters), the details after it."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except BbzoError as e:
-            first, *rest = str(e).split("\n", 1)
-            click.echo(f"error: {first}", err=True)
-            if rest:
-                click.echo(rest[0], err=True)
+            click.echo(format_error(str(e)), err=True)
             sys.exit(2)
 
 

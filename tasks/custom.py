@@ -63,6 +63,8 @@ class TrainSettings(RunSettings):
         "(flattened), joined by '+', e.g. 'outputs+inputs' when the simulator also needs the conditions the model saw."))
     oracle_timeout: float = setting(60.0, runtime=True, help=(
         "--oracle-cmd: seconds to wait for one answer before the program counts as hung."))
+    oracle_startup_timeout: float = setting(30.0, runtime=True, help=(
+        "--oracle-cmd: seconds to wait for the program's handshake line after starting it."))
     oracle_restarts: int = setting(0, runtime=True, help=(
         "--oracle-cmd: after a crash, timeout or malformed answer, restart the program and re-send the call up to N "
         "times before failing."))
@@ -96,7 +98,7 @@ class TrainSettings(RunSettings):
         "Tensors the LPR does not name (BN, biases): estimated densely every step (DeepZero), drawn at the global kept "
         "fraction, or not trained."))
     mu: float = setting(5e-3, help="Finite-difference step.")
-    q: Optional[int] = setting(None, help="rge: random directions per step (default 192).")
+    q: Optional[int] = setting(None, help="rge / oracle_rge: random directions per step (rge default: d, the same queries per step as cge).")
     lr: float = setting(0.01, help="Learning rate.")
     optimizer: str = setting("adam", choices=("adam", "sgd", "adamw"), help=(
         "torch optimizer fed with the estimate (sgd with momentum 0.9)."))
@@ -204,17 +206,18 @@ def build_oracle(s: TrainSettings, run_dir: Optional[Path] = None) -> Oracle:
         if s.oracle_kwargs:
             raise ConfigError("--oracle-kwargs apply to a Python --oracle, not to --oracle-cmd (pass program arguments "
                               "in the command).")
-        return ProcessOracle(s.oracle_cmd, timeout=s.oracle_timeout, restarts=s.oracle_restarts,
+        return ProcessOracle(s.oracle_cmd, timeout=s.oracle_timeout, startup_timeout=s.oracle_startup_timeout,
+                             restarts=s.oracle_restarts,
                              stderr_log=(run_dir / "oracle.stderr.log") if run_dir is not None else None)
     assert s.oracle is not None
     return build_python_oracle(s.oracle, s.oracle_kwargs, s.oracle_array)
 
 
-def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor]) -> Any:
-    """The registered estimator with the run's mu, seed and q where its signature takes them."""
+def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor], d_in: Optional[int] = None) -> Any:
+    """The registered estimator with the run's mu, seed, q and the oracle's row width where its signature takes them."""
     accepted = inspect.signature(get_estimator_class(s.estimator)).parameters
     kw = dict(s.estimator_kwargs)
-    for key, value in (("mu", s.mu), ("seed", s.seed)):
+    for key, value in (("mu", s.mu), ("seed", s.seed), ("d_in", d_in)):
         if key in accepted:
             kw.setdefault(key, value)
     if s.q is not None:
@@ -278,8 +281,8 @@ def evaluate_on(model: nn.Module, objective: OracleObjective, x: torch.Tensor, y
     return {"loss": total / n, "rows": n}
 
 
-def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data, parts: list[str]) -> None:
-    """One unperturbed forward (eval mode: BN statistics untouched): does the oracle take rows this wide?"""
+def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data, parts: list[str]) -> int:
+    """One unperturbed forward (eval mode: BN statistics untouched): does the oracle take rows this wide? -> the width"""
     with torch.no_grad():
         xb, tb = data.train.get_batch(0)
         was_training = model.training
@@ -293,6 +296,7 @@ def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data
         raise ConfigError(f"the oracle {oracle.name!r} takes rows of {tuple(oracle.input_shape)} values, but "
                           f"--oracle-input {s.oracle_input} gives {width} per row (model outputs "
                           f"{tuple(probe_out.shape[1:])}). Change the model or --oracle-input.")
+    return width
 
 
 def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
@@ -302,9 +306,9 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
     oracle = build_oracle(s, ctx.folder)
     try:
         objective = make_objective(oracle, s.loss, parts)
-        _check_width(s, model, oracle, data, parts)
+        width = _check_width(s, model, oracle, data, parts)
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-        est = _make_estimator(s, params)
+        est = _make_estimator(s, params, width)
         q_step = est.query_cost(params)
         if est.info.supports_sparse and q_step <= 1:
             raise ConfigError("sparse_cge has no coordinates to estimate: give a set with --estimator-kwargs "
@@ -323,7 +327,8 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
         scheduler=sched, oracles=[oracle], evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y),
         eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every, weights="model.pt",
         desc=f"{s.estimator} ({q_step} q/step)", log_extra={"estimator": s.estimator},
-        summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0)})
+        summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0),
+                            "oracle_restart_log": list(getattr(oracle, "restart_log", []))})
 
 
 def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -333,7 +338,8 @@ def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -
         "status": t["status"], "steps": t["steps"], "stopped_by": t["stopped_by"],
         "resumed_from_step": t["resumed_from_step"], "params": t["params"], "queries_per_step": t["queries_per_step"],
         "queries_used": t["queries"], "max_queries": s.max_queries, "oracle_rows": t["oracle_rows"],
-        "oracle_restarts": t.get("oracle_restarts", 0), "wall_s": t["wall_s"], "val_rows": t["eval_final"]["rows"],
+        "oracle_restarts": t.get("oracle_restarts", 0), "oracle_restart_log": t.get("oracle_restart_log", []),
+        "wall_s": t["wall_s"], "val_rows": t["eval_final"]["rows"],
         "val_loss_initial": t["eval_initial"]["loss"], "val_loss_final": t["eval_final"]["loss"],
         "train_loss_last": t.get("final_train_loss"), "ledger": t["ledger"],
         "checkpoint": str(out / "checkpoint.pt"), "model": str(out / "model.pt"), "metrics": str(out / "metrics.jsonl"),

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..ledger import QueryLedger
 from ..probes import Probes
 from ..stages import OnFirst, model_stages
+from .channel import Base, channel_core, channel_stage, densify, is_dense
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
@@ -64,6 +65,12 @@ def _unflat(tree: Any, k: int) -> Any:
     return tree_map(lambda t: t.view(t.shape[0] // k, k, *t.shape[1:]), tree)
 
 
+def _channels(act: Any) -> int:
+    """Channels of an activation (dim 1 of its first tensor; 1 for flat ones)."""
+    t = act[0] if isinstance(act, tuple) else act
+    return int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() > 1 else 1
+
+
 def stage_runner(stage: nn.Module) -> Callable[[Any, int], Any]:
     """How to run an unperturbed stage on K stacked batches ``(B, K, ...)``, keeping the K sets apart.
 
@@ -86,13 +93,19 @@ class StagedAdapter(Adapter):
     Args:
         model: The staged model.
         linear_shortcut: Use the probes' linear delta for Conv2d/Linear stages (exact; on by default).
+        channel_reuse: Carry a coordinate's one-channel change until the next layer that mixes channels
+            (:mod:`bbzo.adapters.channel`; exact; on by default).
         max_chunk_bytes, max_chunk: Bound the K perturbed sets evaluated per batched call.
     """
 
     reuses_features = True
 
-    def __init__(self, model: nn.Module, *, linear_shortcut: bool = True, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, *, linear_shortcut: bool = True, channel_reuse: bool = True,
+                 **kw: Any) -> None:
         super().__init__(model, **kw)
+        self.channel_reuse = channel_reuse
+        #: per start stage: the first stage that runs dense on the channel path (learnt on first use)
+        self.dense_from: dict[int, int] = {}
         stages = model_stages(model)
         if stages is None:
             raise ConfigError(
@@ -135,6 +148,8 @@ class StagedEvaluator(Evaluator):
         self._runners = [stage_runner(st) for st in self.stages]
         self._acts: Optional[list[Any]] = None
         self._fallback: Optional[Evaluator] = None
+        self._shortcuts: dict[int, torch.Tensor] = {}
+        self._unfolds: dict[int, Optional[torch.Tensor]] = {}
 
     # -------------------------------------------------------------- cached activations
     @property
@@ -189,6 +204,64 @@ class StagedEvaluator(Evaluator):
 
         return vmap(f, out_dims=1, randomness="same")(stacked)
 
+    # -------------------------------------------------------------- channel-level reuse
+    def _channel_rep(self, i: int, probes: Probes) -> Any:
+        """Stage ``i``'s output under the probes in the channel representation, or None (dense path)."""
+        if not self.adapter.channel_reuse:
+            return None
+        layer, pos = channel_core(self.stages[i])
+        if layer is None:
+            return None
+        x = self.acts[i] if pos is None else self.acts[i][pos]
+        base_out = self.acts[i + 1] if pos is None else self.acts[i + 1][pos]
+        rep = probes.channel_start(layer, x, base_out, self.adapter.local_names, lambda: self._unfolded(i, layer, x))
+        if rep is None or pos is None:
+            return rep
+        return (rep, *(Base(t) for t in self.acts[i + 1][1:]))
+
+    def _unfolded(self, i: int, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Stage ``i``'s conv input patches ``(B, C*kh*kw, Ho*Wo)``, once per minibatch, if they fit the chunk bound."""
+        if i not in self._unfolds:
+            unf = None
+            if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+                kh, kw = layer.kernel_size
+                out = self.acts[i + 1][0] if isinstance(self.acts[i + 1], tuple) else self.acts[i + 1]
+                need = x.shape[0] * x.shape[1] * kh * kw * out.shape[2] * out.shape[3] * x.element_size()
+                if need <= 2 * self.max_chunk_bytes:
+                    with torch.no_grad():
+                        unf = F.unfold(x, (kh, kw), dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+            self._unfolds[i] = unf
+        return self._unfolds[i]
+
+    def _shortcut_base(self, j: int) -> torch.Tensor:
+        """The unperturbed shortcut output of Merge stage ``j`` (computed once per minibatch)."""
+        if j not in self._shortcuts:
+            with torch.no_grad():
+                self._shortcuts[j] = self.stages[j].shortcut(self.acts[j][1])
+        return self._shortcuts[j]
+
+    def _run_channel(self, i: int, rep: Any, k: int) -> Any:
+        """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
+        j = i + 1
+        n = len(self.stages)
+        while j < n and not is_dense(rep):
+            out = channel_stage(self.stages[j], rep, self.acts[j + 1], lambda j=j: self._shortcut_base(j))
+            if out is None:
+                break
+            rep = out
+            j += 1
+        self.adapter.dense_from[i] = j
+        return self._run_downstream(j - 1, densify(rep, k), k)
+
+    def _chunk_bytes(self, i: int) -> int:
+        """Per-set working set of stages after ``i``: dense from where the channel path densifies (if known)."""
+        j = self.adapter.dense_from.get(i) if self.adapter.channel_reuse else None
+        if j is None:
+            return self._downstream_bytes(i)
+        dense = [tree_bytes(a) for a in self.acts[j + 1:]] or [tree_bytes(self.acts[-1])]
+        sparse = [tree_bytes(a) // max(1, _channels(a)) for a in self.acts[i + 1:j + 1]] or [0]
+        return 2 * max(max(dense), 4 * max(sparse))
+
     def _evaluate(self, probes: Probes) -> torch.Tensor:
         groups = probes.tensor_groups()
         if groups is None:  # every probe moves several stages: no reuse
@@ -206,12 +279,18 @@ class StagedEvaluator(Evaluator):
         for i in sorted(by_stage):
             rows = torch.sort(torch.cat(by_stage[i])).values
             sub = probes.select(rows)
-            k = chunk_size(self._downstream_bytes(i), self.max_chunk_bytes, self.max_chunk)
-            for start in range(0, len(sub), k):
+            start = 0
+            while start < len(sub):
+                k = chunk_size(self._chunk_bytes(i), self.max_chunk_bytes, self.max_chunk)
                 chunk = sub.slice(start, min(len(sub), start + k))
-                out = self._run_downstream(i, self._perturbed_stage(i, chunk), len(chunk))
+                rep = self._channel_rep(i, chunk)
+                if rep is not None:
+                    out = self._run_channel(i, rep, len(chunk))
+                else:
+                    out = self._run_downstream(i, self._perturbed_stage(i, chunk), len(chunk))
                 out = tree_map(lambda t: t.movedim(1, 0), out)  # (K, B, ...) for the loss
                 losses[rows[start:start + len(chunk)]] = self._loss(out, len(chunk))
+                start += len(chunk)
         return losses
 
     def _fallback_eval(self, probes: Probes) -> torch.Tensor:

@@ -33,7 +33,8 @@ class RGE(Estimator):
     """Randomized gradient estimate with ``q`` directions per step.
 
     Args:
-        q: Directions per step.
+        q: Directions per step (default ``d``, the number of trainable scalars: the same queries per
+            step as CGE, the comparison DeepZero's Fig. 2 makes).
         distribution: ``"gaussian"`` (u ~ N(0, I)), ``"sphere"`` (uniform, radius sqrt(d)) or
             ``"tensor_sphere"`` (unit norm per tensor; not isotropic, see the module docstring).
         seed: Seed of the direction stream; step ``t`` uses directions derived from ``(seed, t)``.
@@ -54,16 +55,16 @@ class RGE(Estimator):
     )
     State = RGEState
 
-    def __init__(self, q: int = 192, distribution: str = "gaussian", seed: int = 0,
+    def __init__(self, q: Optional[int] = None, distribution: str = "gaussian", seed: int = 0,
                  mu: float = 5e-3, difference: str = "forward", seeding: str = "per_step") -> None:
         super().__init__(mu=mu, difference=difference)
-        if q < 1:
+        if q is not None and q < 1:
             raise ConfigError(f"rge: q must be >= 1, got {q}.")
         if distribution not in DISTRIBUTIONS:
             raise ConfigError(f"rge: distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}.")
         if seeding not in ("per_step", "given"):
             raise ConfigError(f"rge: seeding must be 'per_step' or 'given', got {seeding!r}.")
-        self.q = int(q)
+        self.q = int(q) if q is not None else None
         self.distribution = distribution
         self.seed = int(seed)
         self.seeding = seeding
@@ -72,15 +73,21 @@ class RGE(Estimator):
         return RGEState(seed=self.seed, step=0)
 
     def num_probes(self, params: Params, state: NamedTuple) -> int:
-        return self.q if self.difference == "forward" else 2 * self.q
+        q = self.directions(params)
+        return q if self.difference == "forward" else 2 * q
 
     def _step_seed(self, state: RGEState) -> int:
         if self.seeding == "given":
             return int(state.seed)
         return int(np.random.SeedSequence([state.seed, state.step, 0x5EED]).generate_state(1)[0])
 
+    def directions(self, params: Params) -> int:
+        """``q``: as given, or ``d`` (the trainable scalars: the same queries per step as CGE)."""
+        return self.q if self.q is not None else sum(int(p.numel()) for p in params.values())
+
     def ask(self, params: Params, state: RGEState) -> tuple[DirectionProbes, RGEState]:
-        dirs = torch.arange(self.q, dtype=torch.int64)
+        q = self.directions(params)
+        dirs = torch.arange(q, dtype=torch.int64)
         if self.difference == "central":
             dirs = dirs.repeat(2)
         probes = DirectionProbes(
@@ -88,7 +95,7 @@ class RGE(Estimator):
             shapes=tuple(p.shape for p in params.values()),
             seed=self._step_seed(state),
             dirs=dirs,
-            step=self._signed_steps(self.q),
+            step=self._signed_steps(q),
             distribution=self.distribution,
         )
         return probes, state._replace(step=state.step + 1)
@@ -97,9 +104,10 @@ class RGE(Estimator):
              base_loss: Optional[torch.Tensor]) -> Grads:
         if losses.shape != (len(probes),):
             raise ShapeError(f"rge.tell: expected {len(probes)} losses, got shape {tuple(losses.shape)}.")
-        coef = self._differences(losses, base_loss, self.q) / self.q
+        q = len(probes) if self.difference == "forward" else len(probes) // 2
+        coef = self._differences(losses, base_loss, q) / q
         acc = [torch.zeros(s, dtype=torch.float64) for s in probes.shapes]
-        for k in range(self.q):
+        for k in range(q):
             for a, u in zip(acc, make_direction(probes.seed, k, probes.shapes, probes.distribution)):
                 a.add_(u, alpha=float(coef[k]))
         return {n: a.to(device=params[n].device, dtype=params[n].dtype) for n, a in zip(probes.names, acc)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -82,6 +83,7 @@ class ProcessOracle(Oracle):
                          max_rows=max_rows, max_calls=max_calls, max_batch=max_batch)
         self.timeout, self.startup_timeout, self.restarts = float(timeout), float(startup_timeout), int(restarts)
         self.restarts_used = 0
+        self.restart_log: list[str] = []
         self.d_in = self.d_out = 0
         self.format = ""
         try:
@@ -113,9 +115,20 @@ class ProcessOracle(Oracle):
             raise
         self.input_shape, self.output_shape = (self.d_in,), (self.d_out,)
 
-    def _prefix(self, query: int, rows: int, sent: bool = True) -> str:
-        s = f"{self.program.prefix()}, query #{query} ({rows} rows"
-        return s + (f", request {self.program.sent} to this process)" if sent else ")")
+    def _prefix(self, call: str, sent: bool = True) -> str:
+        """``oracle program `cmd` (pid 12), call #50 (step 25, 1088 rows; request 51 to this process)``."""
+        s = f"{self.program.prefix()}, {call}"
+        return s[:-1] + f"; request {self.program.sent} to this process)" if sent else s
+
+    def _report_restart(self, reason: str, attempt: int) -> None:
+        """A restart is never silent: one line on the console and in the stderr log, kept for the summary."""
+        hang = " Each hang costs the whole --oracle-timeout." if "timeout" in reason else ""
+        line = f"bbzo: {reason} -> restarting the program (restart {attempt} of {self.restarts}).{hang}"
+        self.restart_log.append(line)
+        print(line, file=sys.stderr, flush=True)
+        if self.program.stderr_log is not None:
+            with open(self.program.stderr_log, "a") as f:
+                f.write(line + "\n")
 
     def close(self, grace: float = 2.0) -> None:
         """Ask the program to quit (``quit`` line, stdin closed); terminate, then kill, after ``grace`` s."""
@@ -133,11 +146,11 @@ class ProcessOracle(Oracle):
     # ------------------------------------------------------------------ one query
     def _query(self, inputs: torch.Tensor) -> torch.Tensor:
         n = int(inputs.shape[0])
-        query = self.calls_used + 1
+        call = self.call_label(n)
         arr = inputs.detach().reshape(n, -1).to("cpu", torch.float64).numpy()
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr).all(axis=1)).sum())
-            raise OracleError(f"{self._prefix(query, n, sent=False)}: {bad} input rows hold NaN/inf; not sent (the model "
+            raise OracleError(f"{self._prefix(call, sent=False)}: {bad} input rows hold NaN/inf; not sent (the model "
                               "upstream of the oracle diverged: lower the learning rate or mu).")
         attempt = 0
         while True:
@@ -149,24 +162,30 @@ class ProcessOracle(Oracle):
                                             lambda buf: progress_text(buf, n, self.d_out, self.format))
                 break
             except Reported as e:
-                raise OracleError(f"{self._prefix(query, n)} answered with an error: {e}{self.program.stderr_tail()}") from None
+                raise OracleError(f"{self._prefix(call)} answered with an error: {e}{self.program.stderr_tail()}") from None
             except Transport as e:
-                msg = f"{self._prefix(query, n)}: {e}{self.program.stderr_tail()}"
+                msg = f"{self._prefix(call)}: {e}{self.program.stderr_tail()}"
+                first_call = self.calls_used + self.ledger.account(self).eval_calls == 0
                 self.program.kill()
                 if attempt < self.restarts:
                     attempt += 1
                     self.restarts_used += 1
+                    self._report_restart(msg, attempt)
                     continue
-                hint = (f" (gave up after {attempt} restart{'s' if attempt != 1 else ''})" if attempt
-                        else " (restart and retry with restarts=N / --oracle-restarts N)")
+                if attempt:
+                    hint = f" (gave up after {attempt} restart{'s' if attempt != 1 else ''})"
+                elif first_call:  # it failed before answering anything: a restart would fail the same way
+                    hint = " (it failed on its first call: check that it speaks the protocol; restarting would not help)"
+                else:
+                    hint = " (if the failure is transient, --oracle-restarts N restarts the program and re-sends the call)"
                 raise OracleError(msg + hint) from None
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             first = int(np.flatnonzero(~finite)[0])
             shown = ", ".join(f"{v:.6g}" for v in arr[first, :8]) + (", ..." if arr.shape[1] > 8 else "")
-            raise OracleError(f"{self._prefix(query, n)} returned NaN/inf in {int((~finite).sum())} of {n} rows "
+            raise OracleError(f"{self._prefix(call)} returned NaN/inf in {int((~finite).sum())} of {n} rows "
                               f"(first bad row {first}, its input [{shown}]). The simulator failed on those inputs: "
-                              "are they in its valid range, is mu too large?")
+                              f"are they in its valid range, is mu too large?{self.program.stderr_tail()}")
         return torch.from_numpy(out).to(device=inputs.device, dtype=inputs.dtype)
 
     def __repr__(self) -> str:

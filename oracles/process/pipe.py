@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .protocol import MAX_LINE, PROTOCOL_VERSION, Transport
+from .protocol import MAX_LINE, PROTOCOL_VERSION, Transport, first_bytes
 
 __all__ = ["Program"]
 
@@ -135,8 +135,8 @@ class Program:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Transport(f"{self.prefix()} printed no handshake within {startup_timeout:g} s "
-                                    f"(expected 'bbzo-oracle {PROTOCOL_VERSION} <d_in> <d_out> <format>' as its first "
-                                    f"line; is its stdout flushed?){self.stderr_tail()}")
+                                    f"(--oracle-startup-timeout; expected 'bbzo-oracle {PROTOCOL_VERSION} <d_in> <d_out> "
+                                    f"<format>' as its first line; is its stdout flushed?){self.stderr_tail()}")
                 if not sel.select(remaining):
                     continue
                 chunk = os.read(fd, 65536)
@@ -232,11 +232,12 @@ class Program:
         view = memoryview(request)
         sent = 0
         in_fd, out_fd = proc.stdin.fileno(), proc.stdout.fileno()
+        self.sent += 1  # this request's number (in messages)
         self._read_stray(out_fd)
         if self.buf:
-            raise Transport(f"wrong reply size: {len(self.buf)} unexpected bytes after the previous answer, before this "
-                            f"query was sent ({bytes(self.buf[:40])!r}); log to stderr, not stdout")
-        self.sent += 1
+            raise Transport(f"wrong reply size: {len(self.buf)} unexpected bytes after the answer to request "
+                            f"{self.sent - 1}, before this request was sent ({first_bytes(self.buf)}); log to stderr, "
+                            "not stdout")
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(out_fd, selectors.EVENT_READ)
@@ -249,7 +250,8 @@ class Program:
                     return reply
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise Transport(f"no complete answer within the timeout of {timeout:g} s ({progress(self.buf)})")
+                    raise Transport(f"no complete answer within the timeout of {timeout:g} s (--oracle-timeout; "
+                                    f"{progress(self.buf)})")
                 for key, _ in sel.select(remaining):
                     if key.fd == in_fd:
                         try:

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["PROTOCOL_VERSION", "FORMATS", "MAX_LINE", "Transport", "Reported", "parse_handshake", "encode_query",
-           "parse_reply", "parse_text_rows", "progress_text"]
+           "parse_reply", "parse_text_rows", "progress_text", "first_bytes"]
 
 PROTOCOL_VERSION = 1
 FORMATS: dict[str, Optional[np.dtype]] = {"text": None, "f32le": np.dtype("<f4"), "f64le": np.dtype("<f8")}
@@ -30,6 +30,15 @@ class Transport(Exception):
 
 class Reported(Exception):
     """The program answered ``error <message>``: the stream is intact, the call failed."""
+
+
+def first_bytes(buf: bytes, n: int = 40) -> str:
+    """The first non-blank bytes of ``buf``, quoted (stray output often starts with an empty line)."""
+    data = bytes(buf)
+    stripped = data.lstrip(b" \t\r\n")
+    skipped = len(data) - len(stripped)
+    shown = repr(stripped[:n]) + ("..." if len(stripped) > n else "")
+    return f"{shown}, after {skipped} blank bytes" if skipped else shown
 
 
 def parse_handshake(line: str, *, prefix: str, tail: str = "",
@@ -100,6 +109,8 @@ def parse_reply(buf: bytearray, n: int, d_out: int, fmt: str) -> Optional[np.nda
         return None
     line = bytes(buf[:nl]).decode("ascii", errors="replace").strip()
     parts = line.split()
+    if not parts:  # a blank line where the header belongs: quote what follows it
+        raise Transport(f"malformed reply: a blank line where the header 'ok {n} {d_out}' belongs ({first_bytes(buf)})")
     if parts[:1] == ["error"]:
         del buf[:nl + 1]
         raise Reported(line[len("error"):].strip() or "(no message)")

@@ -24,14 +24,16 @@ __all__ = ["evaluate", "vorticity", "evaluate_run"]
 
 
 @torch.no_grad()
-def evaluate(s: SolSettings, data: SolData, corrector: Optional[nn.Module], *, keep_states: bool = False
-             ) -> dict[str, Any]:
-    """Roll every test Re out from the first reference frame; MAE per Re, per step and overall."""
+def evaluate(s: SolSettings, data: SolData, corrector: Optional[nn.Module], *, keep_states: bool = False,
+             split: str = "test") -> dict[str, Any]:
+    """Roll every test Re (``split="train"``: every training Re, a validation for choosing settings) out
+    from the first reference frame; MAE per Re, per step and overall."""
     dev = torch.device(s.device)
     oracle = karman_oracle(s, "phiflow-karman(eval)")
-    ref = data.test.to(dev)
+    frames, res = (data.test, data.test_re) if split == "test" else (data.train, data.train_re)
+    ref = frames.to(dev)
     steps = min(s.eval_steps or ref.shape[1] - 1, ref.shape[1] - 1)
-    state, re = ref[:, 0].clone(), data.test_re.to(dev).float()
+    state, re = ref[:, 0].clone(), res.to(dev).float()
     maes, states = [], [state.cpu()]
     with oracle.ledger.evaluation():
         for t in range(steps):
@@ -42,7 +44,7 @@ def evaluate(s: SolSettings, data: SolData, corrector: Optional[nn.Module], *, k
             if keep_states:
                 states.append(state.cpu())
     mae = torch.stack(maes, 1)  # (R, steps)
-    out = {"steps": steps, "mae_per_re": {f"{float(r):g}": round(float(m), 5) for r, m in zip(data.test_re, mae.mean(1))},
+    out = {"steps": steps, "mae_per_re": {f"{float(r):g}": round(float(m), 5) for r, m in zip(res, mae.mean(1))},
            "mae": round(float(mae.mean()), 5), "mae_over_time": [round(float(v), 5) for v in mae.mean(0)],
            "oracle_rows": oracle.ledger.account(oracle).eval_rows}
     if keep_states:
@@ -79,6 +81,8 @@ def evaluate_run(s: SolSettings, out: Path, methods: tuple[str, ...] = METHODS, 
             continue
         corr = None if m == "src" else load_corrector(s, data, out / m / "corrector.pt").eval()
         evals[m] = evaluate(s, data, corr, keep_states=plots)
+        if s.validate:  # long rollouts on the training Re: what settings may be chosen by (never the test Re)
+            evals[m]["val_mae"] = evaluate(s, data, corr, split="train")["mae"]
         tj = out / m / "train.json"
         train[m] = json.loads(tj.read_text()) if tj.exists() else {"method": m}
     if not evals:

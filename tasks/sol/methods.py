@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 import bbzo
 from bbzo.adapters import LoopAdapter
 from bbzo.errors import ConfigError
 from bbzo.estimators import masked
 from bbzo.models.sol_corrector import CORRECTOR_CHANNELS, Corrector
+from bbzo.optim import cosine_with_warmup
 from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.run import BuildContext, Training
 from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores, score_accepts
@@ -44,8 +46,14 @@ def make_corrector(s: SolSettings, data: SolData, zero_last: bool = True) -> Cor
     std = data.velocity_std()
     re_std = float(torch.std(data.train_re.double())) if data.train_re.numel() > 1 else float(data.train_re[0])
     torch.manual_seed(s.seed)
-    return Corrector(CORRECTOR_CHANNELS[s.corrector], torch.tensor([float(std[0]), float(std[1]), re_std]), std,
-                     zero_last=zero_last)
+    model = Corrector(CORRECTOR_CHANNELS[s.corrector], torch.tensor([float(std[0]), float(std[1]), re_std]), std,
+                      zero_last=zero_last)
+    if s.init_jitter:  # a relative perturbation of the size of float32 rounding, from its own stream
+        g = torch.Generator().manual_seed(10_000 + s.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + s.init_jitter * torch.randn(p.shape, generator=g))
+    return model
 
 
 def load_corrector(s: SolSettings, data: SolData, path: Path) -> Corrector:
@@ -88,6 +96,13 @@ def make_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std
         return loss / n
 
     return rollout
+
+
+def _adam(model: nn.Module, lr: float, schedule: str, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam at ``lr``, with a cosine decay after a 5% warm-up over ``steps`` if asked."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = cosine_with_warmup(opt, max(1, steps), warmup_steps=max(1, steps) // 20) if schedule == "cosine" else None
+    return opt, sched
 
 
 def karman_oracle(s: SolSettings, name: str) -> KarmanOracle:
@@ -136,8 +151,9 @@ def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
         score_queries = res.queries
     sampler = DynamicSparsity(lpr, params, resample_every=s.resample_every, seed=s.seed, others="dense")
     est = masked(bbzo.create_estimator("cge", mu=s.mu), sampler)
+    opt, sched = _adam(model, s.lr, s.schedule, s.steps)
     return Training(
-        model=model, objective=rollout, estimator=est, optimizer=torch.optim.Adam(model.parameters(), lr=s.lr),
+        model=model, objective=rollout, estimator=est, optimizer=opt, scheduler=sched,
         data=batches, steps=s.steps, adapter=LoopAdapter(model, sets_per_call=s.sets_per_call), oracles=[oracle],
         checkpoint_every=s.checkpoint_every, weights="corrector.pt",
         desc=f"ZO-SOL ({sampler.coords_per_step + 1} q/step)", log_extra={"method": "zo"},
@@ -155,9 +171,9 @@ def build_fo(s: SolSettings, ctx: BuildContext) -> Training:
     batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
     # PhiML builds the adjoint solve's tensors during backward: keep them on the torch backend
     est = bbzo.create_estimator("autograd", context=lambda: phi().TORCH)
+    opt, sched = _adam(model, s.fo_lr or s.lr, s.schedule, s.steps)
     return Training(
-        model=model, objective=rollout, estimator=est,
-        optimizer=torch.optim.Adam(model.parameters(), lr=s.fo_lr or s.lr), data=batches, steps=s.steps,
+        model=model, objective=rollout, estimator=est, optimizer=opt, scheduler=sched, data=batches, steps=s.steps,
         adapter=LoopAdapter(model), checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="FO-SOL",
         log_extra={"method": "fo"}, summary=lambda tr: {"solver_state_steps": tr.step_count * s.batch * s.unroll})
 
@@ -206,10 +222,10 @@ def build_non(s: SolSettings, ctx: BuildContext) -> Training:
         start, target = pair
         return ((start + correction - target) * scale).pow(2).flatten(1).mean(1)
 
+    opt, sched = _adam(model, s.non_lr, s.non_schedule, s.non_steps)
     return Training(
-        model=model, objective=one_step_loss, estimator=bbzo.create_estimator("autograd"),
-        optimizer=torch.optim.Adam(model.parameters(), lr=s.non_lr), data=PairBatches(p, re, tgt, s.non_batch, s.seed),
-        steps=s.non_steps, oracles=[oracle], checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="NON",
+        model=model, objective=one_step_loss, estimator=bbzo.create_estimator("autograd"), optimizer=opt,
+        scheduler=sched, data=PairBatches(p, re, tgt, s.non_batch, s.seed), steps=s.non_steps, oracles=[oracle], checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="NON",
         log_extra={"method": "non"})
 
 

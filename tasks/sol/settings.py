@@ -63,6 +63,8 @@ class SolSettings(RunSettings):
     steps: int = setting(1000, runtime=True, help="Training steps (ZO-SOL and FO-SOL).")
     lr: float = setting(1e-4, help="Adam learning rate of ZO-SOL (and FO-SOL unless --fo-lr).")
     fo_lr: Optional[float] = setting(None, help="Adam learning rate of FO-SOL (default: --lr).")
+    schedule: str = setting("constant", choices=("constant", "cosine"), help=(
+        "Learning-rate schedule of ZO-SOL and FO-SOL: constant, or cosine decay to 0 after a 5% linear warm-up."))
     init: str = setting("scratch", choices=("scratch", "non"), help=(
         "ZO-SOL / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."))
     # ---- ZO-SOL
@@ -77,8 +79,15 @@ class SolSettings(RunSettings):
     non_steps: int = setting(1000, runtime=True, help="Training steps of NON.")
     non_batch: int = setting(32, help="Pairs per NON step.")
     non_lr: float = setting(1e-3, help="Adam learning rate of NON.")
+    non_schedule: str = setting("constant", choices=("constant", "cosine"), help=(
+        "Learning-rate schedule of NON: constant, or cosine decay to 0 after a 5% linear warm-up."))
     # ---- all
     eval_steps: int = setting(0, runtime=True, help="Evaluation rollout length (0: every recorded frame).")
+    validate: bool = setting(False, runtime=True, help=(
+        "Also report val_mae: full rollouts on the training Re, the validation to choose settings by (never the "
+        "test Re)."))
+    init_jitter: float = setting(0.0, help=(
+        "Relative noise added to the initial corrector's weights (a numerics-sensitivity probe; 0: none)."))
     backend: str = setting("torch", choices=("torch", "numpy"), runtime=True, help=(
         "PhiFlow backend of the black-box solver (numpy: no graph can exist)."))
     seed: int = setting(0, help="Seed of the corrector init, the batches, the score and the sparse draws.")

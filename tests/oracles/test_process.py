@@ -73,7 +73,7 @@ def test_a_wrong_program_fails_fast_at_start(mode, message):
 
 FAULTS = [
     ("crash", "exited with code 3.*Segmentation fault \\(pretend\\)"),
-    ("hang", "no complete answer within the timeout of 0.3 s \\(nothing received\\)"),
+    ("hang", "no complete answer within the timeout of 0.3 s \\(--oracle-timeout; nothing received\\)"),
     ("garbage", "malformed reply header 'Traceback"),
     ("wrong_rows", "wrong number of rows: the reply header says 2 rows for a query of 3 rows"),
     ("short", "received the header 'ok 3 1' and 2 of 3 rows"),
@@ -93,7 +93,7 @@ def test_each_fault_names_the_program_the_query_and_the_rows(mode, message, fmt)
         with pytest.raises(OracleError, match=message) as e:
             o.query(x)
     text = str(e.value)
-    assert "fake_program.py" in text and "query #2 (3 rows, request 2 to this process)" in text and "\n" not in text
+    assert "fake_program.py" in text and "call #2 (3 rows; request 2 to this process)" in text and "\n" not in text
     assert o.rows_used == 3 and o.calls_used == 1  # a failed query is not counted
 
 
@@ -102,19 +102,24 @@ def test_bytes_after_an_answer_are_caught_before_the_next_query():
         o.query(torch.rand(3, 2))
         o.query(torch.rand(3, 2))  # complete and correct; a log line follows 50 ms later
         time.sleep(0.3)
-        with pytest.raises(OracleError, match="query #3 .*unexpected bytes after the previous answer.*late log line"):
+        with pytest.raises(OracleError, match="call #3 .*unexpected bytes after the answer to request 2, before this "
+                                              "request was sent .*late log line"):
             o.query(torch.rand(3, 2))
 
 
-def test_restart_and_retry_recovers_from_a_transient_crash(tmp_path):
+def test_restart_and_retry_recovers_from_a_transient_crash_and_says_so(tmp_path, capsys):
     marker = tmp_path / "crashed-once"
+    log = tmp_path / "stderr.log"
     x = torch.rand(4, 2, dtype=torch.float64)
-    with fake("--mode", "crash", "--at", "2", "--marker", str(marker), restarts=1) as o:
+    with fake("--mode", "crash", "--at", "2", "--marker", str(marker), restarts=1, stderr_log=log) as o:
         o.query(x)
         pid = o.pid
         y = o.query(x)  # crashes, is restarted, the same query is re-sent
         assert marker.exists() and o.restarts_used == 1 and o.pid != pid
     assert torch.equal(y[:, 0], x.sum(1)) and o.calls_used == 2
+    said = capsys.readouterr().err
+    assert "restarting the program (restart 1 of 1)" in said and "exited with code 3" in said
+    assert "restarting the program (restart 1 of 1)" in log.read_text() and len(o.restart_log) == 1
 
 
 def test_restarts_give_up_and_say_so():
@@ -124,13 +129,21 @@ def test_restarts_give_up_and_say_so():
         assert o.restarts_used == 1 and not o.alive
 
 
-def test_without_restarts_the_next_query_starts_a_fresh_program(tmp_path):
+def test_without_restarts_the_next_query_starts_a_fresh_program_and_hints_fit_the_failure(tmp_path):
     marker = tmp_path / "m"
     with fake("--mode", "garbage", "--marker", str(marker)) as o:
-        with pytest.raises(OracleError, match="restart and retry with restarts=N"):
+        with pytest.raises(OracleError, match="failed on its first call.*restarting would not help"):
             o.query(torch.rand(2, 2))
         assert not o.alive
         assert o.query(torch.ones(2, 2))[:, 0].tolist() == [2.0, 2.0]
+    with fake("--mode", "garbage", "--at", "2", "--marker", str(tmp_path / "m2")) as o:
+        o.query(torch.rand(2, 2))
+        with pytest.raises(OracleError, match="transient, --oracle-restarts N restarts the program"):
+            o.query(torch.rand(2, 2))
+    with fake("--mode", "hang", "--at", "2", timeout=0.3) as o:
+        o.query(torch.rand(2, 2))
+        with pytest.raises(OracleError, match=r"timeout of 0.3 s \(--oracle-timeout"):
+            o.query(torch.rand(2, 2))
 
 
 def test_nan_and_error_replies_are_answers_not_retried(tmp_path):

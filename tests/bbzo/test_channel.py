@@ -1,0 +1,102 @@
+"""Channel-level reuse: the same losses as a full forward (float64 round-off) on every model family, and the
+stage-level path wherever a layer is not covered."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bbzo
+from bbzo.adapters import FunctionalAdapter, StagedAdapter
+from bbzo.models import create_model
+
+
+def ce(o, t):
+    return F.cross_entropy(o, t, reduction="none")
+
+
+def mse(o, t):
+    return (o - t).pow(2).flatten(1).mean(1)
+
+
+def _probes(model, n, seed=0):
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    est = bbzo.create_estimator("cge", mu=1e-3, difference="central")
+    probes, _ = est.ask(params, est.init(params))
+    if n is not None and n < len(probes):
+        probes = probes.select(torch.sort(torch.randperm(len(probes), generator=torch.Generator().manual_seed(seed))[:n]).values)
+    return probes
+
+
+def _compare(model, x, y, loss, n=None, max_chunk=1024):
+    probes = _probes(model, n)
+    adapter = StagedAdapter(model, max_chunk=max_chunk)
+    a = adapter.bind(loss, x, y).evaluate(probes)
+    b = FunctionalAdapter(model).bind(loss, x, y).evaluate(probes)
+    assert float((a - b).abs().max()) <= 1e-12 * max(1.0, float(b.abs().max())), float((a - b).abs().max())
+    assert float((a - a.mean()).abs().max()) > 1e-8  # the probes did move the losses
+    return adapter
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["simple_cnn", "simple_cnn_6670"])
+def test_simple_cnn_family_matches_a_full_forward(name, mode):
+    torch.manual_seed(0)
+    model = getattr(create_model(name).double(), mode)()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    adapter = _compare(model, x, y, ce, n=None if name == "simple_cnn" else 500, max_chunk=64)
+    if name == "simple_cnn":  # a conv coordinate stays one channel through BN, ReLU, pools and flatten to the linear layer
+        assert adapter.dense_from[0] == 7 and adapter.dense_from[1] == 7
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet20_matches_a_full_forward(mode):
+    torch.manual_seed(0)
+    model = getattr(create_model("resnet20", num_classes=5).double(), mode)()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    adapter = _compare(model, x, y, ce, n=300)
+    stages = adapter.stages
+    # a block's conv2 coordinate stays one channel through bn2 and the residual add with relu
+    conv2 = next(i for i, st in enumerate(stages) if getattr(st, "module", None) is model.layer1[0].conv2)
+    if conv2 in adapter.dense_from:
+        assert adapter.dense_from[conv2] >= conv2 + 3
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dncnn_matches_a_full_forward(mode):
+    torch.manual_seed(0)
+    model = create_model("dncnn", depth=5, width=6).double()
+    with torch.no_grad():  # a trained-looking last layer (it starts at zero)
+        model.last.weight.normal_(0, 0.1)
+    model = getattr(model, mode)()
+    x = torch.rand(3, 3, 12, 12, dtype=torch.float64)
+    _compare(model, x, x, mse, n=250)
+
+
+def test_uncovered_layers_fall_back_to_the_stage_path():
+    class Swap(nn.Module):  # mixes channels without being a conv: not covered
+        def forward(self, x):
+            return x.flip(1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), Swap(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    adapter = _compare(model, x, y, ce)
+    assert adapter.dense_from[0] == 1  # GroupNorm couples channels: dense from the next stage on
+
+
+def test_mlp_and_channel_reuse_off_agree():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    _compare(model, x, y, ce)
+    probes = _probes(model, None)
+    off = StagedAdapter(model, channel_reuse=False)
+    on = StagedAdapter(model)
+    torch.testing.assert_close(on.bind(ce, x, y).evaluate(probes), off.bind(ce, x, y).evaluate(probes), rtol=0, atol=1e-13)
+    assert not off.dense_from and on.dense_from
