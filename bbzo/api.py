@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, make_adapter
-from .errors import ConfigError
+from torch.utils._pytree import tree_map
+
+from .errors import ConfigError, OracleError
 from .estimators.base import Estimator, evaluate_sharded
+from .failures import SkipSamples
 from .ledger import QueryLedger
 
 __all__ = ["estimate_grad", "estimate", "evaluate_sharded", "EstimateResult", "write_grads"]
@@ -34,22 +37,44 @@ class EstimateResult:
     calls: int
 
 
+def _keep_rows(tree: Any, keep: torch.Tensor) -> Any:
+    return tree_map(lambda t: t[keep] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, tree)
+
+
 def estimate(adapter: Adapter, estimator: Estimator, objective: Any, inputs: Any, targets: Any,
-             *, n_shards: int = 1, ledger: Optional[QueryLedger] = None) -> EstimateResult:
+             *, n_shards: int = 1, ledger: Optional[QueryLedger] = None, failures: Any = None) -> EstimateResult:
     """One estimate on the minibatch ``(inputs, targets)``, advancing ``estimator.state``.
 
     ``ledger``: where the queries are charged (and budgets checked); a private one if None.
+    ``failures``: a :class:`~bbzo.failures.FailurePolicy` for rows the oracle cannot answer (``skip``
+    evaluates the step again without the failed samples, for every perturbation alike).
     """
     params = adapter.trainable()
     if not params:
         raise ConfigError("the model has no trainable parameters (requires_grad=True): nothing to estimate.")
     state = estimator.ensure_state(params)
-    evaluator = adapter.bind(objective, inputs, targets, ledger=ledger)
-    grads, loss, new_state = estimator.estimate(evaluator, params, state, n_shards)
+    queries = calls = 0
+    while True:
+        evaluator = adapter.bind(objective, inputs, targets, ledger=ledger, failures=failures)
+        try:
+            grads, loss, new_state = estimator.estimate(evaluator, params, state, n_shards)
+            break
+        except SkipSamples as e:
+            queries, calls = queries + evaluator.queries, calls + evaluator.calls
+            keep = torch.ones(evaluator.batch, dtype=torch.bool)
+            keep[e.samples.cpu()] = False
+            failures.skipped_samples += int(e.samples.numel())
+            failures.total_skipped_samples += int(e.samples.numel())
+            if not bool(keep.any()):
+                raise OracleError(f"every sample of the minibatch has a row the oracle could not answer "
+                                  f"({failures.failed_rows} failed rows): nothing is left to estimate from. Check the "
+                                  "model's outputs (are they in the simulator's valid range?) or use "
+                                  "--on-oracle-error penalize.") from None
+            inputs, targets = _keep_rows(inputs, keep), _keep_rows(targets, keep)
     estimator.state = new_state
     for n, p in params.items():
         grads.setdefault(n, torch.zeros_like(p))
-    return EstimateResult(grads=grads, loss=loss, queries=evaluator.queries, calls=evaluator.calls)
+    return EstimateResult(grads=grads, loss=loss, queries=queries + evaluator.queries, calls=calls + evaluator.calls)
 
 
 def estimate_grad(

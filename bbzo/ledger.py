@@ -60,6 +60,7 @@ class QueryLedger:
         self.queries = 0
         self.eval_queries = 0
         self.accounts: dict[str, Account] = {}
+        self._oracles: dict[str, "Oracle"] = {}
         self.step: Optional[int] = None
         self._eval_depth = 0
 
@@ -74,8 +75,13 @@ class QueryLedger:
             raise ConfigError(f"the ledger already counts an oracle named {name!r}; give each oracle of a "
                               "run its own name (Oracle(name=...)).")
         self.accounts.setdefault(name, Account())
+        self._oracles[name] = oracle
         oracle.ledger = self
         return oracle
+
+    def oracles(self) -> list["Oracle"]:
+        """The oracles attached to this ledger."""
+        return list(self._oracles.values())
 
     def account(self, oracle: Any) -> Account:
         name = oracle if isinstance(oracle, str) else oracle.name

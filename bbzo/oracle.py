@@ -77,6 +77,9 @@ class Oracle(ABC):
         self.output_shape = tuple(output_shape) if output_shape is not None else None
         self.ledger: QueryLedger = QueryLedger()
         self.ledger.attach(self)
+        #: answer rows it cannot produce with NaN instead of raising (a run's penalize / skip failure policy)
+        self.allow_nonfinite = False
+        self.nonfinite_rows = 0
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -188,6 +191,9 @@ class Oracle(ABC):
                 f"is {self.output_shape}."
             )
         finite = torch.isfinite(out.reshape(n, -1)).all(dim=1)
+        if not bool(finite.all()) and self.allow_nonfinite:
+            self.nonfinite_rows += int((~finite).sum())
+            return out.detach()
         if not bool(finite.all()):
             bad = int((~finite).sum())
             first = int((~finite).nonzero()[0])

@@ -32,6 +32,7 @@ from .data import BatchSource
 from .errors import CheckpointError, ConfigError
 from .estimators.base import Estimator
 from .estimators.transforms import clip_by_global_norm
+from .failures import FailurePolicy
 from .ledger import QueryLedger
 
 __all__ = ["Trainer"]
@@ -65,6 +66,8 @@ class Trainer:
         adapter_kw: ``max_chunk_bytes`` / ``max_chunk``.
         adapter: Use this adapter instead of :func:`~bbzo.adapters.make_adapter`'s choice (e.g. a
             :class:`~bbzo.adapters.LoopAdapter`, whose objective is a rollout).
+        failures: What to do with rows the oracle cannot answer (:class:`~bbzo.failures.FailurePolicy`;
+            default: stop). ``penalize`` / ``skip`` make the ledger's oracles answer them with NaN.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Trainer:
         log_every: int = 1,
         adapter_kw: Optional[dict[str, Any]] = None,
         adapter: Optional[Adapter] = None,
+        failures: Optional[FailurePolicy] = None,
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
@@ -105,6 +109,10 @@ class Trainer:
         if adapter is not None and adapter.model is not model:
             raise ConfigError("the adapter wraps a different model than the one the trainer trains.")
         self.adapter = adapter or make_adapter(model, feature_reuse=feature_reuse, **(adapter_kw or {}))
+        self.failures = failures if failures is not None else FailurePolicy()
+        if self.failures.tolerant:
+            for o in self.ledger.oracles():
+                o.allow_nonfinite = True
         self.before_step: list[Hook] = []
         self.after_step: list[Hook] = []
         self.on_log: list[Hook] = []
@@ -153,8 +161,9 @@ class Trainer:
             params = self.adapter.trainable()
             info = self.estimator.step_info(params, self.estimator.ensure_state(params))
             queries_before = self.ledger.queries
+            self.failures.new_step()
             res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, n_shards=self.n_shards,
-                           ledger=self.ledger)
+                           ledger=self.ledger, failures=self.failures)
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
             # step's start: rows spent inside the failed step are spent again on resume), then re-raise
@@ -188,6 +197,8 @@ class Trainer:
         }
         if self.ledger.accounts:
             self.status["oracle_rows"] = self.ledger.rows()
+        if self.failures.tolerant:
+            self.status.update(failed_rows=self.failures.failed_rows, skipped_samples=self.failures.skipped_samples)
         for h in self.after_step:
             h(self, self.status)
         if self.step_count % self.log_every == 0 or self.done:

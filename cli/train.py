@@ -28,6 +28,11 @@ def _report(res: dict[str, Any], s: TrainSettings) -> None:
                f"{res['wall_s']} s")
     click.echo(f"validation loss: {res['val_loss_initial']:.6g} before -> {res['val_loss_final']:.6g} after "
                f"({res['val_rows']} rows)")
+    if res.get("oracle_restarts"):
+        click.echo(f"oracle restarts: {res['oracle_restarts']} (each is in oracle.stderr.log and results.json)")
+    if res.get("failed_rows"):
+        click.echo(f"rows the oracle could not answer: {res['failed_rows']} ({s.on_oracle_error}"
+                   + (f": {res['skipped_samples']} samples skipped" if s.on_oracle_error == "skip" else "") + ")")
     click.echo(f"results: {Path(s.out) / 'results.json'}")
 
 

@@ -28,6 +28,7 @@ import bbzo
 from bbzo.config import setting
 from bbzo.data import TensorBatches
 from bbzo.errors import BbzoError, ConfigError, ShapeError
+from bbzo.failures import FailurePolicy
 from bbzo.estimators import get_estimator_class, list_estimators
 from bbzo.objective import OracleObjective
 from bbzo.optim import cosine_with_warmup, make_optimizer
@@ -65,9 +66,18 @@ class TrainSettings(RunSettings):
         "--oracle-cmd: seconds to wait for one answer before the program counts as hung."))
     oracle_startup_timeout: float = setting(30.0, runtime=True, help=(
         "--oracle-cmd: seconds to wait for the program's handshake line after starting it."))
+    oracle_workers: int = setting(1, runtime=True, help=(
+        "--oracle-cmd: copies of the program to start; each call's rows are split across them in order (a "
+        "single-threaded simulator then uses every core) and the answers reassembled exactly."))
     oracle_restarts: int = setting(0, runtime=True, help=(
         "--oracle-cmd: after a crash, timeout or malformed answer, restart the program and re-send the call up to N "
         "times before failing."))
+    on_oracle_error: str = setting("stop", choices=("stop", "penalize", "skip"), help=(
+        "Rows the black box cannot answer (NaN/inf, or rows an --oracle-cmd program reports as failed): stop the run, "
+        "penalize them (their loss becomes --oracle-error-penalty in every query alike), or skip the samples that "
+        "have one from the whole step (every perturbation and the base, so the differences stay consistent)."))
+    oracle_error_penalty: float = setting(1e3, help="--on-oracle-error penalize: the per-sample loss of a failed row "
+                                          "(choose it above any loss a good answer gives).")
     model: Optional[str] = setting(None, metavar="REF|NAME", help=(
         "The white-box model: 'pkg.module:build' or 'path/file.py:build' (a callable returning an nn.Module, or a "
         "module instance), or a registered name (see `bbzo models`)."))
@@ -122,7 +132,7 @@ class TrainSettings(RunSettings):
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 0), ("batch", 1), ("checkpoint_every", 0), ("log_every", 1),
-                         ("oracle_restarts", 0), ("eval_every", 0)):
+                         ("oracle_restarts", 0), ("oracle_workers", 1), ("eval_every", 0)):
             if getattr(self, name) < lo:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}.")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -202,13 +212,15 @@ def build_oracle(s: TrainSettings, run_dir: Optional[Path] = None) -> Oracle:
                           "external program speaking the bbzo protocol)." if s.oracle else
                           "no black box given: pass --oracle REF (a Python oracle) or --oracle-cmd 'program args'.")
     if s.oracle_cmd:
-        from bbzo.oracles.process import ProcessOracle
+        from bbzo.oracles.process import ProcessOracle, ProcessPool
         if s.oracle_kwargs:
             raise ConfigError("--oracle-kwargs apply to a Python --oracle, not to --oracle-cmd (pass program arguments "
                               "in the command).")
-        return ProcessOracle(s.oracle_cmd, timeout=s.oracle_timeout, startup_timeout=s.oracle_startup_timeout,
-                             restarts=s.oracle_restarts,
-                             stderr_log=(run_dir / "oracle.stderr.log") if run_dir is not None else None)
+        kw = dict(timeout=s.oracle_timeout, startup_timeout=s.oracle_startup_timeout, restarts=s.oracle_restarts,
+                  stderr_log=(run_dir / "oracle.stderr.log") if run_dir is not None else None)
+        if s.oracle_workers > 1:
+            return ProcessPool(s.oracle_cmd, s.oracle_workers, **kw)
+        return ProcessOracle(s.oracle_cmd, **kw)
     assert s.oracle is not None
     return build_python_oracle(s.oracle, s.oracle_kwargs, s.oracle_array)
 
@@ -283,11 +295,19 @@ def evaluate_on(model: nn.Module, objective: OracleObjective, x: torch.Tensor, y
 
 def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data, parts: list[str]) -> int:
     """One unperturbed forward (eval mode: BN statistics untouched): does the oracle take rows this wide? -> the width"""
-    with torch.no_grad():
-        xb, tb = data.train.get_batch(0)
-        was_training = model.training
-        probe_out = model.eval()(xb[:1])
+    xb, tb = data.train.get_batch(0)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            probe_out = model.eval()(xb[:1])
+    except Exception as e:  # the model does not take the data's inputs: one line, not a traceback
+        raise ConfigError(f"the model {s.model!r} fails on one input row of shape {tuple(xb.shape[1:])}: "
+                          f"{type(e).__name__}{where_raised(e)}: {str(e)[:200]}. Make its input fit --data.") from e
+    finally:
         model.train(was_training)
+    if not isinstance(probe_out, torch.Tensor):
+        raise ConfigError(f"the model {s.model!r} returns {type(probe_out).__name__}; the oracle needs one tensor of "
+                          "rows per sample.")
     src = {"outputs": probe_out, "inputs": xb[:1], "targets": tb}
     if src["targets"] is None and "targets" in parts:
         raise ConfigError("--oracle-input includes targets but the data have none.")
@@ -327,8 +347,11 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
         scheduler=sched, oracles=[oracle], evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y),
         eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every, weights="model.pt",
         desc=f"{s.estimator} ({q_step} q/step)", log_extra={"estimator": s.estimator},
+        trainer_kw={"failures": FailurePolicy(s.on_oracle_error, s.oracle_error_penalty)},
         summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0),
-                            "oracle_restart_log": list(getattr(oracle, "restart_log", []))})
+                            "oracle_restart_log": list(getattr(oracle, "restart_log", [])),
+                            "failed_rows": tr.failures.total_failed_rows,
+                            "skipped_samples": tr.failures.total_skipped_samples})
 
 
 def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -339,6 +362,8 @@ def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -
         "resumed_from_step": t["resumed_from_step"], "params": t["params"], "queries_per_step": t["queries_per_step"],
         "queries_used": t["queries"], "max_queries": s.max_queries, "oracle_rows": t["oracle_rows"],
         "oracle_restarts": t.get("oracle_restarts", 0), "oracle_restart_log": t.get("oracle_restart_log", []),
+        "on_oracle_error": s.on_oracle_error, "failed_rows": t.get("failed_rows", 0),
+        "skipped_samples": t.get("skipped_samples", 0),
         "wall_s": t["wall_s"], "val_rows": t["eval_final"]["rows"],
         "val_loss_initial": t["eval_initial"]["loss"], "val_loss_final": t["eval_final"]["loss"],
         "train_loss_last": t.get("final_train_loss"), "ledger": t["ledger"],

@@ -104,10 +104,17 @@ def _check_per_sample(per_sample: Any, n: int, what: str, k: int, batch: int) ->
         )
 
 
-def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "the objective") -> torch.Tensor:
-    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked)."""
+def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "the objective",
+                   failures: Any = None) -> torch.Tensor:
+    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked).
+
+    ``failures``: a :class:`~bbzo.failures.FailurePolicy` for samples whose rows the oracle could not answer.
+    """
     _check_per_sample(per_sample, k * batch, what, k, batch)
-    losses = per_sample.detach().to(torch.float64).view(k, batch).mean(1)
+    per_sample = per_sample.detach()
+    if failures is not None:
+        per_sample = failures.apply(per_sample, k, batch)
+    losses = per_sample.to(torch.float64).view(k, batch).mean(1)
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         raise NonFiniteError(
@@ -133,8 +140,9 @@ class Evaluator(ABC):
 
     def __init__(self, model: nn.Module, objective: Any, inputs: Any, targets: Any,
                  params: dict[str, torch.Tensor], max_chunk_bytes: int, max_chunk: int,
-                 ledger: Optional[QueryLedger] = None) -> None:
+                 ledger: Optional[QueryLedger] = None, failures: Any = None) -> None:
         self.model = model
+        self.failures = failures
         self.objective = objective
         self.inputs = inputs
         self.targets = targets
@@ -191,7 +199,7 @@ class Evaluator(ABC):
         self._charge(k)
         self.calls += 1
         per = self.objective(flatten_k(outputs_k), self._inputs_for(k), repeat_targets(self.targets, k))
-        return per_set_losses(per, k, self.batch)
+        return per_set_losses(per, k, self.batch, failures=self.failures)
 
     @abstractmethod
     def _base_loss(self) -> torch.Tensor: ...
@@ -225,4 +233,5 @@ class Adapter(ABC):
         return as_objective(objective)
 
     @abstractmethod
-    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> Evaluator: ...
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None,
+             failures: Any = None) -> Evaluator: ...

@@ -88,6 +88,8 @@ class FunctionalAdapter(Adapter):
         return self._act_bytes[key]
 
     def bind(self, objective: Any, inputs: Any, targets: Any,
-             ledger: Optional[QueryLedger] = None) -> FunctionalEvaluator:
+             ledger: Optional[QueryLedger] = None,
+             failures: Any = None) -> FunctionalEvaluator:
         return FunctionalEvaluator(self, self.model, self.prepare_objective(objective), inputs, targets,
-                                   self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger)
+                                   self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger,
+                               failures=failures)

@@ -51,7 +51,7 @@ class LoopEvaluator(FunctionalEvaluator):
         self._charge(1)
         self.calls += 1
         per_sample = self.objective(self.model, self.inputs, self.targets)
-        return per_set_losses(per_sample, 1, self.batch, "rollout")[0]
+        return per_set_losses(per_sample, 1, self.batch, "rollout", failures=self.failures)[0]
 
     def differentiable_loss(self) -> torch.Tensor:
         """The rollout with the plain model and autograd (FO-SOL: only meaningful through a white-box solver)."""
@@ -83,7 +83,7 @@ class LoopEvaluator(FunctionalEvaluator):
         self._charge(k)
         self.calls += 1
         per_sample = self.objective(model_fn, repeat_targets(self.inputs, k), repeat_targets(self.targets, k))
-        return per_set_losses(per_sample, k, b, "rollout")
+        return per_set_losses(per_sample, k, b, "rollout", failures=self.failures)
 
 
 class LoopAdapter(Adapter):
@@ -109,6 +109,8 @@ class LoopAdapter(Adapter):
     def prepare_objective(self, objective: Any) -> Any:
         return objective  # a rollout(model_fn, inputs, targets), called as it is
 
-    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> LoopEvaluator:
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None,
+             failures: Any = None) -> LoopEvaluator:
         return LoopEvaluator(self, self.model, objective, inputs, targets, self.trainable(),
-                             self.max_chunk_bytes, self.max_chunk, ledger=ledger)
+                             self.max_chunk_bytes, self.max_chunk, ledger=ledger,
+                               failures=failures)

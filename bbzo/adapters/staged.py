@@ -133,9 +133,11 @@ class StagedAdapter(Adapter):
         self.fallback = FunctionalAdapter(model, max_chunk_bytes=self.max_chunk_bytes, max_chunk=self.max_chunk)
 
     def bind(self, objective: Any, inputs: Any, targets: Any,
-             ledger: Optional[QueryLedger] = None) -> "StagedEvaluator":
+             ledger: Optional[QueryLedger] = None,
+             failures: Any = None) -> "StagedEvaluator":
         return StagedEvaluator(self, self.model, self.prepare_objective(objective), inputs, targets,
-                               self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger)
+                               self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger,
+                               failures=failures)
 
 
 class StagedEvaluator(Evaluator):
@@ -295,7 +297,8 @@ class StagedEvaluator(Evaluator):
 
     def _fallback_eval(self, probes: Probes) -> torch.Tensor:
         if self._fallback is None:
-            self._fallback = self.adapter.fallback.bind(self.objective, self.inputs, self.targets, ledger=self.ledger)
+            self._fallback = self.adapter.fallback.bind(self.objective, self.inputs, self.targets, ledger=self.ledger,
+                                                        failures=self.failures)
         q, c = self._fallback.queries, self._fallback.calls
         out = self._fallback._evaluate(probes)
         self.queries += self._fallback.queries - q

@@ -180,12 +180,13 @@ class ProcessOracle(Oracle):
                     hint = " (if the failure is transient, --oracle-restarts N restarts the program and re-sends the call)"
                 raise OracleError(msg + hint) from None
         finite = np.isfinite(out).all(axis=1)
-        if not finite.all():
+        if not finite.all() and not self.allow_nonfinite:
             first = int(np.flatnonzero(~finite)[0])
             shown = ", ".join(f"{v:.6g}" for v in arr[first, :8]) + (", ..." if arr.shape[1] > 8 else "")
             raise OracleError(f"{self._prefix(call)} returned NaN/inf in {int((~finite).sum())} of {n} rows "
                               f"(first bad row {first}, its input [{shown}]). The simulator failed on those inputs: "
-                              f"are they in its valid range, is mu too large?{self.program.stderr_tail()}")
+                              "are they in its valid range, is mu too large? (--on-oracle-error penalize|skip carries "
+                              f"on without such rows){self.program.stderr_tail()}")
         return torch.from_numpy(out).to(device=inputs.device, dtype=inputs.dtype)
 
     def __repr__(self) -> str:

@@ -101,7 +101,8 @@ def parse_text_rows(lines: list[str], d: int) -> np.ndarray:
 
 def parse_reply(buf: bytearray, n: int, d_out: int, fmt: str) -> Optional[np.ndarray]:
     """The complete reply to an ``n``-row request at the start of ``buf`` (consumed), or None if more bytes
-    are needed. Raises :class:`Reported` for an ``error`` answer and :class:`Transport` for garbage."""
+    are needed. Rows the program declared ``failed=`` come back as NaN. Raises :class:`Reported` for an
+    ``error`` answer and :class:`Transport` for garbage."""
     nl = buf.find(b"\n")
     if nl < 0:
         if len(buf) > MAX_LINE:
@@ -114,13 +115,20 @@ def parse_reply(buf: bytearray, n: int, d_out: int, fmt: str) -> Optional[np.nda
     if parts[:1] == ["error"]:
         del buf[:nl + 1]
         raise Reported(line[len("error"):].strip() or "(no message)")
+    failed: list[int] = []
     try:
-        if len(parts) != 3 or parts[0] != "ok":
+        if len(parts) not in (3, 4) or parts[0] != "ok":
             raise ValueError
         rn, rd = int(parts[1]), int(parts[2])
+        if len(parts) == 4:
+            if not parts[3].startswith("failed="):
+                raise ValueError
+            failed = [int(i) for i in parts[3][len("failed="):].split(",") if i]
     except ValueError:
-        raise Transport(f"malformed reply header {line[:120]!r}; expected 'ok {n} {d_out}' "
-                        "(or 'error <message>')") from None
+        raise Transport(f"malformed reply header {line[:120]!r}; expected 'ok {n} {d_out}' (optionally with "
+                        "' failed=<row>,<row>,...'), or 'error <message>'") from None
+    if any(not 0 <= i < n for i in failed):
+        raise Transport(f"the reply header {line[:120]!r} names rows outside 0..{n - 1}")
     if rn != n:
         raise Transport(f"wrong number of rows: the reply header says {rn} rows for a query of {n} rows")
     if rd != d_out:
@@ -140,11 +148,17 @@ def parse_reply(buf: bytearray, n: int, d_out: int, fmt: str) -> Optional[np.nda
             if j < 0:
                 return None
             end = j + 1
-        out = parse_text_rows(bytes(buf[start:end]).decode("ascii", errors="replace").splitlines(), rd)
+        lines = bytes(buf[start:end]).decode("ascii", errors="replace").splitlines()
+        for i in failed:  # a failed row may hold anything of the right width (e.g. 'nan nan' or 'fail fail')
+            lines[i] = " ".join(["nan"] * rd)
+        out = parse_text_rows(lines, rd)
     if len(buf) > end:
         raise Transport(f"wrong reply size: {len(buf) - end} unexpected bytes after the {n} rows of the reply "
                         f"({bytes(buf[end:end + 40])!r})")
     del buf[:]
+    if failed:
+        out = out.copy()
+        out[failed] = np.nan
     return out
 
 

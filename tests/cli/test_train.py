@@ -249,3 +249,23 @@ def test_a_command_line_data_file_replaces_the_config_files_data_source(tmp_path
     assert r.exit_code == 0, r.output  # the file's data_kwargs {n: 2048} belonged to its data function
     saved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert saved["data"] == str(tmp_path / "mine.npz") and saved["data_kwargs"] == {}
+
+
+@pytest.mark.parametrize("policy", ["stop", "penalize", "skip"])
+def test_rows_the_program_cannot_answer_follow_the_failure_policy(tmp_path, fake_data, policy):
+    out = tmp_path / policy
+    extra = ["--on-oracle-error", policy, "--oracle-error-penalty", 50]
+    r = invoke(*fake_args(fake_data, out, "--mode", "fail_rows", "--threshold", "0.6", extra=extra))
+    if policy == "stop":
+        assert r.exit_code == 2 and "NaN/inf" in r.output and "--on-oracle-error penalize|skip" in r.output
+        return
+    assert r.exit_code == 0, r.output
+    res = results(out)
+    assert res["failed_rows"] > 0 and res["on_oracle_error"] == policy and "could not answer" in r.output
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert sum(row["failed_rows"] for row in rows) == res["failed_rows"]
+    if policy == "skip":
+        assert res["skipped_samples"] > 0 and sum(row["skipped_samples"] for row in rows) == res["skipped_samples"]
+        assert all(row["loss"] < 50 for row in rows)  # the failed samples never enter a loss
+    else:
+        assert res["skipped_samples"] == 0 and max(row["loss"] for row in rows) > 1  # the penalty shows

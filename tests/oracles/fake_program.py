@@ -7,7 +7,9 @@ misbehaves as MODE says: ``ok`` (never), ``crash`` (exit 3), ``hang`` (sleep), `
 header), ``wrong_rows`` (one row too few), ``short`` (header promises n rows, sends n-1, then waits),
 ``wide`` (a row with an extra value), ``nan``, ``error`` (an ``error`` reply), ``junk_after`` (bytes
 after the reply, in the same write), ``junk_later`` (bytes after the reply, 50 ms later), ``chatty`` (256 KiB on stderr before answering), ``ignore_quit`` (never exits). Start-up modes: ``no_handshake`` (prints a banner), ``bad_version``, ``silent``,
-``die_at_start``. With ``--marker FILE`` the misbehaviour happens only while FILE does not exist, and
+``die_at_start``. Row modes (every query, whatever ``--at``): ``fail_rows`` reports the rows whose inputs
+sum to more than ``--threshold`` as failed (``ok n d failed=i,j``), ``nan_rows`` answers them with NaN.
+With ``--marker FILE`` the misbehaviour happens only while FILE does not exist, and
 creates it (a transient fault: a restarted program behaves).
 """
 
@@ -24,6 +26,7 @@ p.add_argument("--d-out", type=int, default=1)
 p.add_argument("--mode", default="ok")
 p.add_argument("--at", type=int, default=1)
 p.add_argument("--marker", default=None)
+p.add_argument("--threshold", type=float, default=1.0)
 a = p.parse_args()
 
 out, inp = sys.stdout.buffer, sys.stdin.buffer
@@ -110,7 +113,14 @@ while True:
     if mode == "short":
         send(f"ok {n} {a.d_out}\n".encode() + encode_rows(ys[:-1]))
         time.sleep(60)
-    reply = f"ok {len(ys)} {a.d_out}\n".encode() + encode_rows(ys)
+    failed = ""
+    if a.mode in ("fail_rows", "nan_rows"):
+        over = [i for i, r in enumerate(rows) if sum(r) > a.threshold]
+        for i in over:
+            ys[i] = [float("nan")] * a.d_out if a.mode == "nan_rows" else [0.0] * a.d_out
+        if a.mode == "fail_rows" and over:
+            failed = " failed=" + ",".join(map(str, over))
+    reply = f"ok {len(ys)} {a.d_out}{failed}\n".encode() + encode_rows(ys)
     send(reply + (b"DEBUG: done\n" if mode == "junk_after" else b""))
     if mode == "junk_later":
         time.sleep(0.05)

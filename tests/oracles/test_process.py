@@ -201,3 +201,26 @@ def test_the_shipped_awk_simulator_matches_its_numpy_twin():
     np.testing.assert_allclose(y, heater.simulate(u), rtol=0, atol=1e-9)
     np.testing.assert_array_equal(y2, y[:3])
     assert y[:, 1].max() < heater.T_MAX + 0.5  # the thermostat cuts the heater
+
+
+def test_a_pool_splits_rows_across_copies_in_order_and_faults_stay_per_copy(tmp_path):
+    from bbzo.oracles.process import ProcessPool
+
+    x = torch.rand(101, 2, dtype=torch.float64)
+    with ProcessPool([sys.executable, FAKE], workers=3, timeout=20, startup_timeout=20, min_rows=8) as pool:
+        y = pool.query(x)
+        pids = [c.pid for c in pool.copies]
+        assert len(set(pids)) == 3 and all(c.calls_used == 1 for c in pool.copies)
+        assert [c.rows_used for c in pool.copies] == [33, 34, 34] and pool.rows_used == 101 and pool.calls_used == 1
+        assert torch.equal(pool.query(x[:5]), y[:5])  # a small call goes to one copy
+        assert pool.copies[0].calls_used == 2 and pool.copies[1].calls_used == 1
+    assert torch.equal(y[:, 0], x[:, 0] + x[:, 1])
+    marker = tmp_path / "once"
+    with ProcessPool([sys.executable, FAKE, "--mode", "crash", "--at", "1", "--marker", str(marker)], workers=2,
+                     timeout=20, startup_timeout=20, restarts=1, min_rows=1) as pool:
+        y = pool.query(x[:10])  # each copy crashes on its first call once; each restarts on its own
+        assert torch.equal(y[:, 0], x[:10, 0] + x[:10, 1]) and pool.restarts_used >= 1
+    with ProcessPool([sys.executable, FAKE, "--mode", "error", "--at", "1"], workers=2, timeout=20,
+                     startup_timeout=20, min_rows=1) as pool:
+        with pytest.raises(OracleError, match=r"x2, rows 0\.\.4 of 10: .*solver did not converge"):
+            pool.query(x[:10])
