@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 PAPER = {"src": 0.180, "non": 0.153, "zo": 0.119, "fo": 0.074}
 

@@ -66,9 +66,9 @@ class Channel:
     def base_channel(self) -> torch.Tensor:
         """The unperturbed values of each copy's channel: same shape as ``values``."""
         if self.group is None:
-            return self.base[:, self.ch]
+            return self.base.index_select(1, self.ch)
         idx = self.ch[:, None] * self.group + torch.arange(self.group, device=self.ch.device)  # (K, g)
-        return self.base[:, idx]
+        return self.base.index_select(1, idx.flatten()).view(self.base.shape[0], *idx.shape)
 
     def delta(self) -> torch.Tensor:
         return self.values - self.base_channel()
@@ -139,17 +139,21 @@ def channel_start(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, loc
             return None
         o_ch, c_per_g, kh, kw = layer.weight.shape
         ch = torch.where(is_w, index // (c_per_g * kh * kw), index)
-        values = base_out[:, ch].clone()  # (B, K, Ho, Wo)
-        if bool(is_w.any()):
+        values = base_out.index_select(1, ch)  # (B, K, Ho, Wo), a new tensor
+        n_w = int(is_w.sum())
+        if n_w:
             rows = is_w.nonzero().flatten()
             unf = unfolded() if unfolded is not None and layer.groups == 1 else None
             if unf is not None:  # (B, C*kh*kw, Ho*Wo): the patch of weight (o, c, i, j) is column c*kh*kw + i*kw + j
-                patch = unf[:, index[rows] % (c_per_g * kh * kw)].view(values.shape[0], -1, *values.shape[2:])
-                values[:, rows] += step[rows].view(1, -1, 1, 1) * patch
+                patch = unf.index_select(1, index[rows] % (c_per_g * kh * kw)).view(values.shape[0], -1, *values.shape[2:])
             else:
                 _, patch = conv_weight_delta(layer, x, index[rows])  # (Kw, B, Ho, Wo)
-                values[:, rows] += step[rows].view(1, -1, 1, 1) * patch.transpose(0, 1)
-        if bool((~is_w).any()):
+                patch = patch.transpose(0, 1)
+            if n_w == k:  # the common case: every probe of the chunk moves a weight
+                values.addcmul_(step.view(1, -1, 1, 1), patch)
+            else:
+                values[:, rows] += step[rows].view(1, -1, 1, 1) * patch
+        if n_w < k:
             rows = (~is_w).nonzero().flatten()
             values[:, rows] += step[rows].view(1, -1, 1, 1)
         return Channel(base_out, ch, values)
@@ -158,7 +162,7 @@ def channel_start(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, loc
             return None
         in_f = layer.weight.shape[1]
         ch = torch.where(is_w, index // in_f, index)
-        values = base_out[:, ch].clone()  # (B, K)
+        values = base_out.index_select(1, ch)  # (B, K), a new tensor
         if bool(is_w.any()):
             rows = is_w.nonzero().flatten()
             values[:, rows] += step[rows] * x[:, index[rows] % in_f]
@@ -174,7 +178,7 @@ def channel_start(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, loc
         shape = (1, k, *([1] * (base_out.dim() - 2)))
         w = layer.weight.detach()[ch].view(shape)
         b = layer.bias.detach()[ch].view(shape)
-        y = base_out[:, ch]
+        y = base_out.index_select(1, ch)
         xhat = (y - b) / w
         values = y + torch.where(is_w.view(shape), step.view(shape) * xhat, step.view(shape))
         return Channel(base_out, ch, values)
@@ -186,7 +190,33 @@ def _apply_per_channel(module: nn.Module, rep: Channel, base_out: torch.Tensor) 
     """A module that acts on each channel alone, applied to the perturbed channel of each copy."""
     if rep.group is not None:
         return None
+    if isinstance(module, nn.MaxPool2d):
+        fast = _tiled_max_pool(module, rep.values)
+        if fast is not None:
+            return Channel(base_out, rep.ch, fast)
     return Channel(base_out, rep.ch, module(rep.values))
+
+
+def _tiled_max_pool(pool: nn.MaxPool2d, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """Max pooling over non-overlapping tiles (kernel = stride, no padding) as the elementwise maximum of
+    strided slices: the same values, several times faster than torch's CPU kernel on ``(B, K, H, W)``."""
+    k = _pair(pool.kernel_size)
+    s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    if (k != s or _pair(pool.padding) != (0, 0) or _pair(pool.dilation) != (1, 1) or pool.ceil_mode
+            or pool.return_indices or v.dim() != 4 or v.shape[-2] < k[0] or v.shape[-1] < k[1]):
+        return None
+    ho, wo = v.shape[-2] // k[0], v.shape[-1] // k[1]
+    v = v[..., : ho * k[0], : wo * k[1]]
+    out = None
+    for i in range(k[0]):
+        for j in range(k[1]):
+            tile = v[..., i:: k[0], j:: k[1]]
+            out = tile.clone() if out is None else torch.maximum(out, tile, out=out)
+    return out
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
 def _batch_norm(bn: _BatchNorm, rep: Channel, base_out: torch.Tensor) -> Optional[Channel]:
@@ -261,7 +291,7 @@ def _merge(m: Merge, rep: tuple, base_out: torch.Tensor, shortcut_base: Callable
     post = m.post
     if not (isinstance(post, ELEMENTWISE) or getattr(post, "bbzo_channelwise", False)):
         return None
-    sc = shortcut_base()[:, h.ch]
+    sc = shortcut_base().index_select(1, h.ch)
     summed = sc - h.values if m.subtract else h.values + sc
     return Channel(base_out, h.ch, post(summed))
 
