@@ -77,6 +77,10 @@ def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         res = list(per_seed[seeds[0]]["eval"][m]["mae_per_re"])
         per_re[m] = {r: round(statistics.fmean(per_seed[s]["eval"][m]["mae_per_re"][r] for s in seeds), 5) for r in res}
     out: dict[str, Any] = {"test_mae": test_mae, "test_mae_per_re_mean": per_re}
+    if all("val_mae" in per_seed[s]["eval"][m] for s in seeds for m in methods):  # what settings were chosen by
+        out["val_mae"] = {m: {**_spread([per_seed[s]["eval"][m]["val_mae"] for s in seeds]),
+                              "seeds": {str(s): round(per_seed[s]["eval"][m]["val_mae"], 6) for s in seeds}}
+                          for m in methods}
     if "src" in test_mae:
         src = test_mae["src"]["mean"]
         out["vs_src_mean"] = {m: round(v["mean"] / src - 1, 4) for m, v in test_mae.items()}
@@ -84,8 +88,11 @@ def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         gap = test_mae["non"]["mean"] - test_mae["zo"]["mean"]
         spread = max(test_mae["non"]["std"], test_mae["zo"]["std"])
         wins = sum(per_seed[s]["eval"]["zo"]["mae"] < per_seed[s]["eval"]["non"]["mae"] for s in seeds)
+        paired = [per_seed[s]["eval"]["non"]["mae"] - per_seed[s]["eval"]["zo"]["mae"] for s in seeds]
         out["zo_vs_non"] = {"gap": round(gap, 5), "larger_std": spread, "gap_over_spread": round(gap / spread, 2)
-                            if spread else None, "zo_better_in_seeds": f"{wins}/{len(seeds)}"}
+                            if spread else None, "zo_better_in_seeds": f"{wins}/{len(seeds)}",
+                            "paired_gap_per_seed": {str(s): round(d, 5) for s, d in zip(seeds, paired)},
+                            "paired_gap": _spread(paired)}
     if set(PAPER) <= set(test_mae):
         means = [test_mae[m]["mean"] for m in ("src", "non", "zo", "fo")]
         out["goals"] = {"ordering_src_non_zo_fo": means == sorted(means, reverse=True),
