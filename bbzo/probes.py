@@ -122,11 +122,11 @@ class CoordinateProbes:
         return coordinate_outputs(layer, x, base_out, locals_, self.index, self.step)
 
     def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None) -> Any:
+                      unfolded: Any = None, pool: Any = None) -> Any:
         from .adapters.channel import channel_start
 
         locals_ = [local[self.names[p]] for p in self.pidx.tolist()]
-        return channel_start(layer, x, base_out, locals_, self.index, self.step, unfolded)
+        return channel_start(layer, x, base_out, locals_, self.index, self.step, unfolded, pool)
 
 
 def direction_seed(seed: int, k: int) -> int:
@@ -219,7 +219,7 @@ class DirectionProbes:
         return None
 
     def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None) -> None:
+                      unfolded: Any = None, pool: Any = None) -> None:
         return None  # a direction moves every channel
 
 
@@ -280,7 +280,7 @@ class BlockProbes:
         return block_outputs(layer, x, base_out, local[self.name], self.dirs, self.step)
 
     def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None) -> None:
+                      unfolded: Any = None, pool: Any = None) -> None:
         return None  # a dense direction in one tensor moves every channel of its layer
 
 

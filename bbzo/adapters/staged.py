@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..ledger import QueryLedger
 from ..probes import Probes
 from ..stages import OnFirst, model_stages
-from .channel import Base, channel_core, channel_stage, densify, is_dense
+from .channel import Base, Channel, channel_core, channel_stage, densify, is_dense, pool_span, pooled_run
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
@@ -216,7 +216,10 @@ class StagedEvaluator(Evaluator):
             return None
         x = self.acts[i] if pos is None else self.acts[i][pos]
         base_out = self.acts[i + 1] if pos is None else self.acts[i + 1][pos]
-        rep = probes.channel_start(layer, x, base_out, self.adapter.local_names, lambda: self._unfolded(i, layer, x))
+        span = pool_span(self.stages, i + 1) if pos is None and isinstance(layer, nn.Conv2d) else 0
+        pool = (self.stages[i + 1:i + 1 + span], self.acts[i + 1 + span]) if span else None
+        rep = probes.channel_start(layer, x, base_out, self.adapter.local_names, lambda: self._unfolded(i, layer, x),
+                                   pool)
         if rep is None or pos is None:
             return rep
         return (rep, *(Base(t) for t in self.acts[i + 1][1:]))
@@ -244,9 +247,14 @@ class StagedEvaluator(Evaluator):
 
     def _run_channel(self, i: int, rep: Any, k: int) -> Any:
         """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
-        j = i + 1
+        j = i + 1 + (rep.consumed if isinstance(rep, Channel) else 0)
         n = len(self.stages)
         while j < n and not is_dense(rep):
+            span = pool_span(self.stages, j) if isinstance(rep, Channel) else 0
+            fused = pooled_run(self.stages[j:j + span], rep, self.acts[j + span]) if span else None
+            if fused is not None:  # [BN] [activation] max-pool: BN and the activation on the pooled values
+                rep, j = fused, j + span
+                continue
             out = channel_stage(self.stages[j], rep, self.acts[j + 1], lambda j=j: self._shortcut_base(j))
             if out is None:
                 break

@@ -100,3 +100,53 @@ def test_mlp_and_channel_reuse_off_agree():
     on = StagedAdapter(model)
     torch.testing.assert_close(on.bind(ce, x, y).evaluate(probes), off.bind(ce, x, y).evaluate(probes), rtol=0, atol=1e-13)
     assert not off.dense_from and on.dense_from
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_activation_pool_runs_on_pooled_values_with_negative_scales_and_overlapping_pools(mode):
+    # [BN] [activation] max-pool is computed as act(BN(pool(v))): a negative BN scale turns the max into a min,
+    # an overlapping padded pool and a pool right after a conv (no BN) are covered too
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.LeakyReLU(0.1), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(5, 4, 3, padding=1), nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.5, -0.7, 0.9, -1.2, 0.4]))
+        model[1].running_mean.normal_(0, 0.3)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model = getattr(model, mode)()
+    x = torch.randn(5, 3, 15, 15, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    adapter = _compare(model, x, y, ce, max_chunk=16)
+    assert adapter.dense_from[0] == 5 and adapter.dense_from[4] == 9
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_bn_act_pool_in_batch_blocks_matches_and_falls_back_where_statistics_would_cancel(mode, monkeypatch):
+    import bbzo.adapters.channel as channel
+
+    used = []
+    real = channel.conv_pool_blocks
+
+    def small_blocks(*a, **kw):  # blocks of one or two images: the sums and pools must stitch exactly
+        out = real(*a, **{**kw, "block_bytes": 2 * 8 * 8 * 8})
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(channel, "conv_pool_blocks", small_blocks)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.2, -0.8, 0.5, -1.5]))
+        model[1].running_mean.normal_(0, 0.3)
+    model = getattr(model, mode)()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    _compare(model, x, y, ce, max_chunk=20)
+    assert used and all(used)
+    used.clear()
+    with torch.no_grad():  # a channel whose mean dwarfs its spread: sums of squares would cancel
+        model[0].bias[2] = 1e4
+    _compare(model, x, y, ce, max_chunk=20)
+    assert used and (all(used) if mode == "eval" else not all(used))

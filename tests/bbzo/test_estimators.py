@@ -42,7 +42,9 @@ def test_sparse_cge_equals_cge_on_its_set_and_zero_elsewhere(problem):
         mask = coords.get(n, torch.zeros(p.shape, dtype=torch.bool))
         n_set += int(mask.sum())
         assert torch.equal(sparse[n][~mask], torch.zeros_like(sparse[n][~mask]))
-        assert torch.allclose(sparse[n][mask], dense[n][mask], rtol=0, atol=1e-12)
+        # a full sweep's conv probes go through the fused [BN] [act] pool path in batch blocks, a scattered set
+        # stage by stage: the same values up to a few ulps of the loss over mu (one ulp / 1e-6 = 2.2e-10)
+        assert torch.allclose(sparse[n][mask], dense[n][mask], rtol=0, atol=1e-9)
     assert n_set > 0
 
 
