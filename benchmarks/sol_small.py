@@ -159,6 +159,7 @@ def main() -> None:
     from bbzo.tasks.sol import generate
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    prov = provenance()  # the code that runs: taken before the seeds start, not after
     t0 = time.perf_counter()
     s0, _ = _settings(args, seeds[0], over)
     data = generate(s0.data, s0.data_dir, progress=False)  # once, before the workers share the cache
@@ -206,7 +207,7 @@ def main() -> None:
         "seed_seconds": {str(s): r["seed_seconds"] for s, r in per_seed.items()},
         "data_seconds": data_s, "total_seconds": round(time.perf_counter() - t0, 1),
         "jobs": args.jobs, "config": {k: v for k, v in first["config"].items() if k != "seed"},
-        "data_meta": data.meta, "paper_full_scale": PAPER, "provenance": provenance(),
+        "data_meta": data.meta, "paper_full_scale": PAPER, "provenance": prov,
     }
     result["table"] = table(summary)
     if args.out_json:
