@@ -407,9 +407,11 @@ def _batch_norm(bn: _BatchNorm, rep: Channel, base_out: torch.Tensor) -> Optiona
     w = bn.weight[ch] if bn.affine else None
     b = bn.bias[ch] if bn.affine else None
     v = rep.values
-    if bn.training or bn.running_mean is None:
+    if (bn.training or bn.running_mean is None) and v.device.type == "cpu":
         mean, var = batch_stats(v)
         out = F.batch_norm(v, mean, var, w, b, False, 0.0, bn.eps)
+    elif bn.training or bn.running_mean is None:
+        out = F.batch_norm(v, None, None, w, b, True, 0.0, bn.eps)
     else:
         out = F.batch_norm(v, bn.running_mean[ch], bn.running_var[ch], w, b, False, 0.0, bn.eps)
     return Channel(base_out, ch, out)
