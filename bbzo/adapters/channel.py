@@ -33,9 +33,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stages import Fork, Merge, OnFirst
 from .linear_delta import conv_weight_delta
+from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, runs, runs_from_views,
+                      tiled_max_pool)
 
 __all__ = ["Channel", "Base", "densify", "channel_start", "channel_stage", "channel_core", "is_dense", "ELEMENTWISE",
-           "pool_span", "pooled_run", "conv_pool_blocks"]
+           "pooled_run"]
 
 #: Modules that act on each element (hence each channel) alone; dropout only in eval mode.
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -148,13 +150,13 @@ def channel_start(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, loc
         n_w = int(is_w.sum())
         unf = unfolded() if unfolded is not None and layer.groups == 1 and n_w == k else None
         if unf is not None:
-            runs = _runs(ch, index % (c_per_g * kh * kw))
-            if runs is not None and pool is not None:
-                fused = conv_pool_blocks(base_out, unf, runs, ch, step, pool[0])
+            rs = runs(ch, index % (c_per_g * kh * kw))
+            if rs is not None and pool is not None:
+                fused = conv_pool_blocks(base_out, unf, rs, ch, step, pool[0])
                 if fused is not None:
                     return Channel(pool[1], ch, fused, consumed=len(pool[0]))
-            if runs is not None:
-                return Channel(base_out, ch, _runs_from_views(base_out, unf, runs, step))
+            if rs is not None:
+                return Channel(base_out, ch, runs_from_views(base_out, unf, rs, step))
         values = base_out.index_select(1, ch)  # (B, K, Ho, Wo), a new tensor
         if n_w:
             rows = is_w.nonzero().flatten()
@@ -200,169 +202,12 @@ def channel_start(layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, loc
     return None
 
 
-def _runs(ch: torch.Tensor, cols: torch.Tensor) -> Optional[list[tuple[int, int, int, int]]]:
-    """Runs ``(first probe, end, channel, first column)`` of consecutive conv weight probes that move one output
-    channel at consecutive patch columns (a full or block CGE sweep); ``None`` when the probes are too
-    scattered for runs to pay (a sparse draw)."""
-    chl, coll = ch.tolist(), cols.tolist()
-    k = len(chl)
-    starts = [0] + [b for b in range(1, k) if chl[b] != chl[b - 1] or coll[b] != coll[b - 1] + 1]
-    if 4 * len(starts) > k:
-        return None
-    return [(a, e, chl[a], coll[a]) for a, e in zip(starts, starts[1:] + [k])]
-
-
-def _fill_runs(out: torch.Tensor, base_out: torch.Tensor, unf4: torch.Tensor, runs: list[tuple[int, int, int, int]],
-               step: torch.Tensor, rows: slice) -> None:
-    """``out[:, a:e] = base_out[rows, c] + step[a:e] * unf4[rows, l:l + e - a]`` per run: views, not gathers."""
-    for a, e, c, col in runs:
-        torch.addcmul(base_out[rows, c:c + 1], step[a:e].view(1, -1, 1, 1), unf4[rows, col:col + e - a], out=out[:, a:e])
-
-
-def _runs_from_views(base_out: torch.Tensor, unf: torch.Tensor, runs: list[tuple[int, int, int, int]],
-                     step: torch.Tensor) -> torch.Tensor:
-    """The ``(B, K, Ho, Wo)`` perturbed channels of conv weight probes in runs: ``base + step * patch``."""
-    b_, _, ho, wo = base_out.shape
-    values = base_out.new_empty(b_, len(step), ho, wo)
-    _fill_runs(values, base_out, unf.view(b_, unf.shape[1], ho, wo), runs, step, slice(None))
-    return values
-
-
-def conv_pool_blocks(base_out: torch.Tensor, unf: torch.Tensor, runs: list[tuple[int, int, int, int]],
-                     ch: torch.Tensor, step: torch.Tensor, mods: Any, block_bytes: int = 1 << 20) -> Optional[torch.Tensor]:
-    """Conv weight probes in runs through ``[BN] [act] max-pool``, in batch blocks of about ``block_bytes``.
-
-    The ``K`` perturbed conv channels ``(B, K, Ho, Wo)`` are never held whole: each block is formed from
-    views (:func:`_fill_runs`), adds to BN's sums (train mode) and is max-pooled while it is in cache; BN
-    and the activation then run on the pooled values (:func:`pooled_run` says why that is exact).
-    ``None`` (the caller goes stage by stage) where the statistics would cancel (mean dwarfing spread).
-    Returns the pooled ``(B, K, Hp, Wp)``.
-    """
-    *pre, pool = list(mods)
-    bn = pre[0] if pre and isinstance(pre[0], _BatchNorm) else None
-    act = pre[-1] if pre and not isinstance(pre[-1], _BatchNorm) else None
-    b_, _, ho, wo = base_out.shape
-    k = len(step)
-    unf4 = unf.view(b_, unf.shape[1], ho, wo)
-    batch = bn is not None and (bn.training or bn.running_mean is None)
-    w = b = sign = None
-    if bn is not None and bn.affine:
-        w, b = bn.weight[ch], bn.bias[ch]
-        if bool((w < 0).any()):
-            sign = torch.where(w < 0, -1.0, 1.0).to(base_out.dtype).view(1, -1, 1, 1)
-    bb = max(1, min(b_, block_bytes // max(1, k * ho * wo * base_out.element_size())))
-    buf = base_out.new_empty(bb, k, ho, wo)
-    s1 = base_out.new_zeros(k)
-    s2 = base_out.new_zeros(k)
-    pooled: Optional[torch.Tensor] = None
-    for b0 in range(0, b_, bb):
-        b1 = min(b_, b0 + bb)
-        blk = buf[: b1 - b0]
-        _fill_runs(blk, base_out, unf4, runs, step, slice(b0, b1))
-        if batch:
-            flat = blk.view(b1 - b0, k, -1)
-            s1 += flat.sum(-1).sum(0)
-            rows = flat.reshape((b1 - b0) * k, 1, -1)
-            s2 += torch.bmm(rows, rows.transpose(1, 2)).view(b1 - b0, k).sum(0)
-        if sign is not None:
-            blk.mul_(sign)
-        p = _tiled_max_pool(pool, blk)
-        p = pool(blk) if p is None else p
-        if pooled is None:
-            pooled = p.new_empty(b_, k, *p.shape[2:])
-        pooled[b0:b1] = p
-    assert pooled is not None
-    if sign is not None:
-        pooled.mul_(sign)
-    if bn is not None:
-        if batch:
-            n = b_ * ho * wo
-            mean = s1 / n
-            var = (s2 / n - mean * mean).clamp_min(0)
-            if bool((mean * mean > 64 * var).any()):
-                return None
-        else:
-            mean, var = bn.running_mean[ch], bn.running_var[ch]
-        pooled = F.batch_norm(pooled, mean, var, w, b, False, 0.0, bn.eps)
-    return act(pooled) if act is not None else pooled
-
-
-# ---------------------------------------------------------------------------- [BN] [activation] max-pool
-#: Nondecreasing piecewise-linear maps: ``f(max(a, b)) == max(f(a), f(b))`` exactly in floating point.
-MONOTONE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
-
-
-def _monotone(m: nn.Module) -> bool:
-    if isinstance(m, nn.LeakyReLU):
-        return m.negative_slope >= 0
-    return isinstance(m, MONOTONE) and (not isinstance(m, nn.Hardtanh) or m.min_val <= m.max_val)
-
-
-def batch_stats(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance ``(K,)`` of ``v (B, K, *S)`` over all but dim 1: train-mode BN's statistics.
-
-    From sums and sums of squares (contiguous reductions and one batched dot: many times faster than
-    ``torch.var_mean`` over strided dims on CPU); where the mean dwarfs the spread, so that the difference
-    would cancel, the two-pass ``torch.var_mean`` instead.
-    """
-    b, k = v.shape[:2]
-    w = v.reshape(b, k, -1)
-    n = b * w.shape[2]
-    mean = w.sum(-1).sum(0) / n
-    rows = w.reshape(b * k, 1, -1)
-    var = (torch.bmm(rows, rows.transpose(1, 2)).view(b, k).sum(0) / n - mean * mean).clamp_min(0)
-    if bool((mean * mean > 64 * var).any()):
-        var, mean = torch.var_mean(v, dim=[0, *range(2, v.dim())], correction=0)
-    return mean, var
-
-
-def pool_span(stages: Any, j: int) -> int:
-    """Length of a ``[BatchNorm2d] [nondecreasing activation] MaxPool2d`` run of at least two stages from ``j``, else 0."""
-    n, t = len(stages), j
-    if t < n and isinstance(stages[t], nn.BatchNorm2d):
-        t += 1
-    if t < n and _monotone(stages[t]):
-        t += 1
-    if t > j and t < n and isinstance(stages[t], nn.MaxPool2d) and not stages[t].return_indices:
-        return t - j + 1
-    return 0
-
-
 def pooled_run(mods: Any, rep: Channel, base_out: torch.Tensor) -> Optional[Channel]:
-    """``MaxPool(act(BN(v)))`` of the perturbed channels, computed as ``act(BN(MaxPool(v)))``.
-
-    BN is a per-channel affine map once its statistics are known (train mode: each copy's own, from the
-    unpooled ``v``, as before), and an affine map with a positive scale or a nondecreasing activation
-    commutes with a maximum (a negative scale turns it into a minimum): so BN and the activation run on
-    the pooled values, a quarter of them for a 2x2 pool. Same values as stage by stage, to round-off.
-    """
+    """``[BN] [act] max-pool`` stages (:func:`pool_span`) on the perturbed channels, pooled first
+    (:func:`bbzo.adapters.pooling.pool_bn_act`); ``None`` where the representation is not ``(B, K, H, W)``."""
     if rep.group is not None or rep.values.dim() != 4:
         return None
-    *pre, pool = list(mods)
-    bn = pre[0] if pre and isinstance(pre[0], _BatchNorm) else None
-    act = pre[-1] if pre and not isinstance(pre[-1], _BatchNorm) else None
-    v, ch = rep.values, rep.ch
-    sign = w = b = mean = var = None
-    if bn is not None:
-        if bn.training or bn.running_mean is None:
-            mean, var = batch_stats(v)
-        else:
-            mean, var = bn.running_mean[ch], bn.running_var[ch]
-        if bn.affine:
-            w, b = bn.weight[ch], bn.bias[ch]
-            if bool((w < 0).any()):
-                sign = torch.where(w < 0, -1.0, 1.0).to(v.dtype).view(1, -1, 1, 1)
-    src = v if sign is None else v * sign  # max of -v is minus the min of v: exact
-    pooled = _tiled_max_pool(pool, src)
-    if pooled is None:
-        pooled = pool(src)
-    if sign is not None:
-        pooled.mul_(sign)
-    if bn is not None:
-        pooled = F.batch_norm(pooled, mean, var, w, b, False, 0.0, bn.eps)
-    if act is not None:
-        pooled = act(pooled)
-    return Channel(base_out, ch, pooled)
+    return Channel(base_out, rep.ch, pool_bn_act(mods, rep.values, rep.ch))
 
 
 # ---------------------------------------------------------------------------- per-channel stages
@@ -371,32 +216,10 @@ def _apply_per_channel(module: nn.Module, rep: Channel, base_out: torch.Tensor) 
     if rep.group is not None:
         return None
     if isinstance(module, nn.MaxPool2d):
-        fast = _tiled_max_pool(module, rep.values)
+        fast = tiled_max_pool(module, rep.values)
         if fast is not None:
             return Channel(base_out, rep.ch, fast)
     return Channel(base_out, rep.ch, module(rep.values))
-
-
-def _tiled_max_pool(pool: nn.MaxPool2d, v: torch.Tensor) -> Optional[torch.Tensor]:
-    """Max pooling over non-overlapping tiles (kernel = stride, no padding) as the elementwise maximum of
-    strided slices: the same values, several times faster than torch's CPU kernel on ``(B, K, H, W)``."""
-    k = _pair(pool.kernel_size)
-    s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
-    if (k != s or _pair(pool.padding) != (0, 0) or _pair(pool.dilation) != (1, 1) or pool.ceil_mode
-            or pool.return_indices or v.dim() != 4 or v.shape[-2] < k[0] or v.shape[-1] < k[1]):
-        return None
-    ho, wo = v.shape[-2] // k[0], v.shape[-1] // k[1]
-    v = v[..., : ho * k[0], : wo * k[1]]
-    out = None
-    for i in range(k[0]):
-        for j in range(k[1]):
-            tile = v[..., i:: k[0], j:: k[1]]
-            out = tile.clone() if out is None else torch.maximum(out, tile, out=out)
-    return out
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
 def _batch_norm(bn: _BatchNorm, rep: Channel, base_out: torch.Tensor) -> Optional[Channel]:

@@ -27,7 +27,8 @@ from ..errors import ConfigError
 from ..ledger import QueryLedger
 from ..probes import Probes
 from ..stages import OnFirst, model_stages
-from .channel import Base, Channel, batch_stats, channel_core, channel_stage, densify, is_dense, pool_span, pooled_run
+from .channel import Base, Channel, channel_core, channel_stage, densify, is_dense, pooled_run
+from .pooling import batch_stats, pool_span, tiled_max_pool
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
@@ -86,6 +87,12 @@ def stage_runner(stage: nn.Module) -> Callable[[Any, int], Any]:
         if pos is None:
             return lambda act_k, k: _grouped_batch_norm(inner, act_k)
         return lambda act_k, k: (_grouped_batch_norm(inner, act_k[0]), *act_k[1:])
+    if isinstance(stage, nn.MaxPool2d):  # non-overlapping tiles as strided maxima: several times torch's CPU kernel
+        def pool(act_k: torch.Tensor, k: int) -> torch.Tensor:
+            flat = _flat(act_k)
+            out = tiled_max_pool(stage, flat) if flat.device.type == "cpu" else None
+            return _unflat(stage(flat) if out is None else out, k)
+        return pool
     if _is_coupled(stage):
         batched = vmap(stage, in_dims=1, out_dims=1, randomness="same")
         return lambda act_k, k: batched(act_k)
