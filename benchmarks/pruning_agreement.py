@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from bbzo.models import create_model
+from bbzo.provenance import provenance
 from bbzo.sparsity import compute_score, ratios_from_scores, uniform_ratios
 from bbzo.tasks.cifar import class_balanced_subset, load_image_classification
 
@@ -119,6 +120,7 @@ def main() -> None:
         "machine": {"threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
         "scores": rows,
         "when": time.strftime("%Y-%m-%d %H:%M"),
+        "provenance": provenance(),
     }
     text = json.dumps(result, indent=2)
     print(text)

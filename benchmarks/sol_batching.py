@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bbzo.provenance import provenance
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def main() -> None:
         for x in r:
             x["cheaper_per_state_than_K1"] = round(one["ms_per_state_step"] / x["ms_per_state_step"], 1) if one else None
     out = {"benchmark": "sol_batching", "grid": f"{setup.nx}x{setup.ny}", "threads": 1, "rows": rows,
-           "command": "python benchmarks/sol_batching.py" + (f" --out {args.out}" if args.out else "")}
+           "command": "python " + " ".join(sys.argv), "provenance": provenance()}
     emit(out, args.out)
 
 
