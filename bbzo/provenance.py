@@ -29,14 +29,18 @@ def provenance() -> dict[str, Any]:
     """Where a result comes from: git commit (and whether the tree was dirty), versions, threads, machine."""
     import bbzo
 
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("diff", "--name-only", "HEAD")  # tracked files that differ from the commit
+    # results a benchmark writes are outputs, not code: a rewritten benchmarks/results/*.json is not dirt
+    changed = None if status is None else [f for f in status.splitlines()
+                                           if f and not f.startswith("benchmarks/results/")]
     versions = {"bbzo": bbzo.__version__, "torch": torch.__version__, "python": platform.python_version()}
     for mod in ("phi", "numpy"):
         try:
             versions[mod if mod != "phi" else "phiflow"] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 -- an optional package that is missing or broken
             pass
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None,
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(changed) if changed is not None else None,
+            "changed": changed[:20] if changed else [],
             "versions": versions, "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {platform.system()}",
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
