@@ -142,6 +142,8 @@ def parse_reply(buf: bytearray, n: int, d_out: int, fmt: str) -> Optional[np.nda
         out = np.frombuffer(bytes(buf[start:start + need]), dtype=dtype).astype(np.float64).reshape(n, rd)
         end = start + need
     else:
+        if buf.count(b"\n", start) < n:  # called on every chunk that arrives: a C-speed check, not a Python loop
+            return None
         end = start
         for _ in range(n):
             j = buf.find(b"\n", end)
