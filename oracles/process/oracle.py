@@ -159,7 +159,8 @@ class ProcessOracle(Oracle):
                     self._start()
                 out = self.program.exchange(encode_query(arr, self.format),
                                             lambda buf: parse_reply(buf, n, self.d_out, self.format), self.timeout,
-                                            lambda buf: progress_text(buf, n, self.d_out, self.format))
+                                            lambda buf: progress_text(buf, n, self.d_out, self.format),
+                                            min_lines=n + 1 if self.format == "text" else 1)
                 break
             except Reported as e:
                 raise OracleError(f"{self._prefix(call)} answered with an error: {e}{self.program.stderr_tail()}") from None

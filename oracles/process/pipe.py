@@ -225,8 +225,13 @@ class Program:
                 self.buf += chunk
 
     def exchange(self, request: bytes, parse: Callable[[bytearray], Optional[np.ndarray]], timeout: float,
-                 progress: Callable[[bytearray], str]) -> np.ndarray:
-        """Send ``request`` while reading; return ``parse(buffer)`` once it yields a complete answer."""
+                 progress: Callable[[bytearray], str], min_lines: int = 1) -> np.ndarray:
+        """Send ``request`` while reading; return ``parse(buffer)`` once it yields a complete answer.
+
+        ``parse`` runs when the reply's first line is in (an ``error`` answer, a bad header) and then only
+        once ``min_lines`` lines are (a text reply of n rows has n + 1): a line-buffered program
+        answers a line per read, and parsing the buffer after each would cost O(n^2).
+        """
         proc = self.proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         view = memoryview(request)
@@ -242,12 +247,15 @@ class Program:
         with selectors.DefaultSelector() as sel:
             sel.register(out_fd, selectors.EVENT_READ)
             sel.register(in_fd, selectors.EVENT_WRITE)
+            lines = self.buf.count(b"\n")
+            check = True
             while True:
-                reply = parse(self.buf)
+                reply = parse(self.buf) if check else None
                 if reply is not None:
                     if sent < len(view):
                         raise Transport(f"answered after reading {sent} of {len(view)} request bytes")
                     return reply
+                check = False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Transport(f"no complete answer within the timeout of {timeout:g} s (--oracle-timeout; "
@@ -267,3 +275,5 @@ class Program:
                         if not chunk:
                             raise Transport(f"{self.exit_text()} ({progress(self.buf)})")
                         self.buf += chunk
+                        before, lines = lines, lines + chunk.count(b"\n")
+                        check = lines >= min_lines or (before == 0 and (lines > 0 or len(self.buf) > 4096))
