@@ -77,7 +77,8 @@ def encode_query(arr: np.ndarray, fmt: str) -> bytes:
     header = f"query {n} {d}\n".encode()
     dtype = FORMATS[fmt]
     if dtype is None:
-        body = "".join(" ".join(map(repr, row)) + "\n" for row in arr.tolist())
+        # repr: the shortest text that reads back as the same float64; one format string for all rows
+        body = ((" ".join(["%r"] * d) + "\n") * n) % tuple(np.asarray(arr, dtype=np.float64).ravel().tolist())
         return header + body.encode()
     return header + np.ascontiguousarray(arr, dtype=dtype).tobytes()
 
