@@ -33,11 +33,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stages import Fork, Merge, OnFirst
 from .linear_delta import conv_weight_delta
-from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, runs, runs_from_views,
+from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, pool_span, runs, runs_from_views,
                       tiled_max_pool)
 
-__all__ = ["Channel", "Base", "densify", "channel_start", "channel_stage", "channel_core", "is_dense", "ELEMENTWISE",
-           "pooled_run"]
+__all__ = ["Channel", "Base", "densify", "channel_start", "channel_stage", "channel_advance", "channel_core",
+           "is_dense", "ELEMENTWISE", "pooled_run"]
 
 #: Modules that act on each element (hence each channel) alone; dropout only in eval mode.
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -330,3 +330,20 @@ def channel_stage(stage: nn.Module, rep: Any, base_out: Any, shortcut_base: Call
         return None
     rule = _per_channel_rule(stage)
     return rule(stage, rep, base_out) if rule is not None else None
+
+
+def channel_advance(stages: Any, j: int, rep: Any, acts: list[Any],
+                    shortcut_base: Callable[[int], torch.Tensor]) -> Optional[tuple[Any, int]]:
+    """One step of the channel path from stage ``j``: ``(representation, next stage)``, or ``None`` (not covered).
+
+    A ``[BN] [act] max-pool`` run (:func:`bbzo.adapters.pooling.pool_span`) is one step, pooled first
+    (:func:`pooled_run`); any other stage is one step by :func:`channel_stage`. ``acts[i]`` is the
+    unperturbed input of stage ``i``, ``shortcut_base(i)`` the unperturbed shortcut of Merge stage ``i``.
+    """
+    span = pool_span(stages, j) if isinstance(rep, Channel) else 0
+    fused = pooled_run(stages[j:j + span], rep, acts[j + span]) if span else None
+    if fused is not None:
+        return fused, j + span
+    out = channel_stage(stages[j], rep, acts[j + 1], lambda: shortcut_base(j))
+    return None if out is None else (out, j + 1)
+

@@ -63,18 +63,11 @@ def conv_pool_blocks(base_out: torch.Tensor, unf: torch.Tensor, rs: list[Run],
     ``None`` (the caller goes stage by stage) where the statistics would cancel (mean dwarfing spread).
     Returns the pooled ``(B, K, Hp, Wp)``.
     """
-    *pre, pool = list(mods)
-    bn = pre[0] if pre and isinstance(pre[0], _BatchNorm) else None
-    act = pre[-1] if pre and not isinstance(pre[-1], _BatchNorm) else None
+    run = _PoolRun(mods)
     b_, _, ho, wo = base_out.shape
     k = len(step)
     unf4 = unf.view(b_, unf.shape[1], ho, wo)
-    batch = bn is not None and (bn.training or bn.running_mean is None)
-    w = b = sign = None
-    if bn is not None and bn.affine:
-        w, b = bn.weight[ch], bn.bias[ch]
-        if bool((w < 0).any()):
-            sign = torch.where(w < 0, -1.0, 1.0).to(base_out.dtype).view(1, -1, 1, 1)
+    w, b, sign = run.affine(ch, base_out.dtype)
     bb = max(1, min(b_, block_bytes // max(1, k * ho * wo * base_out.element_size())))
     buf = base_out.new_empty(bb, k, ho, wo)
     s1 = base_out.new_zeros(k)
@@ -84,32 +77,59 @@ def conv_pool_blocks(base_out: torch.Tensor, unf: torch.Tensor, rs: list[Run],
         b1 = min(b_, b0 + bb)
         blk = buf[: b1 - b0]
         _fill_runs(blk, base_out, unf4, rs, step, slice(b0, b1))
-        if batch:
-            flat = blk.view(b1 - b0, k, -1)
-            s1 += flat.sum(-1).sum(0)
-            rows = flat.reshape((b1 - b0) * k, 1, -1)
-            s2 += torch.bmm(rows, rows.transpose(1, 2)).view(b1 - b0, k).sum(0)
-        if sign is not None:
-            blk.mul_(sign)
-        p = tiled_max_pool(pool, blk)
-        p = pool(blk) if p is None else p
+        if run.batch_stats:
+            m1, m2 = _sums(blk)
+            s1 += m1
+            s2 += m2
+        p = run.max_pool(blk, sign, in_place=True)
         if pooled is None:
             pooled = p.new_empty(b_, k, *p.shape[2:])
         pooled[b0:b1] = p
     assert pooled is not None
-    if sign is not None:
-        pooled.mul_(sign)
-    if bn is not None:
-        if batch:
-            n = b_ * ho * wo
-            mean = s1 / n
-            var = (s2 / n - mean * mean).clamp_min(0)
-            if bool((mean * mean > 64 * var).any()):
-                return None
-        else:
-            mean, var = bn.running_mean[ch], bn.running_var[ch]
-        pooled = F.batch_norm(pooled, mean, var, w, b, False, 0.0, bn.eps)
-    return act(pooled) if act is not None else pooled
+    mean, var = _mean_var(s1, s2, b_ * ho * wo) if run.batch_stats else run.running_stats(ch)
+    if run.batch_stats and _cancels(mean, var):
+        return None
+    return run.finish(pooled, mean, var, w, b)
+
+
+class _PoolRun:
+    """The ``[BN] [act] max-pool`` stages of :func:`pool_span`, with what both fused paths do with them."""
+
+    def __init__(self, mods: Any) -> None:
+        *pre, self.pool = list(mods)
+        self.bn: Optional[_BatchNorm] = pre[0] if pre and isinstance(pre[0], _BatchNorm) else None
+        self.act: Optional[nn.Module] = pre[-1] if pre and not isinstance(pre[-1], _BatchNorm) else None
+        #: whether BN normalises with each copy's own batch statistics
+        self.batch_stats = self.bn is not None and (self.bn.training or self.bn.running_mean is None)
+
+    def affine(self, ch: torch.Tensor, dtype: torch.dtype) -> tuple[Any, Any, Optional[torch.Tensor]]:
+        """BN's weight and bias for channels ``ch`` and ``(1, K, 1, 1)`` signs where a weight is negative."""
+        if self.bn is None or not self.bn.affine:
+            return None, None, None
+        w, b = self.bn.weight[ch], self.bn.bias[ch]
+        sign = torch.where(w < 0, -1.0, 1.0).to(dtype).view(1, -1, 1, 1) if bool((w < 0).any()) else None
+        return w, b, sign
+
+    def max_pool(self, v: torch.Tensor, sign: Optional[torch.Tensor], in_place: bool = False) -> torch.Tensor:
+        """``sign * MaxPool(sign * v)``: the max-pool, or the min-pool where BN's scale is negative (the max
+        of -v is minus the min of v: exact). ``in_place`` may scale ``v`` itself."""
+        if sign is not None:
+            v = v.mul_(sign) if in_place else v * sign
+        out = tiled_max_pool(self.pool, v)
+        out = self.pool(v) if out is None else out
+        return out if sign is None else out.mul_(sign)
+
+    def running_stats(self, ch: torch.Tensor) -> tuple[Any, Any]:
+        """Eval-mode BN's running mean and variance for channels ``ch`` (``None`` without BN)."""
+        if self.bn is None or self.bn.running_mean is None:
+            return None, None
+        return self.bn.running_mean[ch], self.bn.running_var[ch]
+
+    def finish(self, pooled: torch.Tensor, mean: Any, var: Any, w: Any, b: Any) -> torch.Tensor:
+        """BN with the given statistics and the activation, on the pooled values."""
+        if self.bn is not None:
+            pooled = F.batch_norm(pooled, mean, var, w, b, False, 0.0, self.bn.eps)
+        return self.act(pooled) if self.act is not None else pooled
 
 
 #: Nondecreasing piecewise-linear maps: ``f(max(a, b)) == max(f(a), f(b))`` exactly in floating point.
@@ -122,20 +142,33 @@ def _monotone(m: nn.Module) -> bool:
     return isinstance(m, MONOTONE) and (not isinstance(m, nn.Hardtanh) or m.min_val <= m.max_val)
 
 
+def _sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and sums of squares ``(K,)`` of ``v (B, K, *S)`` over all but dim 1 (contiguous reductions, one batched dot)."""
+    b, k = v.shape[:2]
+    w = v.reshape(b, k, -1)
+    rows = w.reshape(b * k, 1, -1)
+    return w.sum(-1).sum(0), torch.bmm(rows, rows.transpose(1, 2)).view(b, k).sum(0)
+
+
+def _mean_var(s1: torch.Tensor, s2: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = s1 / n
+    return mean, (s2 / n - mean * mean).clamp_min(0)
+
+
+def _cancels(mean: torch.Tensor, var: torch.Tensor) -> bool:
+    """Whether the mean dwarfs the spread, so that ``E[x^2] - mean^2`` would lose the variance to round-off."""
+    return bool((mean * mean > 64 * var).any())
+
+
 def batch_stats(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance ``(K,)`` of ``v (B, K, *S)`` over all but dim 1: train-mode BN's statistics.
 
-    From sums and sums of squares (contiguous reductions and one batched dot: many times faster than
-    ``torch.var_mean`` over strided dims on CPU); where the mean dwarfs the spread, so that the difference
-    would cancel, the two-pass ``torch.var_mean`` instead.
+    From sums and sums of squares (many times faster than ``torch.var_mean`` over strided dims on CPU);
+    where they would cancel, the two-pass ``torch.var_mean`` instead.
     """
-    b, k = v.shape[:2]
-    w = v.reshape(b, k, -1)
-    n = b * w.shape[2]
-    mean = w.sum(-1).sum(0) / n
-    rows = w.reshape(b * k, 1, -1)
-    var = (torch.bmm(rows, rows.transpose(1, 2)).view(b, k).sum(0) / n - mean * mean).clamp_min(0)
-    if bool((mean * mean > 64 * var).any()):
+    s1, s2 = _sums(v)
+    mean, var = _mean_var(s1, s2, v.numel() // v.shape[1])
+    if _cancels(mean, var):
         var, mean = torch.var_mean(v, dim=[0, *range(2, v.dim())], correction=0)
     return mean, var
 
@@ -161,30 +194,10 @@ def pool_bn_act(mods: Any, v: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
     commutes with a maximum (a negative scale turns it into a minimum): so BN and the activation run on
     the pooled values, a quarter of them for a 2x2 pool. Same values as stage by stage, to round-off.
     """
-    *pre, pool = list(mods)
-    bn = pre[0] if pre and isinstance(pre[0], _BatchNorm) else None
-    act = pre[-1] if pre and not isinstance(pre[-1], _BatchNorm) else None
-    sign = w = b = mean = var = None
-    if bn is not None:
-        if bn.training or bn.running_mean is None:
-            mean, var = batch_stats(v)
-        else:
-            mean, var = bn.running_mean[ch], bn.running_var[ch]
-        if bn.affine:
-            w, b = bn.weight[ch], bn.bias[ch]
-            if bool((w < 0).any()):
-                sign = torch.where(w < 0, -1.0, 1.0).to(v.dtype).view(1, -1, 1, 1)
-    src = v if sign is None else v * sign  # max of -v is minus the min of v: exact
-    pooled = tiled_max_pool(pool, src)
-    if pooled is None:
-        pooled = pool(src)
-    if sign is not None:
-        pooled.mul_(sign)
-    if bn is not None:
-        pooled = F.batch_norm(pooled, mean, var, w, b, False, 0.0, bn.eps)
-    if act is not None:
-        pooled = act(pooled)
-    return pooled
+    run = _PoolRun(mods)
+    w, b, sign = run.affine(ch, v.dtype)
+    mean, var = batch_stats(v) if run.batch_stats else run.running_stats(ch)
+    return run.finish(run.max_pool(v, sign), mean, var, w, b)
 
 
 def tiled_max_pool(pool: nn.MaxPool2d, v: torch.Tensor) -> Optional[torch.Tensor]:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..ledger import QueryLedger
 from ..probes import Probes
 from ..stages import OnFirst, model_stages
-from .channel import Base, Channel, channel_core, channel_stage, densify, is_dense, pooled_run
+from .channel import Base, Channel, channel_advance, channel_core, densify, is_dense
 from .pooling import batch_stats, pool_span, tiled_max_pool
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
@@ -47,7 +47,7 @@ def _grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BN of ``(B, K, C, ...)`` with separate batch statistics per k (no stat updates).
 
     Equal to ``vmap(bn, in_dims=1)(x)`` to round-off; on the free view ``(B, K*C, ...)``: the statistics
-    from sums and one batched dot (:func:`bbzo.adapters.channel.batch_stats`), then torch's eval-mode BN
+    from sums and one batched dot (:func:`bbzo.adapters.pooling.batch_stats`), then torch's eval-mode BN
     kernel (together ~4x torch's train-mode kernel on CPU, which is ~2x faster than vmap's rule).
     """
     b, k, c = x.shape[:3]
@@ -262,16 +262,10 @@ class StagedEvaluator(Evaluator):
         j = i + 1 + (rep.consumed if isinstance(rep, Channel) else 0)
         n = len(self.stages)
         while j < n and not is_dense(rep):
-            span = pool_span(self.stages, j) if isinstance(rep, Channel) else 0
-            fused = pooled_run(self.stages[j:j + span], rep, self.acts[j + span]) if span else None
-            if fused is not None:  # [BN] [activation] max-pool: BN and the activation on the pooled values
-                rep, j = fused, j + span
-                continue
-            out = channel_stage(self.stages[j], rep, self.acts[j + 1], lambda j=j: self._shortcut_base(j))
-            if out is None:
+            step = channel_advance(self.stages, j, rep, self.acts, self._shortcut_base)
+            if step is None:
                 break
-            rep = out
-            j += 1
+            rep, j = step
         self.adapter.dense_from[i] = j
         return self._run_downstream(j - 1, densify(rep, k), k)
 
