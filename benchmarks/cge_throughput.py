@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -35,6 +34,8 @@ from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
 from bbzo.adapters.linear_delta import linear_core
 from bbzo.models import create_model
 from bbzo.provenance import provenance
+
+from common import emit  # benchmarks/ is on sys.path when run as a script
 
 
 def samples(fn, reps: int, warmup: int = 1) -> list[float]:
@@ -234,11 +235,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "provenance": provenance(),
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

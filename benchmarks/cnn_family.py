@@ -12,7 +12,6 @@ CIFAR-10 images when ``--data`` exists (else random images, which time the same)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ import bbzo
 from bbzo.adapters import StagedAdapter, frozen_bn_stats
 from bbzo.models import create_model
 from bbzo.provenance import provenance
+
+from common import emit  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "cifar10_subset.npz"
@@ -141,10 +142,7 @@ def main() -> None:
            "threads": torch.get_num_threads(), "bn": "train mode, per-perturbation batch statistics",
            "estimator": "cge forward, mu 5e-3, all coordinates", "models": rows,
            "command": " ".join(["python", *sys.argv]), "provenance": provenance()}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from common import emit  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "custom_simulator"
@@ -119,10 +120,7 @@ def main() -> None:
                      "cge_seconds_per_step_estimated": round(per_query * (d + 1), 1)},
         "command": " ".join(["python", *sys.argv]), "provenance": provenance(),
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 class _Celsius(nn.Module):

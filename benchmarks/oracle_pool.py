@@ -9,7 +9,6 @@ heater example) ``--calls`` times; the answers of the pool are checked equal to 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import emit  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 HEATER = ROOT / "examples" / "custom_simulator" / "heater.sh"
@@ -51,10 +52,7 @@ def main() -> None:
     out = {"benchmark": "oracle_pool", "program": "examples/custom_simulator/heater.sh (awk, text protocol)",
            "rows_per_call": args.rows, "calls": args.calls, "workers": res, "answers_identical": same,
            "command": " ".join(["python", *sys.argv]), "provenance": provenance()}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

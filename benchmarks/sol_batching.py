@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from bbzo.oracles.karman import KarmanOracle, KarmanSetup, KarmanSolver
-    from sol_small import emit  # benchmarks/ is on sys.path when run as a script
+    from common import emit  # benchmarks/ is on sys.path when run as a script
 
     setup = KarmanSetup()
     base = KarmanSolver(setup, backend="numpy", jit=False).initial_state([390.6])

@@ -33,7 +33,7 @@ def main() -> None:
     from bbzo.config import resolve
     from bbzo.provenance import provenance
     from bbzo.tasks.sol import RolloutBatches, SolSettings, features, generate, make_corrector, make_rollout, non_pairs
-    from sol_small import emit  # benchmarks/ is on sys.path when run as a script
+    from common import emit  # benchmarks/ is on sys.path when run as a script
 
     cfg, _ = resolve(SolSettings, {"preset": "demo", "data_dir": args.data_dir})
     data = generate(cfg.data, args.data_dir, progress=False)

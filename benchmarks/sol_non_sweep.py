@@ -72,7 +72,7 @@ def main() -> None:
     from bbzo.config import resolve
     from bbzo.provenance import provenance
     from bbzo.tasks.sol import SolSettings, generate
-    from sol_small import emit  # benchmarks/ is on sys.path when run as a script
+    from common import emit  # benchmarks/ is on sys.path when run as a script
 
     s0, _ = resolve(SolSettings, {"preset": "small", "data_dir": Path(args.data_dir)})
     generate(s0.data, s0.data_dir, progress=False)  # once, before the workers share the cache

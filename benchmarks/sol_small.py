@@ -25,16 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import emit  # benchmarks/ is on sys.path when run as a script
+
+
 PAPER = {"src": 0.180, "non": 0.153, "zo": 0.119, "fo": 0.074}
-
-
-def emit(result: dict, path: "Path | None") -> None:
-    """Print ``result`` as JSON and, if ``path`` is given, write it there too."""
-    text = json.dumps(result, indent=1)
-    print(text)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
 
 
 def _settings(args: argparse.Namespace, seed: int, over: dict[str, Any]) -> tuple[Any, dict[str, str]]:

@@ -44,7 +44,7 @@ def main() -> None:
     from bbzo.provenance import provenance
     from bbzo.sparsity import DynamicSparsity, LayerRatios
     from bbzo.tasks.sol import RolloutBatches, SolSettings, evaluate, load, load_corrector, make_rollout
-    from sol_small import emit  # benchmarks/ is on sys.path when run as a script
+    from common import emit  # benchmarks/ is on sys.path when run as a script
 
     cfg_path = args.seed_dir / "config.resolved.yaml"
     s, _ = resolve(SolSettings, {"no_progress": True}, cfg_path, "run")
