@@ -86,9 +86,10 @@ class _ChainRule(Estimator):
         model, x, y, b = evaluator.model, evaluator.inputs, evaluator.targets, evaluator.batch
         inp = x if obj.needs_inputs else None
         live = {n: p for n, p in model.named_parameters() if n in params}
-        with torch.no_grad(), frozen_bn_stats(model):
-            out0 = model(x)
-            rows0 = obj.rows(out0, inp, y)
+        with torch.enable_grad(), frozen_bn_stats(model):  # one forward: its values feed the queries, its graph the backward
+            out = model(x)
+            rows_g = obj.rows(out, inp, y)
+        out0, rows0 = out.detach(), rows_g.detach()
         if rows0.dim() < 1 or rows0.shape[0] != b:
             raise ConfigError(f"{self.info.name}: the oracle rows must have one row per sample ({b}), got "
                               f"{tuple(rows0.shape)}.")
@@ -117,9 +118,8 @@ class _ChainRule(Estimator):
             diffs = (per[1:1 + m] - per[1 + m:]) / (2 * self.mu)
         v = self._combine(diffs, pert[:m].to(torch.float64), m)  # (B, d) = d loss_i / d z_i
         ans0 = answers[:b]
-        with torch.enable_grad(), frozen_bn_stats(model):
-            out = model(x)
-            rows = obj.rows(out, inp, y).reshape(b, -1)
+        with torch.enable_grad():
+            rows = rows_g.reshape(b, -1)
             direct = obj.loss(ans0.detach(), out, inp, y)
             surrogate = (v.to(rows.dtype) * rows).sum(1).mean() + direct.mean()
         grads = torch.autograd.grad(surrogate, list(live.values()), allow_unused=True)
