@@ -63,8 +63,7 @@ def estimate(adapter: Adapter, estimator: Estimator, objective: Any, inputs: Any
             queries, calls = queries + evaluator.queries, calls + evaluator.calls
             keep = torch.ones(evaluator.batch, dtype=torch.bool)
             keep[e.samples.cpu()] = False
-            failures.skipped_samples += int(e.samples.numel())
-            failures.total_skipped_samples += int(e.samples.numel())
+            failures.record_skip(int(e.samples.numel()))
             if not bool(keep.any()):
                 raise OracleError(f"every sample of the minibatch has a row the oracle could not answer "
                                   f"({failures.failed_rows} failed rows): nothing is left to estimate from. Check the "

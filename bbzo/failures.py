@@ -56,6 +56,11 @@ class FailurePolicy:
     def new_step(self) -> None:
         self.failed_rows = self.skipped_samples = 0
 
+    def record_skip(self, n: int) -> None:
+        """``n`` samples were dropped from this step (``skip``)."""
+        self.skipped_samples += n
+        self.total_skipped_samples += n
+
     def apply(self, per_sample: torch.Tensor, k: int, batch: int) -> torch.Tensor:
         """``(K*B,)`` per-sample losses with NaN/inf where rows failed -> what the policy makes of them."""
         bad = ~torch.isfinite(per_sample)
