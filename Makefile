@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# the main job: ZO-SOL, a PDE corrector trained through the black-box PhiFlow solver (~5 min, 2 CPU cores)
+# the main job: ZO-SOL, a PDE corrector trained through the black-box PhiFlow solver (~6 min, 2 CPU cores)
 demo: $(STAMP)
 	$(VENV)/bin/bbzo sol run --preset demo --out runs/sol-demo
 
