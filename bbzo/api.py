@@ -42,12 +42,14 @@ def _keep_rows(tree: Any, keep: torch.Tensor) -> Any:
 
 
 def estimate(adapter: Adapter, estimator: Estimator, objective: Any, inputs: Any, targets: Any,
-             *, n_shards: int = 1, ledger: Optional[QueryLedger] = None, failures: Any = None) -> EstimateResult:
+             *, n_shards: int = 1, ledger: Optional[QueryLedger] = None, failures: Any = None,
+             executor: Any = None) -> EstimateResult:
     """One estimate on the minibatch ``(inputs, targets)``, advancing ``estimator.state``.
 
     ``ledger``: where the queries are charged (and budgets checked); a private one if None.
     ``failures``: a :class:`~bbzo.failures.FailurePolicy` for rows the oracle cannot answer (``skip``
     evaluates the step again without the failed samples, for every perturbation alike).
+    ``executor``: who evaluates the probes (:mod:`bbzo.parallel`; default: this process, in ``n_shards``).
     """
     params = adapter.trainable()
     if not params:
@@ -57,7 +59,7 @@ def estimate(adapter: Adapter, estimator: Estimator, objective: Any, inputs: Any
     while True:
         evaluator = adapter.bind(objective, inputs, targets, ledger=ledger, failures=failures)
         try:
-            grads, loss, new_state = estimator.estimate(evaluator, params, state, n_shards)
+            grads, loss, new_state = estimator.estimate(evaluator, params, state, executor if executor is not None else n_shards)
             break
         except SkipSamples as e:
             queries, calls = queries + evaluator.queries, calls + evaluator.calls

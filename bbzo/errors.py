@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "InefficientSettingsWarning",
+    "WorkerError",
 ]
 
 
@@ -48,3 +49,7 @@ class CheckpointError(BbzoError):
 
 class InefficientSettingsWarning(UserWarning):
     """Settings that work but waste queries or time (e.g. CGE without feature reuse on a staged model)."""
+
+
+class WorkerError(BbzoError):
+    """A worker of a distributed run failed, died or stopped answering; every rank stops with this error."""

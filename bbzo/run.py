@@ -39,6 +39,7 @@ from .data import BatchSource
 from .errors import BbzoError, ConfigError
 from .estimators.base import Estimator
 from .ledger import QueryLedger
+from . import parallel
 from .listeners import BudgetGuard, JSONLLogger, PeriodicEval, ProgressBar, plot_losses, read_jsonl
 from .provenance import provenance
 from .task import Task
@@ -111,6 +112,8 @@ class BuildContext:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    if not parallel.is_writer():  # a distributed run: rank 0 writes
+        return
     text = json.dumps(data, indent=1, default=str) + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
     path.chmod(0o644)
@@ -166,6 +169,8 @@ class Run:
         return rec
 
     def _wipe(self, record: Optional[dict[str, Any]], names: Sequence[str]) -> None:
+        if not parallel.is_writer():
+            return
         old = list((record or {}).get("trainings", [])) + list(names)
         for n in set(old):
             folder = self.training_folder(n)
@@ -177,6 +182,8 @@ class Run:
             (self.folder / f).unlink(missing_ok=True)
 
     def _clean_training(self, folder: Path) -> None:
+        if not parallel.is_writer():
+            return
         for f in (*TRAINING_FILES, *self.task.training_files):
             (folder / f).unlink(missing_ok=True)
 
@@ -213,7 +220,7 @@ class Run:
             where = self.training_folder(trainings[0]) if self.single else self.folder
             raise ConfigError(f"--resume: {where} holds no checkpoint ({CHECKPOINT_NAME}), so there is nothing to "
                               "continue. Start the run without --resume.")
-        if not self.resume:
+        if not self.resume and parallel.is_writer():
             for f in RUN_OUTPUTS:
                 (self.folder / f).unlink(missing_ok=True)
         changed = {k: {"from": self.previous.get(k), "to": v} for k, v in new.items()
@@ -225,9 +232,10 @@ class Run:
         _write_json(self.folder / RUN_FILE, {"format": RUN_FORMAT, "task": self.task.name, "settings": new,
                                              "sources": self.sources, "trainings": known, "history": history,
                                              "provenance": provenance()})
-        write_config(self.folder, new, self.sources,
-                     header=f"{self.command}: the settings this run used\nre-run: bbzo ... --config "
-                            f"{self.folder / RESOLVED_NAME}")
+        if parallel.is_writer():
+            write_config(self.folder, new, self.sources,
+                         header=f"{self.command}: the settings this run used\nre-run: bbzo ... --config "
+                                f"{self.folder / RESOLVED_NAME}")
         return self
 
     @classmethod
@@ -253,7 +261,7 @@ class Run:
         t0 = time.perf_counter()
         spec = build(BuildContext(self, name, folder, resuming, ledger))
         if spec is None:  # nothing to train (a baseline)
-            if name and not any(folder.iterdir()):
+            if name and parallel.is_writer() and not any(folder.iterdir()):
                 folder.rmdir()
             summary = {"method": name, "steps": 0}
             self.summaries[name] = summary
@@ -272,8 +280,10 @@ class Run:
         trainer = Trainer(spec.model, spec.objective, spec.estimator, spec.optimizer, spec.data, max_steps=spec.steps,
                           scheduler=spec.scheduler, ledger=ledger, run_dir=folder, checkpoint_every=spec.checkpoint_every,
                           log_every=spec.log_every, adapter=spec.adapter, **spec.trainer_kw)
-        JSONLLogger(folder / "metrics.jsonl", extra=spec.log_extra).attach(trainer)
-        bar = ProgressBar(desc=spec.desc or name or self.task.name, disable=not self.progress).attach(trainer)
+        writer = parallel.is_writer()
+        if writer:
+            JSONLLogger(folder / "metrics.jsonl", extra=spec.log_extra).attach(trainer)
+        bar = ProgressBar(desc=spec.desc or name or self.task.name, disable=not (self.progress and writer)).attach(trainer)
         BudgetGuard().attach(trainer)
         initial = None
         if spec.evaluate is not None:
@@ -309,7 +319,8 @@ class Run:
         if spec.evaluate is not None:
             with ledger.evaluation():
                 final = spec.evaluate(spec.model)
-        atomic_write_bytes(folder / spec.weights, lambda f: torch.save(spec.model.state_dict(), f))
+        if writer:
+            atomic_write_bytes(folder / spec.weights, lambda f: torch.save(spec.model.state_dict(), f))
         summary: dict[str, Any] = {
             "method": name, "status": "done", "steps": trainer.step_count,
             "stopped_by": trainer.stop_reason or "steps", "resumed_from_step": resumed_from,
@@ -318,7 +329,7 @@ class Run:
             "oracle_rows": ledger.rows(), "wall_s": round(trainer.elapsed, 1), "elapsed_s": trainer.elapsed,
             "final_train_loss": trainer.status.get("loss"),
             "estimator": spec.estimator.info.name, "zeroth_order": spec.estimator.info.zeroth_order,
-            "ledger": ledger.summary(),
+            "ledger": ledger.summary(), "workers": parallel.world_size(),
         }
         if initial is not None:
             summary["eval_initial"], summary["eval_final"] = initial, final
@@ -373,6 +384,12 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
     """
     if task.threads is not None:
         torch.set_num_threads(task.threads)
+    ctx = parallel.setup(getattr(settings, "worker_timeout", parallel.DEFAULT_WORKER_TIMEOUT),
+                         device=getattr(settings, "device", "cpu"))
+    if ctx is None and getattr(settings, "workers", 1) > 1:
+        raise ConfigError(f"workers={settings.workers} needs processes to share the work: use the bbzo command "
+                          "(--workers M starts them with torch.distributed.run), or start your script with "
+                          f"`torchrun --nproc-per-node {settings.workers} script.py` and leave workers at 1.")
     names = list(trainings) if trainings is not None else list(task.trainings(settings))
     if not names:
         raise ConfigError(f"task {task.name}: nothing to train (no trainings given).")
@@ -384,7 +401,7 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
             run.shared = task.prepare(settings, run)
         for n in names:
             run.train(n, lambda ctx, n=n: task.build(settings, n, ctx))
-        if not evaluate or task.evaluate is None:
+        if not evaluate or task.evaluate is None or not parallel.is_writer():  # rank 0 evaluates and reports
             return {"trainings": run.summaries}
         return run.finish(task.evaluate(settings, run, run.summaries))
     except BaseException as e:

@@ -40,6 +40,12 @@ class RunSettings:
                               runtime=True)
     no_progress: bool = setting(False, help="No progress bars.", runtime=True)
     no_plots: bool = setting(False, help="Skip the PNG plots.", runtime=True)
+    workers: int = setting(1, runtime=True, help=(
+        "Processes that share each step's queries (forward parallelization over torch.distributed; started "
+        "with torch.distributed.run). Under torchrun the launcher's world size is used instead."))
+    worker_timeout: float = setting(30.0, runtime=True, help=(
+        "Seconds a distributed step waits for its slowest worker before every worker stops with an error "
+        "naming it (a dead or hung worker)."))
 
 
 @dataclass(frozen=True)

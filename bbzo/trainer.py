@@ -34,6 +34,8 @@ from .estimators.base import Estimator
 from .estimators.transforms import clip_by_global_norm
 from .failures import FailurePolicy
 from .ledger import QueryLedger
+from .parallel.context import is_writer
+from .parallel.executor import Executor, SerialExecutor, default_executor
 
 __all__ = ["Trainer"]
 
@@ -57,6 +59,9 @@ class Trainer:
             restored exactly on resume.
         oracle: An oracle to count in the ledger (the objective's oracles can also be attached directly).
         feature_reuse, n_shards: As :func:`bbzo.estimate_grad`.
+        executor: Who evaluates each step's probes (:mod:`bbzo.parallel`). Default: the ranks of the
+            process group when this process was started by ``torchrun`` / ``--workers`` (every rank runs
+            the same trainer; only rank 0 writes checkpoints), else this process.
         update_bn_stats: In train mode, run one unperturbed forward per step to update BatchNorm
             running statistics (queries never do; see :mod:`bbzo.adapters.common`).
         clip_grad_norm: Clip the estimate's global norm (wraps the estimator in ``clip_by_global_norm``).
@@ -92,6 +97,7 @@ class Trainer:
         adapter_kw: Optional[dict[str, Any]] = None,
         adapter: Optional[Adapter] = None,
         failures: Optional[FailurePolicy] = None,
+        executor: Optional[Executor] = None,
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
@@ -103,6 +109,7 @@ class Trainer:
         if oracle is not None and getattr(oracle, "ledger", None) is not self.ledger:
             self.ledger.attach(oracle)
         self.max_steps, self.n_shards = int(max_steps), int(n_shards)
+        self.executor = executor if executor is not None else (default_executor() if n_shards == 1 else SerialExecutor(n_shards))
         self.update_bn_stats = update_bn_stats
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every, self.log_every = int(checkpoint_every), max(1, int(log_every))
@@ -162,7 +169,7 @@ class Trainer:
             info = self.estimator.step_info(params, self.estimator.ensure_state(params))
             queries_before = self.ledger.queries
             self.failures.new_step()
-            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, n_shards=self.n_shards,
+            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, executor=self.executor,
                            ledger=self.ledger, failures=self.failures)
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
@@ -245,6 +252,10 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("save_checkpoint needs a path or a Trainer(run_dir=...).")
+        if not is_writer():  # a distributed run: every rank holds the same state, rank 0 writes it
+            if own:
+                self._saved_step = self.step_count
+            return path
         out = save_checkpoint(path, self.state_dict(rng, ledger_state))
         if own:
             self._saved_step = self.step_count

@@ -26,6 +26,7 @@ from bbzo.run import Run, run_task
 from bbzo.tasks.sol import TASK, SolSettings, evaluate_run, generate
 from bbzo.tasks.sol.data import _paths
 
+from .launch import relaunch_if_needed, reports
 from .options import CommaList, config_option, resolve_command, settings_options
 
 _RUN_FLAGS = ("out", "resume", "overwrite", "no_plots", "methods")
@@ -68,8 +69,10 @@ def generate_cmd(ctx: click.Context, config: Optional[str], force: bool, **_: An
 def train_cmd(ctx: click.Context, config: Optional[str], method: str, **_: Any) -> None:
     """Train one method into OUT/METHOD (data generated first if it is not cached)."""
     s, sources = resolve_command(ctx, SolSettings, defaults={"out": Path("runs/sol")})
+    relaunch_if_needed(s)
     res = run_task(TASK, s, sources, trainings=[method], evaluate=False, command=_command_line())
-    click.echo(json.dumps(res["trainings"][method], indent=1))
+    if reports():
+        click.echo(json.dumps(res["trainings"][method], indent=1))
 
 
 @sol.command("run")
@@ -79,7 +82,10 @@ def train_cmd(ctx: click.Context, config: Optional[str], method: str, **_: Any) 
 def run_cmd(ctx: click.Context, config: Optional[str], **_: Any) -> None:
     """Everything: reference data, SRC / NON / ZO-SOL / FO-SOL, the MAE table and the pictures."""
     s, sources = resolve_command(ctx, SolSettings)
+    relaunch_if_needed(s)
     summary = run_task(TASK, s, sources, command=_command_line())
+    if not reports():
+        return
     click.echo("\n" + summary["table"])
     click.echo(f"\nresults: {s.out / 'results.json'}  (total {summary['total_seconds']} s)")
     for p in summary["plots"]:

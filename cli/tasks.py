@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 import click
 
 from bbzo.run import run_task
+
+from .launch import relaunch_if_needed, reports
 from bbzo.task import Task, get_task, list_tasks
 from bbzo.userspec import load_object
 
@@ -39,7 +41,10 @@ def task_command(task: Task, name: Optional[str] = None, report: Callable[[dict[
     @click.pass_context
     def command(ctx: click.Context, config: Optional[str], **_: Any) -> None:
         settings, sources = resolve_command(ctx, task.settings)
-        report(run_task(task, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]])), settings)
+        relaunch_if_needed(settings)
+        results = run_task(task, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]]))
+        if reports():
+            report(results, settings)
 
     return command
 

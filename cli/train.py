@@ -17,6 +17,7 @@ import click
 from bbzo.run import run_task
 from bbzo.tasks.custom import TASK, TrainSettings, evaluate_run
 
+from .launch import relaunch_if_needed, reports
 from .options import MappingParam, config_option, resolve_command, settings_options
 
 __all__ = ["train"]
@@ -52,7 +53,10 @@ def train(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     settings, sources = resolve_command(ctx, TrainSettings)
-    _report(run_task(TASK, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]])), settings)
+    relaunch_if_needed(settings)
+    results = run_task(TASK, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]]))
+    if reports():
+        _report(results, settings)
 
 
 @train.command("eval")

@@ -40,6 +40,11 @@ class FunctionalEvaluator(Evaluator):
         """Parameter sets per batched call."""
         return chunk_size(self._per_set_bytes(touched_bytes), self.max_chunk_bytes, self.max_chunk)
 
+    def shard_quantum(self, probes: Probes) -> int:
+        """Probes per batched call: a distributed run deals whole calls to ranks, so each rank's calls hold
+        the same probes as a serial run's (a batched black box may depend on its batch: bitwise equality)."""
+        return self._chunk(probes.touched_bytes(self.params))
+
     def _run(self, stacked: dict[str, torch.Tensor]) -> Any:
         k = next(iter(stacked.values())).shape[0]
         fixed = {n: p for n, p in self.all_params.items() if n not in stacked}

@@ -74,7 +74,7 @@ class Autograd(Estimator):
         raise ConfigError("autograd is not built from probes; call estimate(evaluator, params, state).")
 
     def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 n_shards: int = 1) -> tuple[Grads, float, NamedTuple]:
+                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
         live = {n: p for n, p in evaluator.model.named_parameters() if n in params}
         loss = evaluator.differentiable_loss()
         with self.context():

@@ -47,8 +47,7 @@ def evaluate_sharded(evaluator: Any, probes: Probes, n_shards: int = 1) -> torch
     """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
 
     Each shard is self-contained (a slice of small index tensors), so the same call works when shards
-    run on other processes or machines: every worker evaluates ``probes.shard(rank, world)`` and the
-    losses are concatenated in shard order.
+    run on other processes or machines (:class:`~bbzo.parallel.DistributedExecutor`).
     """
     if n_shards < 1:
         raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
@@ -115,15 +114,18 @@ class Estimator(ABC):
         """Combine probe losses ``(M,)`` (float64, probe order) into gradients keyed like ``params``."""
 
     def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 n_shards: int = 1) -> tuple[Grads, float, NamedTuple]:
-        """``(grads, loss, new state)`` on the evaluator's minibatch: ask -> evaluate (sharded) -> tell.
+                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
+        """``(grads, loss, new state)`` on the evaluator's minibatch: ask -> evaluate (by the executor) -> tell.
 
-        ``loss`` is the loss at the unperturbed parameters (the mean probe loss for central
-        differences, which is within O(mu^2) of it).
+        ``executor``: who evaluates the probes (:mod:`bbzo.parallel`): ``None`` -- this process; an int
+        -- this process in that many shards; a :class:`~bbzo.parallel.DistributedExecutor` -- the ranks
+        of a process group, each its shard. ``loss`` is the loss at the unperturbed parameters (the mean
+        probe loss for central differences, which is within O(mu^2) of it).
         """
+        from ..parallel.executor import as_executor
+
         probes, new_state = self.ask(params, state)
-        base = evaluator.base_loss() if self.needs_base else None
-        losses = evaluate_sharded(evaluator, probes, n_shards)
+        base, losses = as_executor(executor).evaluate(evaluator, probes, self.needs_base)
         grads = self.tell(params, probes, losses, base)
         loss = float(base) if base is not None else float(losses.mean())
         return grads, loss, new_state

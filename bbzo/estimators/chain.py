@@ -74,7 +74,7 @@ class _ChainRule(Estimator):
         raise NotImplementedError
 
     def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 n_shards: int = 1) -> tuple[Grads, float, NamedTuple]:
+                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
         from ..adapters.common import frozen_bn_stats, repeat_targets
 
         obj = evaluator.objective

@@ -188,8 +188,8 @@ class ClipByGlobalNorm(Estimator):
         return self._clip(self.inner.tell(params, probes, losses, base_loss))
 
     def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 n_shards: int = 1) -> tuple[Grads, float, NamedTuple]:
-        grads, loss, new_state = self.inner.estimate(evaluator, params, state, n_shards)
+                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
+        grads, loss, new_state = self.inner.estimate(evaluator, params, state, executor)
         return self._clip(grads), loss, new_state
 
     def step_info(self, params: Params, state: NamedTuple) -> dict[str, Any]:

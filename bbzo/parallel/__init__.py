@@ -1,0 +1,12 @@
+"""Forward parallelization (DeepZero Eq. (5)): a step's probes evaluated across processes and machines.
+
+* :mod:`.context` -- joining the ``torch.distributed`` process group ``torchrun`` describes; rank 0 writes;
+* :mod:`.executor` -- :class:`SerialExecutor` and the master-less :class:`DistributedExecutor`;
+* :mod:`.launch` -- ``--workers M``: the same run under ``torch.distributed.run`` with M local processes.
+"""
+
+from .context import DEFAULT_WORKER_TIMEOUT, DistContext, current, is_writer, rank, setup, shutdown, world_size
+from .executor import DistributedExecutor, Executor, SerialExecutor, as_executor, assign_shards, default_executor
+
+__all__ = ["DistContext", "setup", "current", "is_writer", "rank", "world_size", "shutdown", "DEFAULT_WORKER_TIMEOUT",
+           "Executor", "SerialExecutor", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]

@@ -1,0 +1,163 @@
+"""The process group of a distributed run: who this process is, and whether it writes files.
+
+bbzo's forward parallelization has **no master**: every rank holds the same weights, seed and minibatch,
+runs the same deterministic ``ask`` / ``tell`` and the same optimizer step, and evaluates only its shard
+of each step's probes (:class:`~bbzo.parallel.executor.DistributedExecutor`). The ranks are started by
+``torchrun`` (any number of nodes, a c10d rendezvous) or by ``--workers M``, which starts
+``torch.distributed.run`` for the user (:mod:`bbzo.parallel.launch`).
+
+:func:`setup` joins the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
+``RANK``, ``MASTER_ADDR`` ...): gloo on CPU, NCCL when the run's device is CUDA. Only rank 0 writes
+checkpoints, logs and results (:func:`is_writer`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+__all__ = ["DistContext", "setup", "current", "is_writer", "world_size", "rank", "under_launcher", "shutdown",
+           "DEFAULT_WORKER_TIMEOUT"]
+
+#: Seconds a collective waits for the slowest rank before the run stops (``--worker-timeout``).
+DEFAULT_WORKER_TIMEOUT = 30.0
+
+
+@dataclass
+class DistContext:
+    """This process's place in a distributed run.
+
+    Attributes:
+        rank, world: Global rank and number of ranks.
+        local_rank: Rank on this node (selects the GPU).
+        timeout: Seconds a collective waits for every rank (``--worker-timeout``).
+        backend: ``"gloo"`` or ``"nccl"``.
+        store: The c10d store of the rendezvous (heartbeats and error messages of the ranks).
+    """
+
+    rank: int
+    world: int
+    local_rank: int
+    timeout: float
+    backend: str
+    store: Any
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where collectives move their tensors (NCCL needs this rank's GPU)."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+_CONTEXT: Optional[DistContext] = None
+
+
+def under_launcher() -> bool:
+    """Whether this process was started by ``torchrun`` (``WORLD_SIZE`` and ``RANK`` are set)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def setup(timeout: float = DEFAULT_WORKER_TIMEOUT, device: Any = "cpu") -> Optional[DistContext]:
+    """Join the process group ``torchrun`` described (once per process); ``None`` when not launched by it.
+
+    Args:
+        timeout: Seconds any collective waits before the run stops with a :class:`~bbzo.errors.WorkerError`.
+        device: The run's device: CUDA selects NCCL and this rank's GPU (``LOCAL_RANK``), CPU gloo.
+    """
+    global _CONTEXT
+    if not under_launcher():
+        return None
+    if not timeout > 0:
+        raise ConfigError(f"--worker-timeout must be > 0 seconds, got {timeout}.")
+    world, rank_, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if _CONTEXT is not None:
+        return _CONTEXT
+    cuda = torch.device(device).type == "cuda"
+    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(datetime.timedelta(seconds=float(timeout)))
+    _CONTEXT = DistContext(rank=rank_, world=world, local_rank=local, timeout=float(timeout), backend=backend,
+                           store=store)
+    _install_sigterm()
+    atexit.register(shutdown)
+    return _CONTEXT
+
+
+def current() -> Optional[DistContext]:
+    """The distributed context of this process, or ``None`` (a serial run)."""
+    return _CONTEXT
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: always in a serial run, only rank 0 in a distributed one."""
+    return _CONTEXT is None or _CONTEXT.is_writer
+
+
+def world_size() -> int:
+    return 1 if _CONTEXT is None else _CONTEXT.world
+
+
+def rank() -> int:
+    return 0 if _CONTEXT is None else _CONTEXT.rank
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a run)."""
+    global _CONTEXT
+    if _CONTEXT is not None and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
+
+
+# ---------------------------------------------------------------------- SIGTERM
+# When one rank fails, the launcher stops the others with SIGTERM. A rank that is inside a collective
+# or already reporting the failure finishes its own clear error first (see executor.py); elsewhere
+# SIGTERM ends the rank as usual (KeyboardInterrupt-like, so the trainer keeps its last checkpoint).
+_PROTECT = {"depth": 0, "pending": False}
+
+
+class Terminated(BaseException):
+    """The launcher stopped this rank (another rank failed)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _PROTECT["depth"] > 0:
+        _PROTECT["pending"] = True
+        return
+    raise Terminated("stopped by the launcher (SIGTERM): another rank of the run failed; see its error.")
+
+
+def _install_sigterm() -> None:
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+
+
+class protect_sigterm:
+    """Defer SIGTERM while a collective (or the error report after it) is in progress."""
+
+    def __enter__(self) -> None:
+        _PROTECT["depth"] += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _PROTECT["depth"] -= 1
+        if _PROTECT["depth"] == 0 and _PROTECT["pending"] and exc[0] is None:
+            _PROTECT["pending"] = False
+            raise Terminated("stopped by the launcher (SIGTERM): another rank of the run failed; see its error.")

@@ -1,0 +1,105 @@
+"""Forward parallelization over torch.distributed (gloo, 2 local processes): serial equality, faults, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bbzo import create_estimator
+from bbzo.parallel import SerialExecutor, assign_shards
+from bbzo.parallel.launch import launcher_command
+
+ROOT = Path(__file__).resolve().parents[2]
+EX = ROOT / "examples" / "custom_simulator"
+ORACLE = ROOT / "tests" / "parallel" / "faulty_heater.py"
+BBZO = [sys.executable, "-m", "bbzo.cli.main"]
+
+
+def bbzo_train(out, *extra, env=None, steps=6):
+    args = [*BBZO, "train", "--config", EX / "run.yaml", "--oracle", f"{ORACLE}:simulate", "--steps", steps,
+            "--checkpoint-every", 1, "--schedule", "constant", "--out", out, "--no-progress", *extra]
+    e = {**os.environ, **(env or {})}
+    e.pop("BBZO_TEST_FAULT", None) if not env or "BBZO_TEST_FAULT" not in env else None
+    return subprocess.run([str(a) for a in args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+
+
+def weights(out):
+    return torch.load(Path(out) / "model.pt", weights_only=True)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_shards_cover_every_probe_once_and_split_every_tensor_evenly():
+    params = {"a": torch.zeros(10), "b": torch.zeros(3, 3), "c": torch.zeros(1)}
+    probes, _ = create_estimator("cge").ask(params, create_estimator("cge").init(params))
+    parts = assign_shards(probes, 3)
+    allrows = torch.sort(torch.cat(parts)).values
+    assert torch.equal(allrows, torch.arange(len(probes)))
+    for _, rows in probes.tensor_groups():
+        counts = [int(torch.isin(p, rows).sum()) for p in parts]
+        assert max(counts) - min(counts) <= 1
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    # whole batched calls: every rank's rows are whole calls of 4 of the serial order
+    parts = assign_shards(probes, 2, quantum=4)
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(len(probes)))
+    assert [p[:4].tolist() for p in parts] == [[4, 5, 6, 7], [0, 1, 2, 3]]
+    assert repr(SerialExecutor(2)) == "SerialExecutor(n_shards=2)"
+
+
+def test_launcher_command_is_torchrun_without_a_shell():
+    cmd = launcher_command(3, ["train", "--steps", "2"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc-per-node=3" in cmd
+    assert cmd[-3:] == ["train", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial") / "run"
+    r = bbzo_train(out, steps=8)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_two_workers_train_exactly_like_one_and_resume_with_another_count(serial, tmp_path):
+    out = tmp_path / "w2"
+    r = bbzo_train(out, "--workers", 2, steps=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation loss") == 1  # rank 0 reports, once
+    first = json.loads((out / "train.json").read_text())
+    assert first["workers"] == 2 and first["queries"] == 4 * 83 and first["oracle_rows"] == 4 * 83 * 32
+    r = bbzo_train(out, "--resume", "--workers", 1, steps=8)  # a 2-worker checkpoint continued by 1 process
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(weights(out), weights(serial))
+    res, ref = json.loads((out / "results.json").read_text()), json.loads((serial / "results.json").read_text())
+    assert res["queries_used"] == ref["queries_used"] == 8 * 83 and res["oracle_rows"] == ref["oracle_rows"]
+    assert res["val_loss_final"] == ref["val_loss_final"]
+
+
+def test_a_failing_worker_stops_every_rank_with_its_error_and_resume_continues(serial, tmp_path):
+    out = tmp_path / "fail"
+    r = bbzo_train(out, "--workers", 2, env={"BBZO_TEST_FAULT": "1:5:raise"}, steps=8)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "rank 1 of 2, step" in err and "blew a fuse" in err, err[-3000:]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert 0 < ck["step"] < 8
+    r = bbzo_train(out, "--resume", "--workers", 2, steps=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(weights(out), weights(serial))
+
+
+def test_a_hung_worker_is_named_within_the_timeout(tmp_path):
+    out = tmp_path / "hang"
+    r = bbzo_train(out, "--workers", 2, "--worker-timeout", 3, env={"BBZO_TEST_FAULT": "1:5:hang"}, steps=8)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "rank 1 did not finish step" in err and "--worker-timeout 3 s" in err, err[-3000:]
+    assert (out / "checkpoint.pt").exists()
