@@ -35,7 +35,7 @@ from bbzo.adapters.linear_delta import linear_core
 from bbzo.models import create_model
 from bbzo.provenance import provenance
 
-from common import emit  # benchmarks/ is on sys.path when run as a script
+from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
 
 
 def samples(fn, reps: int, warmup: int = 1) -> list[float]:
@@ -82,12 +82,7 @@ def main() -> None:
     total = sum(p.numel() for p in params.values())
     m = int(round(args.density * total))
     flat = torch.randperm(total, generator=g)[:m].sort().values  # uniformly random over all coordinates
-    coords, start = {}, 0
-    for n, p in params.items():
-        sel = flat[(flat >= start) & (flat < start + p.numel())] - start
-        if sel.numel():
-            coords[n] = sel
-        start += p.numel()
+    coords = coords_from_flat(params, flat)
     reps = 3 if args.quick else 7
 
     def sync_call(fn):

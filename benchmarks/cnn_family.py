@@ -25,7 +25,7 @@ from bbzo.adapters import StagedAdapter, frozen_bn_stats
 from bbzo.models import create_model
 from bbzo.provenance import provenance
 
-from common import emit  # benchmarks/ is on sys.path when run as a script
+from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "cifar10_subset.npz"
@@ -116,12 +116,7 @@ def main() -> None:
 
         # stage-level reuse only, on a random subset of the coordinates (same layer mix), scaled to d
         sel = torch.randperm(d, generator=g)[: max(20, int(args.stage_fraction * d))].sort().values
-        sub, start = {}, 0
-        for n, p in params.items():
-            s = sel[(sel >= start) & (sel < start + p.numel())] - start
-            if s.numel():
-                sub[n] = s
-            start += p.numel()
+        sub = coords_from_flat(params, sel)
         stage_adapter = StagedAdapter(model, channel_reuse=False)
         sub_est = bbzo.create_estimator("sparse_cge", coords=sub, mu=5e-3)
         stage_s = timed(lambda: bbzo.estimate(stage_adapter, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()

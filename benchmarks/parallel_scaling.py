@@ -36,7 +36,7 @@ import bbzo  # noqa: E402
 from bbzo import parallel  # noqa: E402
 from bbzo.models import create_model  # noqa: E402
 from bbzo.provenance import provenance  # noqa: E402
-from common import emit  # noqa: E402
+from common import coords_from_flat, emit  # noqa: E402
 
 
 def measure(density: float, batch: int, reps: int, seed: int) -> dict:
@@ -49,12 +49,7 @@ def measure(density: float, batch: int, reps: int, seed: int) -> dict:
     params = {n: p.detach() for n, p in model.named_parameters()}
     total = sum(p.numel() for p in params.values())
     flat = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: int(round(density * total))].sort().values
-    coords, start = {}, 0
-    for n, p in params.items():
-        sel = flat[(flat >= start) & (flat < start + p.numel())] - start
-        if sel.numel():
-            coords[n] = sel
-        start += p.numel()
+    coords = coords_from_flat(params, flat)
     est = bbzo.create_estimator("sparse_cge", coords=coords)
     adapter = bbzo.make_adapter(model)
     executor = parallel.default_executor()

@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..probes import Probes, concat_losses
+from ..parallel.executor import as_executor, evaluate_sharded
+from ..probes import Probes
 
 __all__ = ["Estimator", "EstimatorInfo", "Params", "Grads", "evaluate_sharded"]
 
@@ -41,17 +42,6 @@ class EstimatorInfo:
     coordinatewise: bool  # probes are single coordinates (feature reuse applies; masked() works)
     supports_sparse: bool
     zeroth_order: bool = True  # False: a white-box reference that differentiates the objective
-
-
-def evaluate_sharded(evaluator: Any, probes: Probes, n_shards: int = 1) -> torch.Tensor:
-    """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
-
-    Each shard is self-contained (a slice of small index tensors), so the same call works when shards
-    run on other processes or machines (:class:`~bbzo.parallel.DistributedExecutor`).
-    """
-    if n_shards < 1:
-        raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
-    return concat_losses([evaluator.evaluate(probes.shard(i, n_shards)) for i in range(n_shards)])
 
 
 class Estimator(ABC):
@@ -122,8 +112,6 @@ class Estimator(ABC):
         of a process group, each its shard. ``loss`` is the loss at the unperturbed parameters (the mean
         probe loss for central differences, which is within O(mu^2) of it).
         """
-        from ..parallel.executor import as_executor
-
         probes, new_state = self.ask(params, state)
         base, losses = as_executor(executor).evaluate(evaluator, probes, self.needs_base)
         grads = self.tell(params, probes, losses, base)

@@ -37,7 +37,7 @@ from ..failures import SkipSamples
 from ..probes import Probes, concat_losses
 from .context import DistContext, current, protect_sigterm
 
-__all__ = ["Executor", "SerialExecutor", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
+__all__ = ["Executor", "SerialExecutor", "evaluate_sharded", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
 
 
 class Executor:
@@ -50,6 +50,17 @@ class Executor:
         raise NotImplementedError
 
 
+def evaluate_sharded(evaluator: Any, probes: Probes, n_shards: int = 1) -> torch.Tensor:
+    """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
+
+    Each shard is self-contained (a slice of small index tensors), so the same call works when shards
+    run on other processes or machines (:class:`DistributedExecutor`).
+    """
+    if n_shards < 1:
+        raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
+    return concat_losses([evaluator.evaluate(probes.shard(i, n_shards)) for i in range(n_shards)])
+
+
 class SerialExecutor(Executor):
     """Every probe in this process, as ``n_shards`` consecutive shards (the numbers do not depend on it)."""
 
@@ -60,9 +71,7 @@ class SerialExecutor(Executor):
 
     def evaluate(self, evaluator: Any, probes: Probes, need_base: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         base = evaluator.base_loss() if need_base else None
-        n = self.n_shards
-        losses = concat_losses([evaluator.evaluate(probes.shard(i, n)) for i in range(n)])
-        return base, losses
+        return base, evaluate_sharded(evaluator, probes, self.n_shards)
 
     def __repr__(self) -> str:
         return f"SerialExecutor(n_shards={self.n_shards})"
