@@ -103,3 +103,41 @@ def test_a_hung_worker_is_named_within_the_timeout(tmp_path):
     err = r.stdout + r.stderr
     assert "rank 1 did not finish step" in err and "--worker-timeout 3 s" in err, err[-3000:]
     assert (out / "checkpoint.pt").exists()
+
+
+def test_a_worker_that_dies_is_named_and_nothing_corrupt_is_written(tmp_path):
+    out = tmp_path / "die"
+    r = bbzo_train(out, "--workers", 2, env={"BBZO_TEST_FAULT": "1:5:die"}, steps=8)  # os._exit on rank 1
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert "rank 1 did not finish step" in err and "--resume" in err, err[-3000:]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)  # a complete checkpoint, not a torn one
+    assert 0 < ck["step"] < 8
+    assert json.loads((out / "results.json").read_text())["status"] == "failed"  # (resume: the test above)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_a_c10d_rendezvous_train_exactly_like_serial(serial, tmp_path):
+    """Two ``torchrun --nnodes 2 --node-rank {0,1}`` invocations on this machine, one process each."""
+    out, port = tmp_path / "nodes", _free_port()
+    args = ["train", "--config", EX / "run.yaml", "--oracle", f"{ORACLE}:simulate", "--steps", 8,
+            "--checkpoint-every", 1, "--schedule", "constant", "--out", out, "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "BBZO_TEST_FAULT"}
+    env["OMP_NUM_THREADS"] = "1"
+    nodes = [subprocess.Popen([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2,
+                                                 "--node-rank", rank, "--nproc-per-node", 1, "--rdzv-backend", "c10d",
+                                                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "bbzo-test",
+                                                 "-m", "bbzo.cli.main", *args]],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    logs = [p.communicate(timeout=240) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [e[-2000:] for _, e in logs]
+    assert json.loads((out / "train.json").read_text())["workers"] == 2
+    assert_same(weights(out), weights(serial))
