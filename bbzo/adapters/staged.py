@@ -257,8 +257,8 @@ class StagedEvaluator(Evaluator):
                 self._shortcuts[j] = self.stages[j].shortcut(self.acts[j][1])
         return self._shortcuts[j]
 
-    def _run_channel(self, i: int, rep: Any, k: int) -> Any:
-        """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
+    def _advance(self, i: int, rep: Any) -> tuple[Any, int]:
+        """Carry stage ``i``'s channel representation as far as it stays per-channel: ``(rep, first dense stage)``."""
         j = i + 1 + (rep.consumed if isinstance(rep, Channel) else 0)
         n = len(self.stages)
         while j < n and not is_dense(rep):
@@ -266,6 +266,18 @@ class StagedEvaluator(Evaluator):
             if step is None:
                 break
             rep, j = step
+        return rep, j
+
+    def _learn_dense_from(self, i: int, probes: Probes) -> None:
+        """Find where stage ``i``'s channel path densifies (one probe, result discarded) before the first chunk,
+        so the chunk sizes -- and with them the float rounding -- are the same in every call (exact resume)."""
+        rep = self._channel_rep(i, probes.slice(0, 1))
+        if rep is not None:
+            self.adapter.dense_from[i] = self._advance(i, rep)[1]
+
+    def _run_channel(self, i: int, rep: Any, k: int) -> Any:
+        """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
+        rep, j = self._advance(i, rep)
         self.adapter.dense_from[i] = j
         return self._run_downstream(j - 1, densify(rep, k), k)
 
@@ -295,6 +307,8 @@ class StagedEvaluator(Evaluator):
         for i in sorted(by_stage):
             rows = torch.sort(torch.cat(by_stage[i])).values
             sub = probes.select(rows)
+            if self.adapter.channel_reuse and i not in self.adapter.dense_from:
+                self._learn_dense_from(i, sub)
             start = 0
             while start < len(sub):
                 k = chunk_size(self._chunk_bytes(i), self.max_chunk_bytes, self.max_chunk)
