@@ -2,7 +2,13 @@
 
 For each model, in one run: one forward, one forward + backward, the naive loop (perturb one coordinate in
 place, full forward + loss, restore; timed on a sample of coordinates and scaled to all of them), bbzo's
-full CGE step with its default adapter (stage- and channel-level reuse) and with stage-level reuse only.
+full CGE step with its default adapter (stage- and channel-level reuse), with stage-level reuse only, and
+without feature reuse (every probe a whole batched forward: ``make_adapter(model, feature_reuse=False)``),
+the last two timed on a random subset of the coordinates (same layer mix) and scaled to all of them.
+
+DeepZero Fig. 3 (wall time per CGE epoch with and without feature reuse) follows as ``epoch_s``: the step
+times x ``--epoch-steps`` (39 = 10,000 images / batch 256, the CPU-scale Fig. 2 runs), data loading not
+included (under 1% of a step).
 Train-mode BN (each perturbed set its own batch statistics), cross-entropy, forward CGE at mu 5e-3, on real
 CIFAR-10 images when ``--data`` exists (else random images, which time the same). Prints JSON.
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import bbzo
-from bbzo.adapters import StagedAdapter, frozen_bn_stats
+from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
 from bbzo.models import create_model
 from bbzo.provenance import provenance
 
@@ -54,6 +60,9 @@ def main() -> None:
     ap.add_argument("--naive-coords", type=int, default=40, help="coordinates the naive loop is timed on")
     ap.add_argument("--stage-fraction", type=float, default=0.25,
                     help="fraction of the coordinates the stage-level-only path is timed on (it is slow)")
+    ap.add_argument("--no-reuse-fraction", type=float, default=0.05,
+                    help="fraction of the coordinates the no-reuse path is timed on (it is slower still)")
+    ap.add_argument("--epoch-steps", type=int, default=39, help="steps per epoch for the Fig. 3 epoch times")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -121,19 +130,29 @@ def main() -> None:
         sub_est = bbzo.create_estimator("sparse_cge", coords=sub, mu=5e-3)
         stage_s = timed(lambda: bbzo.estimate(stage_adapter, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
 
+        # no feature reuse at all: every probe runs the whole network (batched over the probes)
+        sel = torch.randperm(d, generator=g)[: max(20, int(args.no_reuse_fraction * d))].sort().values
+        sub_est = bbzo.create_estimator("sparse_cge", coords=coords_from_flat(params, sel), mu=5e-3)
+        plain = FunctionalAdapter(model)
+        plain_s = timed(lambda: bbzo.estimate(plain, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
+
         naive_step = naive_per * d + fwd
         rows[name] = {
             "params": d, "forward_ms": round(1e3 * fwd, 3), "forward_backward_ms": round(1e3 * fb, 3),
             "naive_step_s": round(naive_step, 3), "naive_ms_per_coord": round(1e3 * naive_per, 3),
             "cge_step_s": round(cge_s, 3), "cge_ms_per_coord": round(1e3 * cge_s / (d + 1), 4),
-            "stage_reuse_step_s": round(stage_s, 3),
+            "stage_reuse_step_s": round(stage_s, 3), "no_reuse_step_s": round(plain_s, 3),
+            "epoch_s": {"reuse": round(cge_s * args.epoch_steps, 1), "stage_reuse_only": round(stage_s * args.epoch_steps, 1),
+                        "no_reuse": round(plain_s * args.epoch_steps, 1)},
+            "fig3_reuse_speedup_per_epoch": round(plain_s / cge_s, 1),
             "speedup_vs_naive": round(naive_step / cge_s, 1),
             "speedup_vs_stage_reuse": round(stage_s / cge_s, 1),
             "cge_step_over_forward_backward": round(cge_s / fb, 1),
             "cge_per_coord_over_forward": round(cge_s / (d + 1) / fwd, 4),
         }
         print(name, rows[name], file=sys.stderr, flush=True)
-    out = {"benchmark": "cnn_family", "batch": args.batch, "data": source, "device": str(dev),
+    out = {"benchmark": "cnn_family", "batch": args.batch, "epoch_steps": args.epoch_steps,
+           "fig3_goal": "CGE epoch with feature reuse at least 3x faster than without (paper: about 2x)", "data": source, "device": str(dev),
            "threads": torch.get_num_threads(), "bn": "train mode, per-perturbation batch statistics",
            "estimator": "cge forward, mu 5e-3, all coordinates", "models": rows,
            "command": " ".join(["python", *sys.argv]), "provenance": provenance()}

@@ -8,6 +8,7 @@ import sys
 import click
 
 import bbzo
+from bbzo.cli.cifar import cifar
 from bbzo.cli.prune import prune
 from bbzo.cli.sol import sol
 from bbzo.cli.tasks import run_group, task_command
@@ -64,6 +65,7 @@ main.add_command(task_command(get_task("projectile"), "demo",
 main.add_command(train)
 main.add_command(prune)
 main.add_command(sol)
+main.add_command(cifar)
 main.add_command(run_group)
 
 

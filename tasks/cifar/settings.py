@@ -1,0 +1,91 @@
+"""The settings of a CIFAR-10 run, declared once (flags, ``--config`` keys, presets, the run-folder policy).
+
+The defaults are DeepZero's ResNet-20 recipe (§6.1, ../shared/research/deepzero_ref.md §3): SGD lr 0.1,
+momentum 0.9, weight decay 5e-4, 3-epoch linear warm-up then per-iteration cosine, mu 5e-3, 90%
+sparsity with ZO-GraSP layer ratios, coordinates redrawn every 5 epochs, batch 256, 50 epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from bbzo.config import setting
+from bbzo.errors import ConfigError
+from bbzo.sparsity import list_scores
+from bbzo.task import RunSettings
+
+__all__ = ["CifarSettings", "METHODS", "METHOD_NAMES", "PRESETS"]
+
+METHODS = ("fo", "rge", "cge", "deepzero")
+METHOD_NAMES = {"fo": "FO (white-box)", "rge": "RGE (q = d)", "cge": "CGE", "deepzero": "DeepZero (Sparse-CGE)"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DeepZero Table / Fig. A5: ResNet-20 from scratch, every value the paper's (a GPU machine's job)
+    "paper": {},
+    # the CPU smoke run of the whole path (ZO-GraSP ratios -> dynamic Sparse-CGE -> accuracy rising), ~20 min on
+    # 2 cores: 99% sparsity of the conv/linear weights (BN and biases dense, as the reference), batch 64
+    "smoke": dict(model="resnet20", method=("deepzero",), batch=64, sparsity=0.99, steps=120, epochs=1, lr=0.05,
+                  warmup_epochs=0.0, resample_every=20, subset=10000, test_subset=1000, eval_every=20,
+                  checkpoint_every=20),
+    # DeepZero Fig. 2 at CPU scale (../shared/research/fig2_cpu_check.md): the 730-parameter CNN, no
+    # augmentation or weight decay, cosine without warm-up; the authors' rates are CGE 1e-3, RGE 1e-4
+    "fig2": dict(model="simple_cnn_730", method=("fo", "cge", "rge"), batch=256, epochs=20, lr=1e-3,
+                 weight_decay=0.0, warmup_epochs=0.0, augment=False, checkpoint_every=39),
+}
+
+
+@dataclass
+class CifarSettings(RunSettings):
+    """One CIFAR-10 experiment: the data, the model, and the training of each method."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
+    preset: str = setting("paper", choices=tuple(PRESETS), compare=False, help=(
+        "Base settings: paper (DeepZero's ResNet-20 recipe), smoke (a ~20 min CPU run of the DeepZero path), "
+        "fig2 (Fig. 2 at CPU scale); flags and --config override its values."))
+    data: Optional[Path] = setting(None, kind="path", runtime=True, help=(
+        "CIFAR-10: a cifar-10-batches-py folder (or its parent) or an .npz with train_x/train_y/test_x/test_y."))
+    method: tuple[str, ...] = setting(("deepzero",), runtime=True, help=(
+        "Methods to train, comma-separated: fo (autograd, the white-box reference), rge (q directions), cge "
+        "(every coordinate), deepzero (Sparse-CGE at ZO-GraSP ratios, redrawn every --resample-every steps)."))
+    model: str = setting("resnet20", help="A model of `bbzo models` (resnet20, simple_cnn_730, simple_cnn_3700, ...).")
+    subset: int = setting(0, help="Train on a class-balanced random subset of this many images (0: all).")
+    test_subset: int = setting(0, help="Evaluate on a class-balanced subset of this many test images (0: all).")
+    augment: bool = setting(True, help="Random crop (4 px padding) and horizontal flip.")
+    epochs: int = setting(50, runtime=True, help="Training epochs (ignored when --steps is given).")
+    steps: int = setting(0, runtime=True, help="Training steps (0: epochs x steps per epoch).")
+    batch: int = setting(256, help="Images per step.")
+    optimizer: str = setting("sgd", choices=("sgd", "adam"), help="Optimizer.")
+    lr: float = setting(0.1, help="Learning rate (paper ResNet-20: 0.1; Fig. 2 authors: CGE 1e-3, RGE 1e-4).")
+    momentum: float = setting(0.9, help="SGD momentum.")
+    weight_decay: float = setting(5e-4, help="Weight decay.")
+    warmup_epochs: float = setting(3.0, help="Linear warm-up epochs before the cosine decay.")
+    schedule: str = setting("cosine", choices=("cosine", "constant"), help="Learning-rate schedule.")
+    mu: float = setting(5e-3, help="Finite-difference step (forward differences) of CGE / RGE / DeepZero.")
+    q: int = setting(0, help="RGE directions per step (0: d, the number of parameters: CGE's query count).")
+    sparsity: float = setting(0.9, help="DeepZero: fraction of the conv/linear weights left out of each step.")
+    score: str = setting("zo_grasp", help="DeepZero: the pruning-at-init score that sets the layer ratios.")
+    score_q: int = setting(192, help="DeepZero: ZO-GraSP's RGE directions.")
+    resample_every: int = setting(0, help="DeepZero: redraw the coordinate set every N steps (0: every 5 epochs).")
+    eval_every: int = setting(0, runtime=True, help="Test accuracy every N steps (0: every epoch).")
+    seed: int = setting(0, help="Seed of the init, the batch order, the augmentation, RGE and the sparse draws.")
+    device: str = setting("cpu", runtime=True, help="cpu, cuda, cuda:1, ...")
+    checkpoint_every: int = setting(50, runtime=True, help="Checkpoint every N steps.")
+    max_queries: Optional[int] = setting(None, runtime=True, help="Stop a training when it has used this many queries.")
+    out: Path = setting(Path("runs/cifar"), kind="path", runtime=True, help="Run folder; each method trains into OUT/METHOD.")
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.method if m not in METHODS]
+        if bad or not self.method:
+            raise ConfigError(f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)} "
+                              "(comma-separated, e.g. --method fo,cge).")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}.")
+        if self.score not in list_scores():
+            raise ConfigError(f"unknown score {self.score!r}; choose from {', '.join(list_scores())}.")
+        if self.batch < 1 or self.epochs < 0 or self.steps < 0 or self.q < 0 or self.resample_every < 0:
+            raise ConfigError("batch must be >= 1 and epochs, steps, q, resample_every >= 0.")
+        if self.lr <= 0 or self.mu <= 0:
+            raise ConfigError(f"lr and mu must be > 0, got lr={self.lr}, mu={self.mu}.")
