@@ -2,7 +2,7 @@
 
     bbzo cifar train --data ../shared/data/cifar10_subset.npz --model resnet20 --method deepzero --out runs/c10
     bbzo cifar train --preset fig2 --data cifar10_subset.npz --method cge --lr 1e-3 --out runs/fig2-cge
-    bbzo cifar train --preset smoke --data cifar10_subset.npz --out runs/c10-smoke   # ~20 min, 2 CPU cores
+    bbzo cifar train --preset smoke --data cifar10_subset.npz --out runs/c10-smoke   # ~15 min, 2 CPU cores
     bbzo cifar eval runs/c10                                   # test accuracy and the per-class table
 
 Settings come from a preset (``paper``: DeepZero's ResNet-20 recipe; ``smoke``; ``fig2``), then a

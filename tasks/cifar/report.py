@@ -65,6 +65,12 @@ def plot_curves(folder: Path, methods: Sequence[str], title: str) -> Optional[Pa
         axes[0, 0].plot(ep, loss, label=label)
         axes[0, 1].plot(qs, loss, label=label)
         ev = [r for r in rows if "eval_test_acc" in r]
+        train = folder / m / "train.json"
+        if train.exists():  # the accuracy before the first step
+            import json
+            first = json.loads(train.read_text()).get("eval_initial")
+            if first:
+                ev = [{"step": 0, "queries_used": 0, "eval_test_acc": first["test_acc"]}, *ev]
         axes[1, 0].plot([r["step"] / spe for r in ev], [r["eval_test_acc"] for r in ev], "o-", ms=3, label=label)
         axes[1, 1].plot([r.get("queries_used", 0) for r in ev], [r["eval_test_acc"] for r in ev], "o-", ms=3, label=label)
         drawn = True
@@ -72,7 +78,7 @@ def plot_curves(folder: Path, methods: Sequence[str], title: str) -> Optional[Pa
         plt.close(fig)
         return None
     for ax in axes[:, 1]:
-        ax.set_xlabel("loss queries (perturbed parameter sets evaluated on a minibatch; FO: 1 per step)")
+        ax.set_xlabel("loss queries (minibatch evaluations; FO: none)")
         ax.set_xscale("symlog")
     for ax in axes[:, 0]:
         ax.set_xlabel("epoch")

@@ -24,11 +24,11 @@ METHOD_NAMES = {"fo": "FO (white-box)", "rge": "RGE (q = d)", "cge": "CGE", "dee
 PRESETS: dict[str, dict[str, Any]] = {
     # DeepZero Table / Fig. A5: ResNet-20 from scratch, every value the paper's (a GPU machine's job)
     "paper": {},
-    # the CPU smoke run of the whole path (ZO-GraSP ratios -> dynamic Sparse-CGE -> accuracy rising), ~20 min on
-    # 2 cores: 99% sparsity of the conv/linear weights (BN and biases dense, as the reference), batch 64
-    "smoke": dict(model="resnet20", method=("deepzero",), batch=64, sparsity=0.99, steps=120, epochs=1, lr=0.05,
-                  warmup_epochs=0.0, resample_every=20, subset=10000, test_subset=1000, eval_every=20,
-                  checkpoint_every=20),
+    # the CPU smoke run of the whole path (ZO-GraSP ratios -> dynamic Sparse-CGE -> accuracy rising), ~15 min on
+    # 2 cores: 99.9% sparsity of the conv/linear weights (BN and biases dense, as the reference: 1,655 q/step), batch 16
+    "smoke": dict(model="resnet20", method=("deepzero",), batch=16, sparsity=0.999, steps=60, epochs=1, lr=0.05,
+                  warmup_epochs=0.0, resample_every=10, subset=10000, test_subset=500, eval_every=15,
+                  checkpoint_every=10),
     # DeepZero Fig. 2 at CPU scale (../shared/research/fig2_cpu_check.md): the 730-parameter CNN, no
     # augmentation or weight decay, cosine without warm-up; the authors' rates are CGE 1e-3, RGE 1e-4
     "fig2": dict(model="simple_cnn_730", method=("fo", "cge", "rge"), batch=256, epochs=20, lr=1e-3,
@@ -43,7 +43,7 @@ class CifarSettings(RunSettings):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
     preset: str = setting("paper", choices=tuple(PRESETS), compare=False, help=(
-        "Base settings: paper (DeepZero's ResNet-20 recipe), smoke (a ~20 min CPU run of the DeepZero path), "
+        "Base settings: paper (DeepZero's ResNet-20 recipe), smoke (a ~15 min CPU run of the DeepZero path), "
         "fig2 (Fig. 2 at CPU scale); flags and --config override its values."))
     data: Optional[Path] = setting(None, kind="path", runtime=True, help=(
         "CIFAR-10: a cifar-10-batches-py folder (or its parent) or an .npz with train_x/train_y/test_x/test_y."))
