@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,12 +22,10 @@ import torch
 
 from bbzo.checkpoint import atomic_write_bytes
 from bbzo.errors import ConfigError
-from bbzo.run import Run, run_task
+from bbzo.run import Run
 from bbzo.tasks.cifar import TASK, accuracy, load_data, make_model, per_class_table
 
-from .launch import relaunch_if_needed, reports
-from .options import config_option, resolve_command, settings_options
-from .tasks import print_results
+from .tasks import task_command
 
 
 @click.group("cifar")
@@ -36,17 +33,8 @@ def cifar() -> None:
     """CIFAR-10 from scratch: DeepZero (Sparse-CGE at ZO-GraSP ratios) and FO / RGE / CGE (DeepZero §6.1)."""
 
 
-@cifar.command("train")
-@config_option
-@settings_options(TASK.settings)
-@click.pass_context
-def train_cmd(ctx: click.Context, config: Optional[str], **_: Any) -> None:
-    """Train each --method into OUT/METHOD; then the results table and curves.png (loss, test accuracy)."""
-    s, sources = resolve_command(ctx, TASK.settings)
-    relaunch_if_needed(s)
-    results = run_task(TASK, s, sources, command=" ".join(["bbzo", *sys.argv[1:]]))
-    if reports():
-        print_results(results, s)
+cifar.add_command(task_command(
+    TASK, "train", help="Train each --method into OUT/METHOD; then the results table and curves.png (loss, test accuracy)."))
 
 
 @cifar.command("eval")
