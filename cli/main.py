@@ -9,6 +9,7 @@ import click
 
 import bbzo
 from bbzo.cli.cifar import cifar
+from bbzo.cli.defense import defense
 from bbzo.cli.prune import prune
 from bbzo.cli.sol import sol
 from bbzo.cli.tasks import run_group, task_command
@@ -66,6 +67,7 @@ main.add_command(train)
 main.add_command(prune)
 main.add_command(sol)
 main.add_command(cifar)
+main.add_command(defense)
 main.add_command(run_group)
 
 

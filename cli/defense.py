@@ -1,0 +1,35 @@
+"""``bbzo defense``: the certified black-box defense (denoised smoothing with a query-only classifier).
+
+    bbzo defense pretrain --data imagenette_32px.npz --depth 17 --width 64 --out runs/def/pretrain
+    bbzo defense finetune --data imagenette_32px.npz --classifier resnet50 --weights rn50.pt \\
+        --denoiser runs/def/pretrain/model.pt --method zo,fo --out runs/def/finetune
+    bbzo defense certify --data imagenette_32px.npz --classifier resnet50 --weights rn50.pt \\
+        --denoisers '{mse: runs/def/pretrain/model.pt, zo: runs/def/finetune/zo/model.pt}' --out runs/def/cert
+
+The classifier is only ever queried (``fo`` -- FO-DS -- is the white-box reference and says so). Settings
+come from flags, ``--config`` (flat keys) and are declared in :mod:`bbzo.tasks.defense.settings`;
+``--workers M`` shares every step's queries among M processes.
+"""
+
+from __future__ import annotations
+
+import click
+
+from bbzo.tasks.defense import CERTIFY, FINETUNE, PRETRAIN
+
+from .tasks import task_command
+
+
+@click.group("defense")
+def defense() -> None:
+    """Certified black-box defense: DnCNN denoiser + query-only classifier, Cohen et al.'s CERTIFY (DeepZero §6.2)."""
+
+
+defense.add_command(task_command(PRETRAIN, "pretrain", help=(
+    "Stage 1: pretrain a DnCNN on MSE(D(x + delta), x) with Adam (first-order; the classifier is not used).")))
+defense.add_command(task_command(FINETUNE, "finetune", help=(
+    "Stage 2: fine-tune the denoiser on CE(f(D(x + delta)), argmax f(x)) with f only queried: zo (DeepZero), "
+    "zo-ds (chain-rule RGE); fo is FO-DS, the white-box reference.")))
+defense.add_command(task_command(CERTIFY, "certify", help=(
+    "CERTIFY f(D(x + delta)) for no denoiser and each --denoisers entry: per-image tables, the certified-accuracy "
+    "table at --radii, certified_accuracy.png.")))

@@ -1,0 +1,68 @@
+"""What a defense run shows: the certified-accuracy table (beside DeepZero's Table 2) and its plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from bbzo.listeners import save_figure
+
+from .certify import ABSTAIN, accuracy_interval
+from .settings import METHOD_NAMES
+
+__all__ = ["PAPER_TABLE2", "certified_table", "finetune_table", "plot_certified"]
+
+#: DeepZero Table 2 (ImageNet-10, ResNet-50 black box, DnCNN, 1,152 queries per gradient), certified accuracy %
+PAPER_TABLE2 = {"fo": {"0": 89.33, "0.25": 81.67, "0.5": 68.87, "0.75": 49.80},
+                "zo": {"0": 86.02, "0.25": 76.61, "0.5": 61.80, "0.75": 43.05},
+                "zo-ae-ds": {"0": 63.60, "0.25": 52.80, "0.5": 43.13, "0.75": 32.73}}
+
+
+def certified_table(results: Mapping[str, Mapping[str, float]], count: int, *, paper: bool = True) -> str:
+    """Markdown: one row per method, certified accuracy (%) per radius, the 95% Clopper-Pearson interval at r = 0."""
+    radii = list(next(iter(results.values())))
+    head = "| method | " + " | ".join(f"r = {r}" for r in radii) + f" | r = 0, 95% CI ({count} images) |"
+    lines = [head, "|" + "---|" * (len(radii) + 2)]
+    for name, acc in results.items():
+        low, high = accuracy_interval(acc[radii[0]], count)
+        lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(f"{acc[r]:.2f}" for r in radii)
+                     + f" | {low:.1f} - {high:.1f} |")
+    if paper:
+        for name, acc in PAPER_TABLE2.items():
+            label = {"fo": "paper: FO-DS", "zo": "paper: DeepZero", "zo-ae-ds": "paper: ZO-AE-DS"}[name]
+            lines.append(f"| {label} (ImageNet-10, 224 px) | " + " | ".join(
+                f"{acc[r]:.2f}" if r in acc else "-" for r in radii) + " | |")
+    return "\n".join(lines)
+
+
+def finetune_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = "| method | queries/step (parameter sets) | steps | total queries (images) | wall [s] | noisy acc before [%] | after [%] |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['queries_per_step']:,} | {r['steps']} | "
+                     f"{r['queries']:,} | {r['wall_s']} | {r['noisy_acc_before']:.2f} | {r['noisy_acc']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_certified(path: Path, rows: Mapping[str, Sequence[Mapping[str, Any]]], sigma: float, max_r: float
+                   ) -> Optional[Path]:
+    """``certified_accuracy.png``: certified accuracy against radius, one curve per method."""
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = [max_r * i / 200 for i in range(201)]
+    for name, rs in rows.items():
+        acc = [100.0 * sum(1 for r in rs if r["correct"] and r["predict"] != ABSTAIN and r["radius"] >= t) / len(rs)
+               for t in grid]
+        ax.plot(grid, acc, label=METHOD_NAMES.get(name, name))
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy [%]")
+    ax.set_title(f"certified accuracy, sigma = {sigma}")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
