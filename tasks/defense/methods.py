@@ -233,7 +233,7 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
         def white_box(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(net((outputs - mean) / std), targets, reduction="none")
         objective, est, oracles = FunctionObjective(white_box), bbzo.create_estimator("autograd"), []
-    opt = make_optimizer(model.parameters(), "adam", lr=s.lr)
+    opt = make_optimizer(model.parameters(), "adam", lr=float(s.method_lr.get(name, s.lr)))
     test_x, test_y = data.test_x, data.test_y
     eval_oracle = make_oracle(s, name="classifier", net=shared["net"])
 

@@ -95,6 +95,9 @@ class FinetuneSettings(DefenseBase):
     steps: int = setting(0, runtime=True, help="Steps (0: epochs x steps per epoch).")
     batch: int = setting(256, help="Images per step.")
     lr: float = setting(1e-5, help="Adam learning rate (paper: 1e-5).")
+    method_lr: dict = setting(kind="mapping", default_factory=dict, help=(
+        "Per-method learning rates overriding --lr, e.g. '{fo: 1e-4, zo-ds: 1e-4}' (fo and zo-ds move every "
+        "denoiser weight, zo only the fine-tuned layers)."))
     lr_step_epochs: float = setting(4.0, help="Divide the learning rate by 10 every this many epochs (0: never).")
     eval_every: int = setting(0, runtime=True, help="Noisy test accuracy every N steps (0: every epoch).")
     checkpoint_every: int = setting(20, runtime=True, help="Checkpoint every N steps.")
@@ -108,6 +111,9 @@ class FinetuneSettings(DefenseBase):
             raise ConfigError(f"unknown method {bad[0] if bad else ''!r}; choose from {', '.join(METHODS)}.")
         if self.budget < 1 or self.q < 1 or self.mu <= 0 or self.lr <= 0:
             raise ConfigError("need budget >= 1, q >= 1, mu > 0, lr > 0.")
+        bad_lr = [k for k, v in self.method_lr.items() if k not in METHODS or float(v) <= 0]
+        if bad_lr:
+            raise ConfigError(f"method_lr: {bad_lr[0]!r} is not a method of {METHODS} with a rate > 0.")
         if not 0 <= self.grasp_sparsity < 1:
             raise ConfigError(f"grasp_sparsity must be in [0, 1), got {self.grasp_sparsity}.")
 
