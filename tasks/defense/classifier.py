@@ -60,7 +60,7 @@ def train_classifier(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         if progress is not None:
             progress(epoch, total / max(1, n // batch))
     return net.eval()

@@ -183,6 +183,8 @@ def _zo(s: FinetuneSettings, ctx: BuildContext, model: DnCNN, objective: Any, ba
         lpr = LayerRatios.load(lpr_path)
     else:
         x, y = batches.get_batch(0)
+        for o in objective.oracles:  # the score's rows are the training's rows
+            ctx.ledger.attach(o)
         res = compute_score("zo_grasp", model, objective, x, y, include=prunable_params(model), seed=s.seed,
                             ledger=ctx.ledger, q=s.score_q, mu=s.mu)
         lpr = ratios_from_scores(res.scores, s.grasp_sparsity, keep=res.keep, model=f"dncnn{s.depth}x{s.width}",
@@ -217,7 +219,7 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
     loss = lambda a, o, i, t: stability_loss(a, o, i, t, output=s.output)  # noqa: E731
     objective: Any = OracleObjective(oracle, loss, needs_inputs=False)
     extra: dict[str, Any] = {"label_queries": shared["label_queries"]}
-    oracles: list[Any] = [oracle]
+    oracles: list[Any] = [oracle]  # fo queries it only to evaluate
     if name == "zo":
         est, more = _zo(s, ctx, model, objective, batches)
         extra.update(more)
@@ -232,13 +234,12 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
 
         def white_box(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(net((outputs - mean) / std), targets, reduction="none")
-        objective, est, oracles = FunctionObjective(white_box), bbzo.create_estimator("autograd"), []
+        objective, est = FunctionObjective(white_box), bbzo.create_estimator("autograd")
     opt = make_optimizer(model.parameters(), "adam", lr=float(s.method_lr.get(name, s.lr)))
     test_x, test_y = data.test_x, data.test_y
-    eval_oracle = make_oracle(s, name="classifier", net=shared["net"])
 
-    def evaluate(m: nn.Module) -> dict[str, Any]:
-        return {"noisy_acc": noisy_accuracy(m, eval_oracle.query, test_x, test_y, s.sigma, s.seed, device=s.device)}
+    def evaluate(m: nn.Module) -> dict[str, Any]:  # in the ledger's uncharged evaluation scope
+        return {"noisy_acc": noisy_accuracy(m, oracle.query, test_x, test_y, s.sigma, s.seed, device=s.device)}
 
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     q = s.q + 1 if name == "zo-ds" else est.query_cost(trainable) if est.info.zeroth_order else 0
