@@ -8,7 +8,8 @@ Three ways to name the classifier (``--classifier``):
   We build torchvision's ResNet-50 by default: it is the reference architecture of Cohen et al. and
   Salman et al.; timm's ``resnet50`` has identical state-dict keys and shapes, so a checkpoint written by
   either loads into both (tested);
-* a TorchScript file (``.ts`` / ``.jit`` / ``.pt`` saved with ``torch.jit.save``);
+* a TorchScript file (``.ts`` / ``.jit`` / ``.pt`` saved with ``torch.jit.save``) or a ``torch.export`` file
+  (``.pt2``, ``torch.export.save``);
 * an importable ``module:attr`` -- an ``nn.Module`` instance, an ``nn.Module`` class (built with no
   arguments), or a batched function ``(N, 3, H, W) in [0, 1] -> logits``.
 
@@ -121,6 +122,13 @@ def load_classifier(spec: str, weights: Optional[Union[str, Path]] = None, num_c
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"{path} is not a TorchScript file ({type(e).__name__}: {str(e)[:200]}); save one with "
                               "torch.jit.save(torch.jit.script(model), path), or name an architecture and --weights.") from e
+    elif path.suffix == ".pt2":  # a torch.export ExportedProgram (the successor of TorchScript)
+        if not path.is_file():
+            raise ConfigError(f"exported classifier {path} does not exist.")
+        try:
+            net = torch.export.load(str(path)).module()
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{path} is not a torch.export file ({type(e).__name__}: {str(e)[:200]}).") from e
     elif ":" in spec and not spec.startswith("timm:"):
         net = _import_attr(spec)
     else:
@@ -130,7 +138,8 @@ def load_classifier(spec: str, weights: Optional[Union[str, Path]] = None, num_c
     if weights is not None and isinstance(net, nn.Module) and not isinstance(net, torch.jit.ScriptModule):
         load_weights(net, weights)
     if isinstance(net, nn.Module):
-        net.eval()
+        if not isinstance(net, torch.fx.GraphModule):  # an exported program has no eval(); it is traced in eval mode
+            net.eval()
         for p in net.parameters():
             p.requires_grad_(False)
     return net

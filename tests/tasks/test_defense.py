@@ -1,0 +1,258 @@
+"""The certified defense on tiny generated images: CERTIFY's exact bounds, the plane-add trick, the query ledger
+of a fine-tuning step, pretrain -> finetune -> certify through the CLI, and the errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from scipy.stats import binomtest, norm
+from torch import nn
+
+import bbzo
+from bbzo.adapters.linear_delta import conv_weight_delta
+from bbzo.cli.main import main
+from bbzo.errors import ConfigError
+from bbzo.models.dncnn import DnCNN
+from bbzo.tasks.defense import (ABSTAIN, FinetuneSettings, certified_accuracy, certified_table, certify,
+                                certify_dataset, lower_confidence_bound, max_radius, predict)
+from bbzo.tasks.defense.methods import budget_ratios
+from bbzo.sparsity import LayerRatios
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class TinyNet(nn.Module):
+    """The black box of the tests (importable as tests.tasks.test_defense:TinyNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                               nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.f(x)
+
+
+def images(n, seed):
+    """``(n, 12, 12, 3)`` uint8: class c = i % 4 is a horizontal or vertical grating of a class colour."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    t = np.linspace(0, 1, 12)
+    x = np.zeros((n, 12, 12, 3))
+    for i, c in enumerate(y):
+        wave = 0.5 + 0.4 * np.sin(2 * np.pi * (1 + c // 2) * (t[:, None] if c % 2 else t[None, :]) + g.uniform(0, 6))
+        x[i] = wave[..., None] * np.array([0.3 + 0.2 * c, 0.9 - 0.2 * c, 0.5])[None, None]
+    return (x * 255).astype(np.uint8), y.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defense")
+    tx, ty = images(96, 0)
+    vx, vy = images(24, 1)
+    np.savez(root / "toy.npz", x_train=tx, y_train=ty, x_val=vx, y_val=vy)
+    torch.manual_seed(0)
+    net = TinyNet()
+    x = torch.tensor(tx).permute(0, 3, 1, 2).float() / 255
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(60):
+        loss = F.cross_entropy(net((x - m) / s), torch.tensor(ty))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(net.state_dict(), root / "clf.pt")
+    return root
+
+
+def common(root):
+    return ["--data", str(root / "toy.npz"), "--classifier", "tests.tasks.test_defense:TinyNet", "--weights",
+            str(root / "clf.pt"), "--num-classes", "4", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+            "--depth", "4", "--width", "8", "--no-progress"]
+
+
+# ------------------------------------------------------------------------------------------- CERTIFY
+def constant(cls, k=4):
+    return lambda z: F.one_hot(torch.full((z.shape[0],), cls), k).float()
+
+
+def test_an_always_correct_classifier_certifies_exactly_the_largest_radius_n_allows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 4, 4)
+    for n, alpha, sigma in ((100, 0.001, 0.25), (1000, 0.01, 0.5)):
+        cls, radius = certify(constant(2), x, sigma, n0=10, n=n, alpha=alpha, batch=64, generator=g)
+        assert cls == 2
+        assert radius == pytest.approx(sigma * norm.ppf(alpha ** (1 / n)), rel=1e-9)
+        assert radius == pytest.approx(max_radius(sigma, n, alpha), rel=1e-12)
+
+
+def test_a_random_classifier_abstains():
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda z: torch.rand(z.shape[0], 10, generator=gen)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    assert certify(rand, torch.rand(3, 4, 4), 0.25, n0=20, n=200, alpha=0.001, batch=50, generator=g) == (ABSTAIN, 0.0)
+    assert predict(rand, torch.rand(3, 4, 4), 0.25, n=200, alpha=0.001, batch=50, generator=g) == ABSTAIN
+    assert predict(constant(1), torch.rand(3, 4, 4), 0.25, n=50, alpha=0.001, batch=50, generator=g) == 1
+
+
+def test_the_clopper_pearson_bound_is_scipys_exact_one_sided_interval():
+    for n_a, n in ((9990, 10000), (600, 1000), (1, 10)):
+        ref = binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * 0.001, method="exact").low
+        assert lower_confidence_bound(n_a, n, 0.001) == pytest.approx(ref, rel=1e-9)
+    assert lower_confidence_bound(0, 100, 0.001) == 0.0
+    with pytest.raises(ConfigError):
+        lower_confidence_bound(11, 10, 0.001)
+
+
+def test_the_certified_accuracy_table_of_a_hand_made_per_image_table():
+    rows = [{"predict": 0, "label": 0, "correct": 1, "radius": 0.8},
+            {"predict": 1, "label": 1, "correct": 1, "radius": 0.3},
+            {"predict": 2, "label": 1, "correct": 0, "radius": 0.9},  # wrong, however large its radius
+            {"predict": ABSTAIN, "label": 3, "correct": 0, "radius": 0.0}]
+    acc = certified_accuracy(rows, (0.0, 0.25, 0.5, 0.75, 1.0))
+    assert acc == {"0": 50.0, "0.25": 50.0, "0.5": 25.0, "0.75": 25.0, "1": 0.0}
+    table = certified_table({"zo": acc}, 4)
+    assert "| DeepZero (ZO, Sparse-CGE) | 50.00 | 50.00 | 25.00 | 25.00 | 0.00 |" in table
+    assert "paper: FO-DS" in table
+
+
+def test_certify_dataset_rows_do_not_depend_on_which_images_are_certified():
+    imgs, labels = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+
+    def f(z):
+        return torch.stack([z.mean((1, 2, 3)), 1 - z.mean((1, 2, 3)), 0 * z[:, 0, 0, 0], 0 * z[:, 0, 0, 0]], 1)
+    kw = dict(sigma=0.25, n0=5, n=40, alpha=0.01, batch=16, seed=3)
+    every = certify_dataset(f, imgs, labels, **kw)
+    some = certify_dataset(f, imgs, labels, indices=[4], **kw)
+    assert {k: v for k, v in every[4].items() if k != "seconds"} == {k: v for k, v in some[0].items() if k != "seconds"}
+
+
+# ------------------------------------------------------------------------------------------- the ZO part
+def test_the_plane_add_trick_equals_a_real_conv_of_the_last_layer():
+    torch.manual_seed(0)
+    den = DnCNN(4, 8).double().eval()
+    last = den.last
+    with torch.no_grad():
+        last.weight.normal_()
+    h = torch.randn(5, 8, 6, 6, dtype=torch.float64)  # the cached body features
+    index = torch.tensor([0, 17, 100, last.weight.numel() - 1])
+    channel, delta = conv_weight_delta(last, h, index)
+    base = last(h)
+    mu = 1e-3
+    for k, i in enumerate(index.tolist()):
+        w = last.weight.detach().clone()
+        w.view(-1)[i] += mu
+        real = F.conv2d(h, w, padding=1)
+        plane = base.detach().clone()
+        plane[:, int(channel[k])] += mu * delta[k]
+        assert torch.allclose(plane, real, atol=1e-12, rtol=0)
+
+
+def test_zo_cge_on_the_last_layer_through_the_staged_adapter_equals_a_naive_loop():
+    torch.manual_seed(0)
+    den = DnCNN(4, 8).double().eval()
+    with torch.no_grad():
+        den.last.weight.normal_(0, 0.1)
+    for n, p in den.named_parameters():
+        p.requires_grad_(n == "dncnn.8.weight")
+    f = TinyNet().double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+
+    def loss(out, t):
+        return F.cross_entropy(f(out), t, reduction="none")
+    mu = 1e-4
+    grads = bbzo.estimate_grad(den, loss, x, y, bbzo.create_estimator("cge", mu=mu))["dncnn.8.weight"].flatten()
+    w = den.last.weight
+    with torch.no_grad():
+        base = loss(den(x), y).mean()
+        naive = torch.zeros(w.numel(), dtype=torch.float64)
+        for i in range(w.numel()):
+            w.view(-1)[i] += mu
+            naive[i] = (loss(den(x), y).mean() - base) / mu
+            w.view(-1)[i] -= mu
+    assert torch.allclose(grads, naive, atol=1e-8, rtol=1e-6)
+
+
+def test_budget_ratios_split_the_budget_in_proportion_and_exactly():
+    lpr = LayerRatios(kept={"a": 30, "b": 10, "c": 0}, size={"a": 100, "b": 100, "c": 50}, sparsity=0.84)
+    plan = budget_ratios(lpr, {"a": 100, "b": 100}, 41)
+    assert plan.total_kept == 41 and plan.kept["a"] in (30, 31) and plan.kept["b"] in (10, 11)
+    assert budget_ratios(lpr, {"c": 50}, 80).kept == {"c": 50}  # no score: uniform, capped at the size
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_pretrain_finetune_and_certify_through_the_cli_with_an_exact_query_ledger(setup, tmp_path):
+    root, runner = setup, CliRunner()
+    r = runner.invoke(main, ["defense", "pretrain", *common(root), "--steps", "12", "--batch", "16", "--lr", "1e-2",
+                             "--out", str(tmp_path / "pre")])
+    assert r.exit_code == 0, r.output
+    pre = json.loads((tmp_path / "pre" / "results.json").read_text())["results"]
+    assert pre["test_psnr"] > pre["test_psnr_before"] + 1.0  # the denoiser learned to denoise
+    den = tmp_path / "pre" / "model.pt"
+    steps, batch, budget = 3, 8, 50
+    r = runner.invoke(main, ["defense", "finetune", *common(root), "--denoiser", str(den), "--method", "zo,fo,zo-ds",
+                             "--steps", str(steps), "--batch", str(batch), "--budget", str(budget), "--q", "6",
+                             "--score-q", "4", "--lr", "1e-3", "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    zo = json.loads((tmp_path / "ft" / "zo" / "train.json").read_text())
+    assert zo["tuned"] == ["dncnn.8.weight"] and zo["coords_per_step"] == budget
+    assert zo["queries_per_step"] == budget + 1
+    # every row the classifier answered is charged: ZO-GraSP's queries of one batch, then (budget + 1) x batch per step
+    assert zo["ledger"]["oracles"]["classifier"]["rows"] == (zo["score_queries"] + steps * (budget + 1)) * batch
+    assert zo["queries"] == zo["score_queries"] + steps * (budget + 1)
+    evals = zo["ledger"]["oracles"]["classifier"]["eval_rows"]
+    assert evals >= 2 * 24 and evals % 24 == 0  # the noisy test accuracy: uncharged, but counted apart
+    zods = json.loads((tmp_path / "ft" / "zo-ds" / "train.json").read_text())
+    assert zods["ledger"]["oracles"]["classifier"]["rows"] == steps * 7 * batch  # q + 1 per step
+    fo = json.loads((tmp_path / "ft" / "fo" / "train.json").read_text())
+    assert fo["zeroth_order"] is False and fo["ledger"]["oracles"]["classifier"]["rows"] == 0
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert res["label_queries"] == 96  # argmax f(x) of every training image, once
+    r = runner.invoke(main, ["defense", "certify", *common(root), "--denoisers",
+                             f"{{mse: {den}, zo: {tmp_path / 'ft' / 'zo' / 'model.pt'}}}", "--n0", "5", "--n", "40",
+                             "--skip", "3", "--out", str(tmp_path / "cert")])
+    assert r.exit_code == 0, r.output
+    cert = json.loads((tmp_path / "cert" / "results.json").read_text())
+    assert set(cert["certified_accuracy"]) == {"none", "mse", "zo"} and cert["images"] == 8
+    assert cert["classifier_queries"]["zo"] == 8 * 45
+    lines = (tmp_path / "cert" / "zo" / "certify.tsv").read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\tseconds" and len(lines) == 9
+    assert (tmp_path / "cert" / "certified_accuracy.png").stat().st_size > 1000
+    assert "r = 0.25" in (tmp_path / "cert" / "results.md").read_text()
+
+
+def test_finetune_resumes_bitwise(setup, tmp_path):
+    root, runner = setup, CliRunner()
+    r = runner.invoke(main, ["defense", "pretrain", *common(root), "--steps", "2", "--batch", "16", "--out",
+                             str(tmp_path / "pre")])
+    assert r.exit_code == 0, r.output
+    args = [*common(root), "--denoiser", str(tmp_path / "pre" / "model.pt"), "--method", "zo", "--batch", "8",
+            "--budget", "30", "--score-q", "4", "--lr", "1e-3", "--resample-every", "2", "--checkpoint-every", "2"]
+    assert runner.invoke(main, ["defense", "finetune", *args, "--steps", "4", "--out", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(main, ["defense", "finetune", *args, "--steps", "2", "--out", str(tmp_path / "b")]).exit_code == 0
+    r = runner.invoke(main, ["defense", "finetune", *args, "--steps", "4", "--resume", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    a = torch.load(tmp_path / "a" / "zo" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "zo" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs_get_clear_errors(setup, tmp_path):
+    root, runner = setup, CliRunner()
+    r = runner.invoke(main, ["defense", "finetune", *common(root), "--denoiser", str(tmp_path / "none.pt"),
+                             "--steps", "1", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "does not exist" in r.output
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage" * 20)
+    r = runner.invoke(main, ["defense", "finetune", *common(root), "--denoiser", str(corrupt), "--steps", "1",
+                             "--out", str(tmp_path / "y")])
+    assert r.exit_code != 0 and "is not a DnCNN(depth=4, width=8) state dict" in r.output
+    r = runner.invoke(main, ["defense", "certify", *common(root), "--denoisers", "{zo: nowhere.pt}", "--out",
+                             str(tmp_path / "z")])
+    assert r.exit_code != 0 and "denoiser zo: nowhere.pt does not exist" in r.output
+    with pytest.raises(ConfigError, match="unknown method"):
+        FinetuneSettings(method=("sgd",))
