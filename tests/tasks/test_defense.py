@@ -256,3 +256,16 @@ def test_bad_inputs_get_clear_errors(setup, tmp_path):
     assert r.exit_code != 0 and "denoiser zo: nowhere.pt does not exist" in r.output
     with pytest.raises(ConfigError, match="unknown method"):
         FinetuneSettings(method=("sgd",))
+
+
+def test_the_shipped_gpu_config_names_only_real_settings_of_each_command():
+    from pathlib import Path
+
+    from bbzo.config import file_values
+    from bbzo.tasks.defense import CertifySettings, PretrainSettings
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "defense" / "imagenet10_gpu.yaml"
+    for cls, command in ((PretrainSettings, "pretrain"), (FinetuneSettings, "finetune"), (CertifySettings, "certify")):
+        values = file_values(path, cls, command)
+        assert values["device"] == "cuda" and values["depth"] == 17 and values["classifier"] == "resnet50"
+    assert file_values(path, FinetuneSettings, "finetune")["budget"] == 1152
