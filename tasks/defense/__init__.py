@@ -134,7 +134,7 @@ def _evaluate_certify(s: CertifySettings, run: Run, summaries: dict[str, dict[st
     top = max_radius(s.sigma, s.n, s.alpha)
     plots = []
     if run.plots:
-        p = plot_certified(run.folder / "certified_accuracy.png", per_image, s.sigma, max(top, max(s.radii)) * 1.05)
+        p = plot_certified(run.folder / "certified_accuracy.png", per_image, s.sigma, max(top, max(s.radii)) * 1.05, limit=top)
         plots = [str(p)] if p is not None else []
     (run.folder / "per_image.json").write_text(json.dumps(per_image) + "\n")
     return {"config": as_plain(s), "certified_accuracy": tables, "images": len(idx),

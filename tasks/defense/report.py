@@ -44,9 +44,12 @@ def finetune_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_certified(path: Path, rows: Mapping[str, Sequence[Mapping[str, Any]]], sigma: float, max_r: float
-                   ) -> Optional[Path]:
-    """``certified_accuracy.png``: certified accuracy against radius, one curve per method."""
+def plot_certified(path: Path, rows: Mapping[str, Sequence[Mapping[str, Any]]], sigma: float, max_r: float,
+                   limit: Optional[float] = None) -> Optional[Path]:
+    """``certified_accuracy.png``: certified accuracy against radius, one curve per method.
+
+    ``limit``: the largest radius the sample count can certify (a dotted line).
+    """
     if not rows:
         return None
     import matplotlib
@@ -62,7 +65,9 @@ def plot_certified(path: Path, rows: Mapping[str, Sequence[Mapping[str, Any]]], 
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy [%]")
     ax.set_title(f"certified accuracy, sigma = {sigma}")
-    ax.set_ylim(0, 100)
+    if limit is not None:
+        ax.axvline(limit, color="grey", ls=":", lw=1, label=f"largest radius n certifies ({limit:.2f})")
+    ax.set_ylim(0, 101)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
