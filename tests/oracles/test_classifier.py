@@ -55,6 +55,7 @@ def test_a_corrupt_missing_or_foreign_weights_file_gets_a_clear_error(tmp_path):
         build_classifier("resnet_nonexistent", 10)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated in torch 2.14; still loaded
 def test_torchscript_safetensors_and_module_attr_classifiers_load(tmp_path):
     net = Small().eval()
     x = torch.rand(3, 3, 8, 8)
