@@ -14,7 +14,8 @@ classes at 32 px: 9,469 train / 3,925 val), sigma 0.25:
 
 Stages are cached in ``--work`` (rerunning the script reuses what finished). Writes the JSON with
 ``certified_accuracy`` (method -> radius -> %), the 95% Clopper-Pearson interval of each accuracy at r = 0,
-the settings, the wall time per stage and the command:
+an exact paired (McNemar) test at r = 0 between methods on the same images, the settings, the wall time per stage
+(stages reused from ``--work`` report the commit they ran at in ``stage_commits``) and the command:
 
     python benchmarks/defense_small.py --out benchmarks/results/defense_small.json
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bbzo.config import resolve  # noqa: E402
@@ -60,6 +62,21 @@ def _stage(task: Any, cls: type, values: dict[str, Any], out: Path, label: str, 
         timings[label] = round(time.perf_counter() - t0, 1)
         print(f"[done] {label} in {timings[label]:.0f} s", file=sys.stderr, flush=True)
     return json.loads((out / "results.json").read_text())
+
+
+def _paired(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact McNemar test at r = 0 on the same images: who is right where the other is wrong."""
+    a = {r["idx"]: r["correct"] for r in first}
+    b = {r["idx"]: r["correct"] for r in second}
+    only_a = sum(1 for i in a if a[i] and not b[i])
+    only_b = sum(1 for i in a if b[i] and not a[i])
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_first_correct": only_a, "only_second_correct": only_b, "p_two_sided": round(float(p), 6)}
+
+
+def _commit(folder: Path) -> Any:
+    run = folder / "run.json"
+    return json.loads(run.read_text()).get("provenance", {}).get("commit") if run.exists() else None
 
 
 def main() -> None:
@@ -135,6 +152,7 @@ def main() -> None:
                                              "test_subset": args.certify_images, "batch": 550},
                   work / args.certify_name, "certify", timings, args.progress)
 
+    per_image = json.loads((work / args.certify_name / "per_image.json").read_text())
     acc = cert["certified_accuracy"]
     count = cert["images"]
     ci = {m: accuracy_interval(a["0"], count) for m, a in acc.items()}
@@ -142,6 +160,11 @@ def main() -> None:
     if "zo" in acc and "mse" in acc:
         checks["zo_minus_mse_r0"] = round(acc["zo"]["0"] - acc["mse"]["0"], 2)
         checks["zo_above_mse_beyond_ci"] = ci["zo"][0] > ci["mse"][1] or acc["zo"]["0"] > ci["mse"][1]
+    paired = {f"{a}_vs_{b}": _paired(per_image[a], per_image[b]) for a, b in (("zo", "mse"), ("fo", "zo"), ("zo-ds", "mse"))
+              if a in per_image and b in per_image}
+    if "zo_vs_mse" in paired:
+        checks["zo_above_mse_paired_p_below_0.05"] = paired["zo_vs_mse"]["p_two_sided"] < 0.05 and \
+            paired["zo_vs_mse"]["only_first_correct"] > paired["zo_vs_mse"]["only_second_correct"]
     if "zo" in acc and "fo" in acc:
         checks["fo_minus_zo_r0"] = round(acc["fo"]["0"] - acc["zo"]["0"], 2)
         checks["zo_within_4_of_fo_r0"] = acc["fo"]["0"] - acc["zo"]["0"] <= 4.0
@@ -149,6 +172,7 @@ def main() -> None:
         "benchmark": "defense_small",
         "certified_accuracy": acc,
         "ci95_r0": ci,
+        "paired_r0": paired,
         "images_certified": count,
         "max_certifiable_radius": cert["max_certifiable_radius"],
         "goal_checks": checks,
@@ -160,6 +184,7 @@ def main() -> None:
         "paper_table2": PAPER_TABLE2,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "wall_s": {**timings, "total": round(time.perf_counter() - t_all, 1)},
+        "stage_commits": {name: _commit(work / name) for name in ("pretrain", "finetune", args.certify_name)},
         "command": " ".join(["python", *sys.argv]),
         **provenance(),
     }
