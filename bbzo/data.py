@@ -12,12 +12,38 @@ import torch
 
 from .errors import ConfigError, ShapeError
 
-__all__ = ["BatchSource", "TensorBatches"]
+__all__ = ["BatchSource", "TensorBatches", "EpochOrder"]
 
 
 class BatchSource(Protocol):
     def get_batch(self, step: int) -> tuple[Any, Any]:
         """``(inputs, targets)`` of step ``step``."""
+
+
+class EpochOrder:
+    """Which of ``n`` rows make step ``t``'s batch: a fresh permutation per epoch from ``(seed, epoch)``.
+
+    The last partial batch of an epoch is dropped. ``indices(step)`` is a pure function of ``(seed, step)``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = int(n), int(batch_size), int(seed), shuffle
+        self.steps_per_epoch = self.n // self.batch_size
+        self._perm: Optional[tuple[int, torch.Tensor]] = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = (epoch, torch.randperm(self.n, generator=g))
+            else:
+                self._perm = (epoch, torch.arange(self.n))
+        return self._perm[1]
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The rows of ``step``'s batch ``(batch_size,)``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 class TensorBatches:
@@ -40,25 +66,11 @@ class TensorBatches:
             raise ConfigError(f"batch_size must be in [1, {inputs.shape[0]}] for {inputs.shape[0]} samples, got {batch_size}.")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.seed, self.shuffle, self.device = batch_size, seed, shuffle, device
-        self.steps_per_epoch = inputs.shape[0] // batch_size
-        self._perm_epoch = -1
-        self._perm: Optional[torch.Tensor] = None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            n = self.inputs.shape[0]
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._perm = torch.randperm(n, generator=g)
-            else:
-                self._perm = torch.arange(n)
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
+        self.order = EpochOrder(inputs.shape[0], batch_size, seed, shuffle)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def get_batch(self, step: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        idx = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self.order.indices(step)
         x = self.inputs[idx]
         y = self.targets[idx] if self.targets is not None else None
         if self.device is not None:

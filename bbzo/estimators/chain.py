@@ -51,8 +51,13 @@ class _ChainRule(Estimator):
     def _directions(self, d: int) -> int:
         raise NotImplementedError
 
+    #: whether the number of directions depends on the oracle's row width (CGE: one per input coordinate)
+    cost_needs_width = True
+
     def num_probes(self, params: Params, state: NamedTuple) -> int:
         d = state.d_in or self.d_in
+        if not d and not self.cost_needs_width:
+            d = 1  # any width: the count does not depend on it
         if not d:
             raise ConfigError(f"{self.info.name}: the query cost depends on the oracle's row width; give d_in= or "
                               "let one step run first.")
@@ -189,6 +194,8 @@ class OracleRGE(_ChainRule):
         if q < 1:
             raise ConfigError(f"oracle_rge: q must be >= 1, got {q}.")
         self.q, self.seed = int(q), int(seed)
+
+    cost_needs_width = False  # q directions whatever the row width
 
     def _directions(self, d: int) -> int:
         return self.q

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from bbzo.data import EpochOrder
 from bbzo.errors import ConfigError
 
 from .readers import CIFAR_MEAN, CIFAR_STD, class_balanced_subset, load_image_classification
@@ -112,16 +113,12 @@ class CifarBatches:
             raise ConfigError(f"batch must be in [1, {n}] for {n} training images, got {batch_size}.")
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.augment, self.pad, self.device = batch_size, seed, augment, pad, device
-        self.steps_per_epoch = n // batch_size
-        self._perm: Optional[tuple[int, torch.Tensor]] = None
+        self.order = EpochOrder(n, batch_size, seed)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def indices(self, step: int) -> torch.Tensor:
         """The training-set rows of ``step``'s batch."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.images.shape[0], generator=g))
-        return self._perm[1][i * self.batch_size:(i + 1) * self.batch_size]
+        return self.order.indices(step)
 
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed + 1) * 7_919_000_003 + step)

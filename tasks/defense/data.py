@@ -13,15 +13,15 @@ from typing import Optional
 
 import torch
 
+from bbzo.data import EpochOrder
 from bbzo.errors import ConfigError
 from bbzo.tasks.cifar.data import CifarData, load_data
 
 __all__ = ["NoisyBatches", "load_images", "CifarData"]
 
 
-def load_images(path, subset: int = 0, test_subset: int = 0, seed: int = 0) -> CifarData:
-    """Both splits in [0, 1] (class-balanced random subsets when ``subset`` / ``test_subset`` > 0)."""
-    return load_data(path, subset, test_subset, seed)
+#: both splits in [0, 1], class-balanced random subsets when ``subset`` / ``test_subset`` > 0 (the CIFAR readers)
+load_images = load_data
 
 
 class NoisyBatches:
@@ -46,18 +46,11 @@ class NoisyBatches:
             raise ConfigError(f"{n} images but {targets.shape[0]} targets.")
         self.images, self.targets = images, targets
         self.batch_size, self.sigma, self.seed, self.device = batch_size, float(sigma), int(seed), device
-        self.steps_per_epoch = n // batch_size
-        self._perm: Optional[tuple[int, torch.Tensor]] = None
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.images.shape[0], generator=g))
-        return self._perm[1][i * self.batch_size:(i + 1) * self.batch_size]
+        self.order = EpochOrder(n, batch_size, seed)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.indices(step)
+        idx = self.order.indices(step)
         x = self.images[idx]
         g = torch.Generator().manual_seed((self.seed + 7919) * 1_000_003 + int(step))
         noisy = x + self.sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)

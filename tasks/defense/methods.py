@@ -50,8 +50,6 @@ RESAMPLE_EPOCHS = 5  # DeepZero's --mask-shuffle-interval
 def make_oracle(s: DefenseBase, name: str = "classifier", net: Any = None) -> ClassifierOracle:
     """The query-only classifier of the settings (``net``: reuse an already loaded one)."""
     net = net if net is not None else load_classifier(s.classifier, s.weights, s.num_classes)
-    if isinstance(net, nn.Module):
-        net.to(s.device)
     return ClassifierOracle(net, mean=s.mean, std=s.std, output=s.output, max_batch=s.max_batch, name=name).to(s.device)
 
 
@@ -242,7 +240,7 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
         return {"noisy_acc": noisy_accuracy(m, oracle.query, test_x, test_y, s.sigma, s.seed, device=s.device)}
 
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    q = s.q + 1 if name == "zo-ds" else est.query_cost(trainable) if est.info.zeroth_order else 0
+    q = est.query_cost(trainable) if est.info.zeroth_order else 0
     return Training(
         model=model, objective=objective, estimator=est, optimizer=opt, data=batches, steps=steps, oracles=oracles,
         scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe))), evaluate=evaluate,
