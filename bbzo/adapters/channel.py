@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stages import Fork, Merge, OnFirst
 from .linear_delta import conv_weight_delta
+from .runners import grouped_empty
 from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, pool_span, runs, runs_from_views,
                       tiled_max_pool)
 
@@ -94,7 +95,11 @@ def densify(rep: Any, k: int) -> Any:
         return rep.t.unsqueeze(1).expand(rep.t.shape[0], k, *rep.t.shape[1:])
     if isinstance(rep, Channel):
         b = rep.base
-        out = b.unsqueeze(1).expand(b.shape[0], k, *b.shape[1:]).clone()
+        wide = b.unsqueeze(1).expand(b.shape[0], k, *b.shape[1:])
+        if rep.group is None and b.dim() == 4 and b.device.type == "cpu":
+            out = grouped_empty(b.shape[0], k, *b.shape[1:], like=b).copy_(wide)
+        else:
+            out = wide.clone()
         ar = torch.arange(k, device=b.device)
         if rep.group is None:
             out[:, ar, rep.ch] = rep.values
@@ -262,15 +267,30 @@ def _mix_linear(layer: nn.Linear, rep: Channel, base_out: torch.Tensor) -> Optio
 
 
 def _mix_conv(conv: nn.Conv2d, rep: Channel, base_out: torch.Tensor) -> Optional[torch.Tensor]:
-    """The next Conv2d, from the change of one input channel per copy: one grouped convolution -> dense."""
+    """The next Conv2d, from the change of one input channel per copy -> dense ``(B, K, O, Ho, Wo)``.
+
+    Small outputs on CPU (at most 64 positions, ResNet-20's last stage): one batched matmul of the
+    one-channel patches with the ``K`` filter slices, added to ``base_out`` straight into the grouped
+    channels-last layout of :mod:`bbzo.adapters.runners` (about 2x the grouped convolution there). Otherwise
+    one grouped convolution (``K`` groups of one input channel).
+    """
     if rep.group is not None or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     d = rep.delta()  # (B, K, H, W)
     k = rep.k
+    b_, o_ch, ho, wo = base_out.shape
     w = conv.weight[:, rep.ch]  # (O, K, kh, kw): input channel ch[k] of every filter
-    wk = w.transpose(0, 1).reshape(k * w.shape[0], 1, *w.shape[2:])
+    if d.device.type == "cpu" and ho * wo <= 64:
+        unf = F.unfold(d.reshape(b_ * k, 1, *d.shape[2:]), conv.kernel_size, dilation=conv.dilation,
+                       padding=conv.padding, stride=conv.stride)  # (B*K, kh*kw, Ho*Wo)
+        taps = unf.shape[1]
+        patches = unf.view(b_, k, taps, ho * wo).permute(1, 0, 3, 2).reshape(k, b_ * ho * wo, taps)
+        delta = torch.bmm(patches, w.permute(1, 2, 3, 0).reshape(k, taps, o_ch))  # (K, B*Ho*Wo, O)
+        delta = delta.view(k, b_, ho, wo, o_ch).permute(1, 0, 4, 2, 3)
+        return torch.add(delta, base_out.unsqueeze(1), out=grouped_empty(b_, k, o_ch, ho, wo, base_out))
+    wk = w.transpose(0, 1).reshape(k * o_ch, 1, *w.shape[2:])
     delta = F.conv2d(d, wk, None, conv.stride, conv.padding, conv.dilation, groups=k)  # (B, K*O, Ho, Wo)
-    return base_out.unsqueeze(1) + delta.view(d.shape[0], k, *base_out.shape[1:])
+    return base_out.unsqueeze(1) + delta.view(b_, k, *base_out.shape[1:])
 
 
 def _per_channel_rule(module: nn.Module) -> Optional[Callable[[nn.Module, Channel, torch.Tensor], Any]]:
@@ -317,13 +337,14 @@ def channel_stage(stage: nn.Module, rep: Any, base_out: Any, shortcut_base: Call
             return (Base(base_out[0]), *rep[1:])
         if not isinstance(first, Channel):
             return None
-        if not all(isinstance(r, Base) for r in rep[1:]):
+        if not all(isinstance(r, (Base, Channel)) for r in rep[1:]):
             return None
         rule = _per_channel_rule(stage.module)
         out = rule(stage.module, first, base_out[0]) if rule is not None else None
         if out is None:
             return None
-        return (out, *(Base(b) for b in base_out[1:]))
+        # the other elements pass through (a skip that carries the same probes' change stays a Channel)
+        return (out, *(r if isinstance(r, Channel) else Base(b) for r, b in zip(rep[1:], base_out[1:])))
     if isinstance(stage, Merge):
         return _merge(stage, rep, base_out, shortcut_base) if isinstance(rep, tuple) else None
     if not isinstance(rep, Channel):

@@ -14,21 +14,21 @@ at once (RGE directions) and tensors outside every stage go to the generic ``tor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from ..errors import ConfigError
 from ..ledger import QueryLedger
 from ..probes import Probes
-from ..stages import OnFirst, model_stages
-from .channel import Base, Channel, channel_advance, channel_core, densify, is_dense
-from .pooling import batch_stats, pool_span, tiled_max_pool
+from ..stages import Merge, OnFirst, model_stages
+from .channel import ELEMENTWISE, Base, Channel, channel_advance, channel_core, densify, is_dense
+from .pooling import pool_span
+from .runners import first_only, stage_runner
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
@@ -36,67 +36,15 @@ from .linear_delta import linear_core
 __all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner"]
 
 
-def _is_coupled(stage: nn.Module) -> bool:
-    if getattr(stage, "bbzo_batch_coupled", False):
-        return True
-    return any((isinstance(m, _BatchNorm) and m.training) or getattr(m, "bbzo_batch_coupled", False)
-               for m in stage.modules())
-
-
-def _grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Train-mode BN of ``(B, K, C, ...)`` with separate batch statistics per k (no stat updates).
-
-    Equal to ``vmap(bn, in_dims=1)(x)`` to round-off; on the free view ``(B, K*C, ...)``: the statistics
-    from sums and one batched dot (:func:`bbzo.adapters.pooling.batch_stats`), then torch's eval-mode BN
-    kernel (together ~4x torch's train-mode kernel on CPU, which is ~2x faster than vmap's rule).
-    """
-    b, k, c = x.shape[:3]
-    v = x.contiguous().view(b, k * c, *x.shape[3:])
-    w = bn.weight.repeat(k) if bn.affine else None
-    bias = bn.bias.repeat(k) if bn.affine else None
-    if v.dim() > 2 and v.device.type == "cpu":
-        mean, var = batch_stats(v)
-        y = F.batch_norm(v, mean, var, w, bias, False, 0.0, bn.eps)
-    else:
-        y = F.batch_norm(v, None, None, w, bias, True, 0.0, bn.eps)
-    return y.view(x.shape)
-
-
-def _flat(tree: Any) -> Any:
-    """``(B, K, ...)`` -> ``(B*K, ...)``."""
-    return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]), tree)
-
-
-def _unflat(tree: Any, k: int) -> Any:
-    return tree_map(lambda t: t.view(t.shape[0] // k, k, *t.shape[1:]), tree)
+def _has_dense(rep: Any) -> bool:
+    """Whether any element of a (tuple) representation is a dense ``(B, K, ...)`` tensor."""
+    return any(_has_dense(r) for r in rep) if isinstance(rep, tuple) else isinstance(rep, torch.Tensor)
 
 
 def _channels(act: Any) -> int:
     """Channels of an activation (dim 1 of its first tensor; 1 for flat ones)."""
     t = act[0] if isinstance(act, tuple) else act
     return int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() > 1 else 1
-
-
-def stage_runner(stage: nn.Module) -> Callable[[Any, int], Any]:
-    """How to run an unperturbed stage on K stacked batches ``(B, K, ...)``, keeping the K sets apart.
-
-    Decided once per bound minibatch (it depends on the train/eval mode), not once per chunk.
-    """
-    inner, pos = (stage.module, 0) if isinstance(stage, OnFirst) else (stage, None)
-    if isinstance(inner, _BatchNorm) and inner.training and not getattr(stage, "bbzo_batch_coupled", False):
-        if pos is None:
-            return lambda act_k, k: _grouped_batch_norm(inner, act_k)
-        return lambda act_k, k: (_grouped_batch_norm(inner, act_k[0]), *act_k[1:])
-    if isinstance(stage, nn.MaxPool2d):  # non-overlapping tiles as strided maxima: several times torch's CPU kernel
-        def pool(act_k: torch.Tensor, k: int) -> torch.Tensor:
-            flat = _flat(act_k)
-            out = tiled_max_pool(stage, flat) if flat.device.type == "cpu" else None
-            return _unflat(stage(flat) if out is None else out, k)
-        return pool
-    if _is_coupled(stage):
-        batched = vmap(stage, in_dims=1, out_dims=1, randomness="same")
-        return lambda act_k, k: batched(act_k)
-    return lambda act_k, k: _unflat(stage(_flat(act_k)), k)
 
 
 class StagedAdapter(Adapter):
@@ -160,6 +108,7 @@ class StagedEvaluator(Evaluator):
         self.adapter = adapter
         self.stages = adapter.stages
         self._runners = [stage_runner(st) for st in self.stages]
+        self._first_only = [first_only(st) for st in self.stages]
         self._acts: Optional[list[Any]] = None
         self._fallback: Optional[Evaluator] = None
         self._shortcuts: dict[int, torch.Tensor] = {}
@@ -257,28 +206,60 @@ class StagedEvaluator(Evaluator):
                 self._shortcuts[j] = self.stages[j].shortcut(self.acts[j][1])
         return self._shortcuts[j]
 
-    def _advance(self, i: int, rep: Any) -> tuple[Any, int]:
-        """Carry stage ``i``'s channel representation as far as it stays per-channel: ``(rep, first dense stage)``."""
+    def _advance(self, i: int, rep: Any, k: int) -> tuple[Any, int, int]:
+        """Carry stage ``i``'s channel representation as far as it stays per-channel.
+
+        Returns ``(rep, next stage, dense_from)``: ``dense_from`` is the stage after the first one whose output
+        has a dense element (for the chunk bound). A residual block whose branch became dense while the skip
+        still carries one channel runs the branch densely and adds the skip's channel at the Merge
+        (:meth:`_mixed_step`), so the skip is never densified.
+        """
         j = i + 1 + (rep.consumed if isinstance(rep, Channel) else 0)
         n = len(self.stages)
+        dense_from: Optional[int] = None
         while j < n and not is_dense(rep):
             step = channel_advance(self.stages, j, rep, self.acts, self._shortcut_base)
             if step is None:
-                break
+                step = self._mixed_step(j, rep, k)
+                if step is None:
+                    break
             rep, j = step
-        return rep, j
+            if dense_from is None and _has_dense(rep):
+                dense_from = j
+        return rep, j, j if dense_from is None else dense_from
+
+    def _mixed_step(self, j: int, rep: Any, k: int) -> Optional[tuple[Any, int]]:
+        """Stage ``j`` on a tuple whose first element is dense ``(B, K, ...)`` and whose others are Channel/Base."""
+        if not (isinstance(rep, tuple) and isinstance(rep[0], torch.Tensor)):
+            return None
+        st = self.stages[j]
+        if isinstance(st, OnFirst) and self._first_only[j]:
+            return self._runners[j](rep, k), j + 1  # touches element 0 only
+        if isinstance(st, Merge) and len(rep) == 2 and isinstance(rep[1], Channel) and rep[1].group is None \
+                and type(st.shortcut) is nn.Identity and isinstance(st.post, ELEMENTWISE):
+            h, skip = rep
+            if h.shape[2:] != skip.base.shape[1:]:
+                return None
+            out = torch.empty_like(h)
+            base = skip.base.unsqueeze(1)
+            torch.sub(base, h, out=out) if st.subtract else torch.add(h, base, out=out)
+            ar = torch.arange(k, device=h.device)
+            d = skip.delta()
+            out[:, ar, skip.ch] += d  # the skip enters with a plus sign either way
+            return st.post(out), j + 1
+        return None
 
     def _learn_dense_from(self, i: int, probes: Probes) -> None:
         """Find where stage ``i``'s channel path densifies (one probe, result discarded) before the first chunk,
         so the chunk sizes -- and with them the float rounding -- are the same in every call (exact resume)."""
         rep = self._channel_rep(i, probes.slice(0, 1))
         if rep is not None:
-            self.adapter.dense_from[i] = self._advance(i, rep)[1]
+            self.adapter.dense_from[i] = self._advance(i, rep, 1)[2]
 
     def _run_channel(self, i: int, rep: Any, k: int) -> Any:
         """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
-        rep, j = self._advance(i, rep)
-        self.adapter.dense_from[i] = j
+        rep, j, dense_from = self._advance(i, rep, k)
+        self.adapter.dense_from[i] = dense_from
         return self._run_downstream(j - 1, densify(rep, k), k)
 
     def _chunk_bytes(self, i: int) -> int:

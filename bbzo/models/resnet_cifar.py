@@ -61,6 +61,10 @@ class BasicBlock(nn.Module):
 
 
 class PoolFlatten(nn.Module):
+    """Global average pool + flatten: per channel, so a one-channel change stays one feature (channel reuse)."""
+
+    bbzo_channelwise = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
