@@ -4,6 +4,8 @@ Prints one JSON object (``--out`` also writes it). ``--quick`` times fewer coord
 
 Keys (all per coordinate unless named otherwise; ms):
   forward_ms                one full batch-64 forward (no grad)
+  forward_channels_last_ms  the same forward with the model and input in channels-last memory (what a user could
+                            also do; bbzo's dense downstream runs channels-last on CPU, see bbzo/adapters/runners.py)
   deepzero_loop_ms_per_coord DeepZero's single-process ``cge``: deep-copy the parameters, perturb, reload the
                             state dict, full forward + loss, for every coordinate (the anchor)
   naive_ms_per_coord        perturb one coordinate in place, full forward + loss, restore
@@ -96,6 +98,10 @@ def main() -> None:
             return samples(sync_call(lambda: model(x)), 3 * reps, warmup=3)
 
     fwd_samples = forward_samples()  # timed again at the end: the median of both is reported
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), frozen_bn_stats(model_cl):
+        forward_cl_s = timed(sync_call(lambda: model_cl(x_cl)), 3 * reps, warmup=3)
 
     def autograd_step():
         model.zero_grad(set_to_none=True)
@@ -206,6 +212,7 @@ def main() -> None:
         "quick": args.quick,
         "forward_ms": ms(forward_s),
         "forward_ms_min": ms(min(fwd_samples)),
+        "forward_channels_last_ms": ms(forward_cl_s),
         "deepzero_loop_ms_per_coord": ms(deepzero_s),
         "naive_ms_per_coord": ms(naive_s),
         "batched_ms_per_coord": ms(batched_s),
@@ -219,6 +226,7 @@ def main() -> None:
         "deepzero_loop_over_forward": round(deepzero_s / forward_s, 3),
         "reuse_over_forward": round(reuse_s / forward_s, 3),
         "channel_over_forward": round(channel_s / forward_s, 3),
+        "channel_over_forward_channels_last": round(channel_s / forward_cl_s, 3),
         "limit_over_forward": round(limit_s / forward_s, 3),
         "reuse_speedup_vs_naive": round(naive_s / reuse_s, 2),
         "channel_speedup_vs_naive": round(naive_s / channel_s, 2),
