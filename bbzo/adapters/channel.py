@@ -33,16 +33,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stages import Fork, Merge, OnFirst
 from .linear_delta import conv_weight_delta
-from .runners import grouped_empty
+from .runners import ELEMENTWISE, grouped_empty
 from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, pool_span, runs, runs_from_views,
                       tiled_max_pool)
 
 __all__ = ["Channel", "Base", "densify", "channel_start", "channel_stage", "channel_advance", "channel_core",
            "is_dense", "ELEMENTWISE", "pooled_run"]
 
-#: Modules that act on each element (hence each channel) alone; dropout only in eval mode.
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-               nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity)
+#: Pools act on each channel alone (elementwise modules: ELEMENTWISE, from bbzo.adapters.runners; dropout only in eval mode).
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 

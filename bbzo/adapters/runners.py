@@ -30,13 +30,13 @@ from torch.utils._pytree import tree_map
 from ..stages import Fork, Merge, OnFirst
 from .pooling import batch_stats, tiled_max_pool
 
-__all__ = ["stage_runner", "grouped_batch_norm", "grouped_empty", "flat", "unflat", "is_coupled", "first_only"]
+__all__ = ["stage_runner", "grouped_batch_norm", "grouped_empty", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
 
 Runner = Callable[[Any, int], Any]
 
 #: Modules that act on each element alone (layout-free).
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-                nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity)
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+               nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity)
 #: 2D pools that act on each channel alone (run on the ``(B, K*C, H, W)`` view).
 _POOLS2D = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -150,7 +150,7 @@ def _inner_runner(inner: nn.Module) -> Runner | None:
         return lambda x, k: _eval_batch_norm(inner, x) if x.dim() > 2 else unflat(inner(flat(x)), k)
     if _grouped_conv_ok(inner):
         return _conv_runner(inner)
-    if isinstance(inner, _ELEMENTWISE):
+    if isinstance(inner, ELEMENTWISE):
         return lambda x, k: inner(x)
     if isinstance(inner, _POOLS2D) and not getattr(inner, "return_indices", False):
         return _pool_runner(inner)
@@ -174,7 +174,7 @@ def stage_runner(stage: nn.Module) -> Runner:
         if inner is not None:
             return lambda act, k: (inner(act[0], k), *act[1:])
     elif isinstance(stage, Merge):
-        if isinstance(stage.post, _ELEMENTWISE) and not is_coupled(stage):
+        if isinstance(stage.post, ELEMENTWISE) and not is_coupled(stage):
             return _merge_runner(stage)
     else:
         inner = _inner_runner(stage)
