@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stages import Fork, Merge, OnFirst
 from .linear_delta import conv_weight_delta
-from .runners import ELEMENTWISE, grouped_empty
+from .runners import ELEMENTWISE, stacked_empty
 from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, pool_span, runs, runs_from_views,
                       tiled_max_pool)
 
@@ -95,7 +95,7 @@ def densify(rep: Any, k: int) -> Any:
         b = rep.base
         wide = b.unsqueeze(1).expand(b.shape[0], k, *b.shape[1:])
         if rep.group is None and b.dim() == 4 and b.device.type == "cpu":
-            out = grouped_empty(b.shape[0], k, *b.shape[1:], like=b).copy_(wide)
+            out = stacked_empty(b.shape[0], k, *b.shape[1:], like=b).copy_(wide)
         else:
             out = wide.clone()
         ar = torch.arange(k, device=b.device)
@@ -268,8 +268,8 @@ def _mix_conv(conv: nn.Conv2d, rep: Channel, base_out: torch.Tensor) -> Optional
     """The next Conv2d, from the change of one input channel per copy -> dense ``(B, K, O, Ho, Wo)``.
 
     Small outputs on CPU (at most 64 positions, ResNet-20's last stage): one batched matmul of the
-    one-channel patches with the ``K`` filter slices, added to ``base_out`` straight into the grouped
-    channels-last layout of :mod:`bbzo.adapters.runners` (about 2x the grouped convolution there). Otherwise
+    one-channel patches with the ``K`` filter slices, which lands in the stacked channels-last layout of
+    :mod:`bbzo.adapters.runners`, plus ``base_out`` (about 2x the grouped convolution there). Otherwise
     one grouped convolution (``K`` groups of one input channel).
     """
     if rep.group is not None or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -284,11 +284,12 @@ def _mix_conv(conv: nn.Conv2d, rep: Channel, base_out: torch.Tensor) -> Optional
         taps = unf.shape[1]
         patches = unf.view(b_, k, taps, ho * wo).permute(1, 0, 3, 2).reshape(k, b_ * ho * wo, taps)
         delta = torch.bmm(patches, w.permute(1, 2, 3, 0).reshape(k, taps, o_ch))  # (K, B*Ho*Wo, O)
-        delta = delta.view(k, b_, ho, wo, o_ch).permute(1, 0, 4, 2, 3)
-        return torch.add(delta, base_out.unsqueeze(1), out=grouped_empty(b_, k, o_ch, ho, wo, base_out))
+        # memory (K, B, Ho, Wo, O): already the stacked layout of bbzo.adapters.runners
+        return delta.view(k, b_, ho, wo, o_ch).permute(1, 0, 4, 2, 3).add_(base_out.unsqueeze(1))
     wk = w.transpose(0, 1).reshape(k * o_ch, 1, *w.shape[2:])
     delta = F.conv2d(d, wk, None, conv.stride, conv.padding, conv.dilation, groups=k)  # (B, K*O, Ho, Wo)
-    return base_out.unsqueeze(1) + delta.view(b_, k, *base_out.shape[1:])
+    out = stacked_empty(b_, k, o_ch, ho, wo, base_out) if d.device.type == "cpu" else None
+    return torch.add(base_out.unsqueeze(1), delta.view(b_, k, *base_out.shape[1:]), out=out)
 
 
 def _per_channel_rule(module: nn.Module) -> Optional[Callable[[nn.Module, Channel, torch.Tensor], Any]]:

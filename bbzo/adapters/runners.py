@@ -3,17 +3,18 @@
 Two memory layouts of a stacked image activation ``(B, K, C, H, W)`` are in use:
 
 * *standard* (contiguous): ``(B*K, C, H, W)`` is a free view, so a per-sample stage runs on one big batch;
-* *grouped* (CPU): memory in the order ``(B, H, W, K, C)``, so that ``(B, K*C, H, W)`` is a free
-  **channels-last** view. There a Conv2d runs as one grouped convolution (``K`` groups, the weight
-  repeated), train-mode BatchNorm as torch's channels-last kernel with ``K*C`` channels (each set its own
-  statistics), elementwise layers and pools as they are. On 2 CPU cores oneDNN's channels-last kernels are
-  about 2x its NCHW ones on these shapes (ResNet-20's 32/64-channel convs at ``B*K`` = 768..1536; see
-  ``benchmarks/cge_throughput.py``), and the grouped view lets BatchNorm stay in the same layout.
+* *stacked* (CPU): memory in the order ``(K, B, H, W, C)``, so that ``(K*B, C, H, W)`` is a free
+  **channels-last** view. There a Conv2d runs as one ordinary convolution over the ``K*B`` batch (the
+  samples' order does not matter to a per-sample layer), train-mode BatchNorm as torch's channels-last kernel
+  on each set's ``(B, C, H, W)`` slice (each set its own statistics), eval-mode BatchNorm, elementwise layers
+  and pools on the ``K*B`` view. On 2 CPU cores oneDNN's channels-last kernels are 1.1-1.5x its grouped
+  convolution (the previous layout, ``K`` groups with the weight repeated) and about 1.5x its NCHW ones on
+  ResNet-20's 16/32/64-channel convs at ``K*B`` = 1024..8192 (see ``benchmarks/cge_throughput.py``).
 
-A conv converts its input to the grouped layout (one copy) when it is not already; every other stage keeps
-the layout it is given, and a stage with no rule here runs on the standard layout (``reshape`` copies
-where needed), so every staged model works. The layout changes rounding only (tested against full
-forwards in float64). On CUDA the standard layout is kept.
+A conv converts its input to the stacked layout (one copy) when it is not already; every other stage keeps
+the layout it is given, and a stage with no rule here runs on whichever of ``(B*K, ...)`` or ``(K*B, ...)``
+is a free view (``reshape`` copies where neither is), so every staged model works. The layout changes
+rounding only (tested against full forwards in float64). On CUDA the standard layout is kept.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.utils._pytree import tree_map
 from ..stages import Fork, Merge, OnFirst
 from .pooling import batch_stats, tiled_max_pool
 
-__all__ = ["stage_runner", "grouped_batch_norm", "grouped_empty", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
+__all__ = ["stage_runner", "grouped_batch_norm", "stacked_empty", "is_stacked", "fused_runner", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
 
 Runner = Callable[[Any, int], Any]
 
@@ -50,7 +51,7 @@ def is_coupled(stage: nn.Module) -> bool:
 
 
 def flat(tree: Any) -> Any:
-    """``(B, K, ...)`` -> ``(B*K, ...)`` (a copy for the grouped layout)."""
+    """``(B, K, ...)`` -> ``(B*K, ...)`` (a copy for the stacked layout)."""
     return tree_map(lambda t: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]), tree)
 
 
@@ -58,18 +59,35 @@ def unflat(tree: Any, k: int) -> Any:
     return tree_map(lambda t: t.view(t.shape[0] // k, k, *t.shape[1:]), tree)
 
 
-def grouped_empty(b: int, k: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``(B, K, C, H, W)`` tensor in the grouped layout (memory ``(B, H, W, K, C)``)."""
-    return like.new_empty(b, h, w, k, c).permute(0, 3, 4, 1, 2)
+def stacked_empty(b: int, k: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``(B, K, C, H, W)`` tensor in the stacked layout (memory ``(K, B, H, W, C)``)."""
+    return like.new_empty(k, b, h, w, c).permute(1, 0, 4, 2, 3)
 
 
-def _groups_view(x: torch.Tensor) -> torch.Tensor:
-    """``(B, K, C, *S)`` -> ``(B, K*C, *S)``: free for the standard and the grouped layout."""
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def is_stacked(x: torch.Tensor) -> bool:
+    """Whether ``x (B, K, C, H, W)`` is in the stacked layout (``(K*B, C, H, W)`` a free channels-last view)."""
+    if x.dim() != 5:
+        return False
+    b, k, c, h, w = x.shape
+    want = (h * w * c, b * h * w * c, 1, w * c, c)
+    return all(st == wt for st, wt, n in zip(x.stride(), want, x.shape) if n > 1)
 
 
-def _from_groups(y: torch.Tensor, k: int) -> torch.Tensor:
-    return y.view(y.shape[0], k, y.shape[1] // k, *y.shape[2:])
+def _kb(x: torch.Tensor) -> torch.Tensor:
+    """Stacked ``(B, K, C, H, W)`` -> the free ``(K*B, C, H, W)`` channels-last view."""
+    return x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _from_kb(y: torch.Tensor, k: int) -> torch.Tensor:
+    """``(K*B, ...)`` -> ``(B, K, ...)`` (a view)."""
+    return y.view(k, y.shape[0] // k, *y.shape[1:]).transpose(0, 1)
+
+
+def _per_sample(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
+    """A per-sample map on ``(B, K, ...)`` through whichever flat batch is a free view (``K*B`` when stacked)."""
+    if is_stacked(x):
+        return _from_kb(fn(_kb(x)), k)
+    return unflat(fn(flat(x)), k)
 
 
 def _grouped_conv_ok(conv: nn.Module) -> bool:
@@ -77,63 +95,85 @@ def _grouped_conv_ok(conv: nn.Module) -> bool:
 
 
 def _conv_runner(conv: nn.Conv2d) -> Runner:
-    """Conv2d on ``(B, K, C, H, W)``: on CPU one channels-last grouped convolution, output grouped."""
+    """Conv2d on ``(B, K, C, H, W)``: on CPU one channels-last convolution over ``K*B``, output stacked."""
     def run(x: torch.Tensor, k: int) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 5:
             return unflat(conv(flat(x)), k)
-        v = _groups_view(x).contiguous(memory_format=torch.channels_last)
-        w = conv.weight.repeat(k, 1, 1, 1)
-        b = conv.bias.repeat(k) if conv.bias is not None else None
-        y = F.conv2d(v, w, b, conv.stride, conv.padding, conv.dilation, groups=k * conv.groups)
-        return _from_groups(y, k)
+        if not is_stacked(x):
+            x = stacked_empty(x.shape[0], k, *x.shape[2:], like=x).copy_(x)
+        return _from_kb(conv(_kb(x)), k)
     return run
 
 
-def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def _groups_view(x: torch.Tensor) -> torch.Tensor:
+    """``(B, K, C, *S)`` -> ``(B, K*C, *S)`` (free for the standard layout)."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _from_groups(y: torch.Tensor, k: int) -> torch.Tensor:
+    return y.view(y.shape[0], k, y.shape[1] // k, *y.shape[2:])
+
+
+def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """Train-mode BN of ``(B, K, C, ...)`` with separate batch statistics per k (no stat updates).
 
-    Equal to ``vmap(bn, in_dims=1)(x)`` to round-off, on the free view ``(B, K*C, ...)``. Grouped
-    (channels-last) layout: torch's train-mode kernel, fast in that layout. Standard layout on CPU: the
-    statistics from sums and one batched dot (:func:`bbzo.adapters.pooling.batch_stats`), then the
-    eval-mode kernel (together ~4x torch's NCHW train-mode kernel, which is ~2x faster than vmap's rule).
+    Equal to ``vmap(bn, in_dims=1)(x)`` to round-off (then ``relu`` in place, if asked). Stacked layout:
+    torch's channels-last statistics kernel on each set's ``(B, C, H, W)`` slice, then one multiply-add over
+    the stacked memory. Standard layout on CPU, on the free view ``(B, K*C, ...)``: the statistics from sums
+    and one batched dot (:func:`bbzo.adapters.pooling.batch_stats`), then the eval-mode kernel (together ~4x
+    torch's NCHW train-mode kernel, which is ~2x faster than vmap's rule).
     """
     k = x.shape[1]
+    if is_stacked(x):
+        stats = [torch.batch_norm_update_stats(x[:, i], None, None, 0.0) for i in range(k)]
+        mean = torch.stack([m for m, _ in stats])  # (K, C)
+        scale = torch.rsqrt(torch.stack([v for _, v in stats]) + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight
+        shift = -mean * scale if not bn.affine else bn.bias - mean * scale
+        mem = x.permute(1, 0, 3, 4, 2)  # (K, B, H, W, C), contiguous
+        out = torch.addcmul(shift[:, None, None, None], mem, scale[:, None, None, None])
+        if relu:
+            out.clamp_min_(0)
+        return out.permute(1, 0, 4, 2, 3)
     v = _groups_view(x)
     w = bn.weight.repeat(k) if bn.affine else None
     bias = bn.bias.repeat(k) if bn.affine else None
-    cl = v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
-    if v.dim() > 2 and v.device.type == "cpu" and not cl:
+    if v.dim() > 2 and v.device.type == "cpu":
         v = v.contiguous()
         mean, var = batch_stats(v)
         y = F.batch_norm(v, mean, var, w, bias, False, 0.0, bn.eps)
     else:
         y = F.batch_norm(v, None, None, w, bias, True, 0.0, bn.eps)
-    return _from_groups(y, k)
+    y = _from_groups(y, k)
+    return y.relu_() if relu else y
 
 
-def _eval_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    k = x.shape[1]
-    w = bn.weight.repeat(k) if bn.affine else None
-    b = bn.bias.repeat(k) if bn.affine else None
-    y = F.batch_norm(_groups_view(x), bn.running_mean.repeat(k), bn.running_var.repeat(k), w, b, False, 0.0, bn.eps)
-    return _from_groups(y, k)
+def _eval_batch_norm(bn: _BatchNorm, x: torch.Tensor, k: int, relu: bool = False) -> torch.Tensor:
+    y = _per_sample(lambda v: F.batch_norm(v, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                                           bn.eps), x, k)
+    return y.relu_() if relu else y
 
 
 def _pool_runner(pool: nn.Module) -> Runner:
+    def one(v: torch.Tensor) -> torch.Tensor:
+        out = tiled_max_pool(pool, v) if isinstance(pool, nn.MaxPool2d) and v.device.type == "cpu" else None
+        return pool(v) if out is None else out
+
     def run(x: torch.Tensor, k: int) -> torch.Tensor:
         if x.dim() != 5:
             return unflat(pool(flat(x)), k)
-        v = _groups_view(x)
-        out = tiled_max_pool(pool, v) if isinstance(pool, nn.MaxPool2d) and v.device.type == "cpu" else None
-        return _from_groups(pool(v) if out is None else out, k)
+        if is_stacked(x):
+            return _from_kb(one(_kb(x)), k)
+        return _from_groups(one(_groups_view(x)), k)
     return run
 
 
 def _merge_runner(m: Merge) -> Runner:
-    """``post(h + shortcut(skip))`` keeping ``h``'s layout; the shortcut runs on the standard layout."""
+    """``post(h + shortcut(skip))`` keeping ``h``'s layout; the shortcut runs on a flat batch of ``skip``."""
     def run(act: tuple, k: int) -> torch.Tensor:
         h, skip = act[0], act[1]
-        sc = skip if isinstance(m.shortcut, nn.Identity) else unflat(m.shortcut(flat(skip)), k)
+        sc = skip if isinstance(m.shortcut, nn.Identity) else _per_sample(m.shortcut, skip, k)
         if sc.shape != h.shape:  # broadcasting: let torch decide the shape
             return m.post(sc - h if m.subtract else h + sc)
         out = torch.empty_like(h)
@@ -144,10 +184,9 @@ def _merge_runner(m: Merge) -> Runner:
 
 def _inner_runner(inner: nn.Module) -> Runner | None:
     """A layout-aware runner for a module acting on one ``(B, K, ...)`` tensor, or None (generic)."""
-    if isinstance(inner, _BatchNorm) and not getattr(inner, "bbzo_batch_coupled", False):
-        if inner.training or inner.running_mean is None:
-            return lambda x, k: grouped_batch_norm(inner, x)
-        return lambda x, k: _eval_batch_norm(inner, x) if x.dim() > 2 else unflat(inner(flat(x)), k)
+    bn = _bn_runner(inner, False)
+    if bn is not None:
+        return bn
     if _grouped_conv_ok(inner):
         return _conv_runner(inner)
     if isinstance(inner, ELEMENTWISE):
@@ -155,6 +194,31 @@ def _inner_runner(inner: nn.Module) -> Runner | None:
     if isinstance(inner, _POOLS2D) and not getattr(inner, "return_indices", False):
         return _pool_runner(inner)
     return None
+
+
+def _bn_runner(bn: nn.Module, relu: bool) -> Runner | None:
+    if not isinstance(bn, _BatchNorm) or getattr(bn, "bbzo_batch_coupled", False):
+        return None
+    if bn.training or bn.running_mean is None:
+        return lambda x, k: grouped_batch_norm(bn, x, relu)
+    return lambda x, k: _eval_batch_norm(bn, x, k, relu)
+
+
+def fused_runner(stage: nn.Module, nxt: nn.Module) -> Runner | None:
+    """One runner for a BatchNorm stage and the ReLU stage after it (both plain, or both :class:`OnFirst`),
+    the ReLU applied in place to BN's fresh output; None where the pair does not fuse."""
+    if isinstance(stage, OnFirst) and isinstance(nxt, OnFirst):
+        stage, nxt, on_first = stage.module, nxt.module, True
+    elif isinstance(stage, OnFirst) or isinstance(nxt, OnFirst):
+        return None
+    else:
+        on_first = False
+    if type(nxt) is not nn.ReLU:
+        return None
+    run = _bn_runner(stage, True)
+    if run is None:
+        return None
+    return (lambda act, k: (run(act[0], k), *act[1:])) if on_first else run
 
 
 def first_only(stage: nn.Module) -> bool:
@@ -183,4 +247,5 @@ def stage_runner(stage: nn.Module) -> Runner:
     if is_coupled(stage):
         batched = vmap(stage, in_dims=1, out_dims=1, randomness="same")
         return lambda act_k, k: batched(act_k)
-    return lambda act_k, k: unflat(stage(flat(act_k)), k)
+    return lambda act_k, k: _per_sample(stage, act_k, k) if isinstance(act_k, torch.Tensor) \
+        else unflat(stage(flat(act_k)), k)

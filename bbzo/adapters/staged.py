@@ -28,7 +28,7 @@ from ..probes import Probes
 from ..stages import Merge, OnFirst, model_stages
 from .channel import ELEMENTWISE, Base, Channel, channel_advance, channel_core, densify, is_dense
 from .pooling import pool_span
-from .runners import first_only, stage_runner
+from .runners import first_only, fused_runner, stage_runner
 from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
@@ -108,6 +108,9 @@ class StagedEvaluator(Evaluator):
         self.adapter = adapter
         self.stages = adapter.stages
         self._runners = [stage_runner(st) for st in self.stages]
+        #: stage j -> one runner for stages j and j+1 (BatchNorm then ReLU), used when both run densely
+        self._fused = {j: f for j in range(len(self.stages) - 1)
+                       if (f := fused_runner(self.stages[j], self.stages[j + 1])) is not None}
         self._first_only = [first_only(st) for st in self.stages]
         self._acts: Optional[list[Any]] = None
         self._fallback: Optional[Evaluator] = None
@@ -135,8 +138,11 @@ class StagedEvaluator(Evaluator):
 
     def _run_downstream(self, i: int, act_k: Any, k: int) -> Any:
         """Stages ``i+1..n-1`` on ``(B, K, ...)`` activations."""
-        for run in self._runners[i + 1:]:
-            act_k = run(act_k, k)
+        j, n = i + 1, len(self.stages)
+        while j < n:
+            fused = self._fused.get(j)
+            act_k = (fused or self._runners[j])(act_k, k)
+            j += 2 if fused else 1
         return act_k
 
     def _perturbed_stage(self, i: int, probes: Probes) -> Any:

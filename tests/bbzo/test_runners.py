@@ -1,11 +1,11 @@
 """Stage runners on K stacked activations: every rule equals running the stage on each set alone, in both the
-standard and the grouped channels-last layout, and the channel path's mixed residual step equals a full forward."""
+standard and the stacked channels-last layout, and the channel path's mixed residual step equals a full forward."""
 
 import pytest
 import torch
 from torch import nn
 
-from bbzo.adapters.runners import first_only, stage_runner
+from bbzo.adapters.runners import first_only, fused_runner, is_stacked, stage_runner
 from bbzo.models.resnet_cifar import ShortcutA
 from bbzo.stages import Fork, Merge, OnFirst
 
@@ -14,9 +14,9 @@ from .test_channel import _compare, ce
 B, K, C, H = 4, 3, 4, 6
 
 
-def _grouped(x: torch.Tensor) -> torch.Tensor:
-    """The same values in the grouped layout (memory ``(B, H, W, K, C)``)."""
-    return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+def _stacked(x: torch.Tensor) -> torch.Tensor:
+    """The same values in the stacked layout (memory ``(K, B, H, W, C)``)."""
+    return x.permute(1, 0, 3, 4, 2).contiguous().permute(1, 0, 4, 2, 3)
 
 
 def _per_set(stage: nn.Module, act, k: int):
@@ -52,7 +52,7 @@ def _stages():
     }
 
 
-@pytest.mark.parametrize("layout", ["standard", "grouped"])
+@pytest.mark.parametrize("layout", ["standard", "stacked"])
 @pytest.mark.parametrize("name", list(_stages()))
 def test_every_runner_equals_each_set_alone(name, layout):
     stage = _stages()[name]
@@ -65,7 +65,7 @@ def test_every_runner_equals_each_set_alone(name, layout):
         act = (torch.randn(B, K, C, H, H, dtype=torch.float64), x)
     else:
         act = x
-    lay = (lambda t: _grouped(t)) if layout == "grouped" else (lambda t: t)
+    lay = (lambda t: _stacked(t)) if layout == "stacked" else (lambda t: t)
     act_in = tuple(lay(t) for t in act) if isinstance(act, tuple) else lay(act)
     with torch.no_grad():
         saved = {k: v.clone() for k, v in stage.state_dict().items()}
@@ -81,16 +81,19 @@ def test_every_runner_equals_each_set_alone(name, layout):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_cpu_convs_run_grouped_channels_last_and_bn_keeps_the_layout():
+def test_cpu_convs_run_stacked_channels_last_and_per_channel_stages_keep_the_layout():
     conv, bn = nn.Conv2d(C, 8, 3, padding=1).double(), nn.BatchNorm2d(8).double()
     x = torch.randn(B, K, C, H, H, dtype=torch.float64)
     with torch.no_grad():
         y = stage_runner(conv)(x, K)
         z = stage_runner(bn)(y, K)
-    for t in (y, z):
-        assert t.shape == (B, K, 8, H, H)
-        assert t.reshape(B, K * 8, H, H).is_contiguous(memory_format=torch.channels_last)
-        assert not t.is_contiguous()
+        e = stage_runner(bn.eval())(z, K)
+        p = stage_runner(nn.MaxPool2d(2))(e, K)
+        r = stage_runner(OnFirst(nn.ReLU()))((p, x), K)[0]
+    assert is_stacked(_stacked(x)) and not is_stacked(x) and not is_stacked(_stacked(x).contiguous())
+    for t in (y, z, e, p, r):
+        assert t.shape[:3] == (B, K, 8) and is_stacked(t)
+        assert t.transpose(0, 1).reshape(K * B, *t.shape[2:]).is_contiguous(memory_format=torch.channels_last)
     assert first_only(OnFirst(conv)) and not first_only(OnFirst(nn.Flatten())) and not first_only(conv)
 
 
@@ -113,3 +116,34 @@ def test_mixed_residual_step_matches_a_full_forward(subtract, mode):
     adapter = _compare(model, x, y, ce, max_chunk=7)
     # the first conv's coordinates went the mixed way: dense from the branch conv (stage 4) on
     assert adapter.dense_from[0] == 5
+
+
+@pytest.mark.parametrize("layout", ["standard", "stacked"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_fused_batch_norm_relu_equals_the_two_stages(wrap, mode, layout):
+    bn = _stages()["bn_train"].double().train(mode == "train")
+    pair = (OnFirst(bn), OnFirst(nn.ReLU())) if wrap else (bn, nn.ReLU())
+    torch.manual_seed(2)
+    x = torch.randn(B, K, C, H, H, dtype=torch.float64) + 3.0
+    lay = _stacked(x) if layout == "stacked" else x
+    act = (lay, torch.randn(B, K, C, H, H, dtype=torch.float64)) if wrap else lay
+    before = lay.clone()
+    with torch.no_grad():
+        got = fused_runner(*pair)(act, K)
+        want = stage_runner(pair[1])(stage_runner(pair[0])(act, K), K)
+        ref = _per_set(nn.Sequential(bn, nn.ReLU()).train(mode == "train"), x, K)
+    if wrap:
+        assert got[1] is act[1]
+        got, want = got[0], want[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert (layout == "stacked") == is_stacked(got)
+    assert torch.equal(lay, before)  # the input is untouched (the ReLU ran in place on BN's own output)
+
+
+def test_only_batch_norm_then_relu_fuses():
+    bn = nn.BatchNorm2d(C)
+    assert fused_runner(bn, nn.ReLU()) is not None and fused_runner(OnFirst(bn), OnFirst(nn.ReLU())) is not None
+    assert fused_runner(bn, nn.Tanh()) is None and fused_runner(OnFirst(bn), nn.ReLU()) is None
+    assert fused_runner(nn.ReLU(), nn.ReLU()) is None and fused_runner(nn.Conv2d(C, C, 1), nn.ReLU()) is None
