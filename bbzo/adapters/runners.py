@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_map
 from ..stages import Fork, Merge, OnFirst
 from .pooling import batch_stats, tiled_max_pool
 
-__all__ = ["stage_runner", "grouped_batch_norm", "stacked_empty", "is_stacked", "fused_runner", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
+__all__ = ["stage_runner", "grouped_batch_norm", "stacked_empty", "is_stacked", "fused_runner", "add_relu", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
 
 Runner = Callable[[Any, int], Any]
 
@@ -177,9 +177,19 @@ def _merge_runner(m: Merge) -> Runner:
         if sc.shape != h.shape:  # broadcasting: let torch decide the shape
             return m.post(sc - h if m.subtract else h + sc)
         out = torch.empty_like(h)
+        if type(m.post) is nn.ReLU and not m.subtract:
+            return add_relu(h, sc, out)
         torch.sub(sc, h, out=out) if m.subtract else torch.add(h, sc, out=out)
         return out.relu_() if type(m.post) is nn.ReLU else m.post(out)
     return run
+
+
+def add_relu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``relu(a + b)`` into ``out`` in one pass (aten's fused kernel where this torch has it)."""
+    fused = getattr(torch.ops.aten, "_add_relu", None)
+    if fused is not None and out.device.type == "cpu":
+        return fused.out(a, b, out=out)
+    return torch.add(a, b, out=out).relu_()
 
 
 def _inner_runner(inner: nn.Module) -> Runner | None:

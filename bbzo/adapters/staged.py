@@ -252,7 +252,7 @@ class StagedEvaluator(Evaluator):
             ar = torch.arange(k, device=h.device)
             d = skip.delta()
             out[:, ar, skip.ch] += d  # the skip enters with a plus sign either way
-            return st.post(out), j + 1
+            return out.relu_() if type(st.post) is nn.ReLU else st.post(out), j + 1
         return None
 
     def _learn_dense_from(self, i: int, probes: Probes) -> None:
