@@ -267,10 +267,11 @@ def _mix_linear(layer: nn.Linear, rep: Channel, base_out: torch.Tensor) -> Optio
 def _mix_conv(conv: nn.Conv2d, rep: Channel, base_out: torch.Tensor) -> Optional[torch.Tensor]:
     """The next Conv2d, from the change of one input channel per copy -> dense ``(B, K, O, Ho, Wo)``.
 
-    Small outputs on CPU (at most 64 positions, ResNet-20's last stage): one batched matmul of the
-    one-channel patches with the ``K`` filter slices, which lands in the stacked channels-last layout of
-    :mod:`bbzo.adapters.runners`, plus ``base_out`` (about 2x the grouped convolution there). Otherwise
-    one grouped convolution (``K`` groups of one input channel).
+    On CPU: the ``kh*kw`` shifted (strided, dilated) views of the zero-padded one-channel change, stacked
+    as the last dim, times the ``K`` filter slices in one batched matmul, which lands in the stacked
+    channels-last layout of :mod:`bbzo.adapters.runners`; then ``base_out`` is added in place (2-5x one
+    grouped convolution with ``K`` groups of one input channel on ResNet-20's shapes). Otherwise (CUDA, or
+    more taps than 4x the output channels) that grouped convolution.
     """
     if rep.group is not None or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
@@ -278,18 +279,18 @@ def _mix_conv(conv: nn.Conv2d, rep: Channel, base_out: torch.Tensor) -> Optional
     k = rep.k
     b_, o_ch, ho, wo = base_out.shape
     w = conv.weight[:, rep.ch]  # (O, K, kh, kw): input channel ch[k] of every filter
-    if d.device.type == "cpu" and ho * wo <= 64:
-        unf = F.unfold(d.reshape(b_ * k, 1, *d.shape[2:]), conv.kernel_size, dilation=conv.dilation,
-                       padding=conv.padding, stride=conv.stride)  # (B*K, kh*kw, Ho*Wo)
-        taps = unf.shape[1]
-        patches = unf.view(b_, k, taps, ho * wo).permute(1, 0, 3, 2).reshape(k, b_ * ho * wo, taps)
-        delta = torch.bmm(patches, w.permute(1, 2, 3, 0).reshape(k, taps, o_ch))  # (K, B*Ho*Wo, O)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if d.device.type == "cpu" and kh * kw <= 4 * o_ch:
+        dp = F.pad(d.transpose(0, 1), (pw, pw, ph, ph))  # (K, B, H + 2ph, W + 2pw)
+        taps = [dp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+                for i in range(kh) for j in range(kw)]
+        patches = torch.stack(taps, -1).view(k, b_ * ho * wo, kh * kw)
+        delta = torch.bmm(patches, w.permute(1, 2, 3, 0).reshape(k, kh * kw, o_ch))  # (K, B*Ho*Wo, O)
         # memory (K, B, Ho, Wo, O): already the stacked layout of bbzo.adapters.runners
         return delta.view(k, b_, ho, wo, o_ch).permute(1, 0, 4, 2, 3).add_(base_out.unsqueeze(1))
     wk = w.transpose(0, 1).reshape(k * o_ch, 1, *w.shape[2:])
     delta = F.conv2d(d, wk, None, conv.stride, conv.padding, conv.dilation, groups=k)  # (B, K*O, Ho, Wo)
-    out = stacked_empty(b_, k, o_ch, ho, wo, base_out) if d.device.type == "cpu" else None
-    return torch.add(base_out.unsqueeze(1), delta.view(b_, k, *base_out.shape[1:]), out=out)
+    return base_out.unsqueeze(1) + delta.view(b_, k, *base_out.shape[1:])
 
 
 def _per_channel_rule(module: nn.Module) -> Optional[Callable[[nn.Module, Channel, torch.Tensor], Any]]:

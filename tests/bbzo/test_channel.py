@@ -166,3 +166,17 @@ def test_a_fresh_adapter_and_a_used_one_give_bitwise_the_same_losses():
     a = used.bind(ce, x, y).evaluate(probes)
     b = StagedAdapter(model, max_chunk_bytes=1 << 20).bind(ce, x, y).evaluate(probes)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("conv2", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2, padding=(2, 1)),
+                                   dict(kernel_size=3, dilation=2, padding=0, stride=(1, 2)),
+                                   dict(kernel_size=5, padding=2, out_channels=2)])  # 25 taps > 4x2: grouped conv
+def test_mixing_conv_with_strides_dilations_and_padding_matches_a_full_forward(conv2):
+    torch.manual_seed(0)
+    kw = {"out_channels": 5, **conv2}
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, **kw),
+                          nn.BatchNorm2d(kw["out_channels"]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(kw["out_channels"], 3)).double()
+    x = torch.randn(5, 3, 11, 10, dtype=torch.float64)
+    adapter = _compare(model, x, torch.randint(0, 3, (5,)), ce, max_chunk=7)
+    assert adapter.dense_from[0] == 4  # the first conv's channel became dense at the mixing conv (stage 3)
