@@ -7,8 +7,8 @@ flattening, the residual add with an identity shortcut. So for ``K`` probes the 
 the perturbed channel of each, ``(B, K, *spatial)``, instead of ``K`` whole activations
 ``(B, K, C, *spatial)``. At the next layer that mixes channels (Conv2d, Linear) linearity in the input
 gives the change of its output from that one channel: ``out_k = out + layer_without_bias(x'_c - x_c)``,
-one grouped convolution for the ``K`` probes; from there on the ``K`` activations are dense, as in stage
-reuse (:mod:`bbzo.adapters.staged`). Exact: the same losses as a full forward, to round-off.
+one batched matmul (CPU) or grouped convolution for the ``K`` probes; from there on the ``K`` activations
+are dense, as in stage reuse (:mod:`bbzo.adapters.staged`). Exact: the same losses as a full forward, to round-off.
 
 Representations of the ``K`` perturbed copies of one activation:
 

@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_map
 from ..stages import Fork, Merge, OnFirst
 from .pooling import batch_stats, tiled_max_pool
 
-__all__ = ["stage_runner", "grouped_batch_norm", "stacked_empty", "is_stacked", "fused_runner", "add_relu", "flat", "unflat", "is_coupled", "first_only", "ELEMENTWISE"]
+__all__ = ["stage_runner", "fused_runner", "stacked_batch_norm", "stacked_empty", "is_stacked", "add_relu", "flat", "unflat",
+           "is_coupled", "first_only", "ELEMENTWISE"]
 
 Runner = Callable[[Any, int], Any]
 
@@ -90,7 +91,7 @@ def _per_sample(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, k: 
     return unflat(fn(flat(x)), k)
 
 
-def _grouped_conv_ok(conv: nn.Module) -> bool:
+def _conv_ok(conv: nn.Module) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
@@ -114,7 +115,7 @@ def _from_groups(y: torch.Tensor, k: int) -> torch.Tensor:
     return y.view(y.shape[0], k, y.shape[1] // k, *y.shape[2:])
 
 
-def grouped_batch_norm(bn: _BatchNorm, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """Train-mode BN of ``(B, K, C, ...)`` with separate batch statistics per k (no stat updates).
 
     Equal to ``vmap(bn, in_dims=1)(x)`` to round-off (then ``relu`` in place, if asked). Stacked layout:
@@ -197,7 +198,7 @@ def _inner_runner(inner: nn.Module) -> Runner | None:
     bn = _bn_runner(inner, False)
     if bn is not None:
         return bn
-    if _grouped_conv_ok(inner):
+    if _conv_ok(inner):
         return _conv_runner(inner)
     if isinstance(inner, ELEMENTWISE):
         return lambda x, k: inner(x)
@@ -210,7 +211,7 @@ def _bn_runner(bn: nn.Module, relu: bool) -> Runner | None:
     if not isinstance(bn, _BatchNorm) or getattr(bn, "bbzo_batch_coupled", False):
         return None
     if bn.training or bn.running_mean is None:
-        return lambda x, k: grouped_batch_norm(bn, x, relu)
+        return lambda x, k: stacked_batch_norm(bn, x, relu)
     return lambda x, k: _eval_batch_norm(bn, x, k, relu)
 
 
