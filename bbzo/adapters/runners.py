@@ -65,9 +65,9 @@ def stacked_empty(b: int, k: int, c: int, h: int, w: int, like: torch.Tensor) ->
     return like.new_empty(k, b, h, w, c).permute(1, 0, 4, 2, 3)
 
 
-def is_stacked(x: torch.Tensor) -> bool:
+def is_stacked(x: Any) -> bool:
     """Whether ``x (B, K, C, H, W)`` is in the stacked layout (``(K*B, C, H, W)`` a free channels-last view)."""
-    if x.dim() != 5:
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
         return False
     b, k, c, h, w = x.shape
     want = (h * w * c, b * h * w * c, 1, w * c, c)
@@ -84,8 +84,9 @@ def _from_kb(y: torch.Tensor, k: int) -> torch.Tensor:
     return y.view(k, y.shape[0] // k, *y.shape[1:]).transpose(0, 1)
 
 
-def _per_sample(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
-    """A per-sample map on ``(B, K, ...)`` through whichever flat batch is a free view (``K*B`` when stacked)."""
+def _per_sample(fn: Callable[[Any], Any], x: Any, k: int) -> Any:
+    """A per-sample map on ``(B, K, ...)`` (or a tuple of them) through whichever flat batch is a free view
+    (``K*B`` when stacked)."""
     if is_stacked(x):
         return _from_kb(fn(_kb(x)), k)
     return unflat(fn(flat(x)), k)
@@ -161,13 +162,7 @@ def _pool_runner(pool: nn.Module) -> Runner:
         out = tiled_max_pool(pool, v) if isinstance(pool, nn.MaxPool2d) and v.device.type == "cpu" else None
         return pool(v) if out is None else out
 
-    def run(x: torch.Tensor, k: int) -> torch.Tensor:
-        if x.dim() != 5:
-            return unflat(pool(flat(x)), k)
-        if is_stacked(x):
-            return _from_kb(one(_kb(x)), k)
-        return _from_groups(one(_groups_view(x)), k)
-    return run
+    return lambda x, k: _per_sample(one, x, k)
 
 
 def _merge_runner(m: Merge) -> Runner:
@@ -185,11 +180,13 @@ def _merge_runner(m: Merge) -> Runner:
     return run
 
 
+_ADD_RELU = getattr(torch.ops.aten, "_add_relu", None)
+
+
 def add_relu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``relu(a + b)`` into ``out`` in one pass (aten's fused kernel where this torch has it)."""
-    fused = getattr(torch.ops.aten, "_add_relu", None)
-    if fused is not None and out.device.type == "cpu":
-        return fused.out(a, b, out=out)
+    if _ADD_RELU is not None and out.device.type == "cpu":
+        return _ADD_RELU.out(a, b, out=out)
     return torch.add(a, b, out=out).relu_()
 
 
@@ -229,7 +226,12 @@ def fused_runner(stage: nn.Module, nxt: nn.Module) -> Runner | None:
     run = _bn_runner(stage, True)
     if run is None:
         return None
-    return (lambda act, k: (run(act[0], k), *act[1:])) if on_first else run
+    return _on_first(run) if on_first else run
+
+
+def _on_first(run: Runner) -> Runner:
+    """A runner for element 0 of a tuple activation, the other elements passed through."""
+    return lambda act, k: (run(act[0], k), *act[1:])
 
 
 def first_only(stage: nn.Module) -> bool:
@@ -247,7 +249,7 @@ def stage_runner(stage: nn.Module) -> Runner:
     if isinstance(stage, OnFirst):
         inner = _inner_runner(stage.module)
         if inner is not None:
-            return lambda act, k: (inner(act[0], k), *act[1:])
+            return _on_first(inner)
     elif isinstance(stage, Merge):
         if isinstance(stage.post, ELEMENTWISE) and not is_coupled(stage):
             return _merge_runner(stage)
@@ -258,5 +260,4 @@ def stage_runner(stage: nn.Module) -> Runner:
     if is_coupled(stage):
         batched = vmap(stage, in_dims=1, out_dims=1, randomness="same")
         return lambda act_k, k: batched(act_k)
-    return lambda act_k, k: _per_sample(stage, act_k, k) if isinstance(act_k, torch.Tensor) \
-        else unflat(stage(flat(act_k)), k)
+    return lambda act_k, k: _per_sample(stage, act_k, k)
