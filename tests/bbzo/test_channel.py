@@ -180,3 +180,22 @@ def test_mixing_conv_with_strides_dilations_and_padding_matches_a_full_forward(c
     x = torch.randn(5, 3, 11, 10, dtype=torch.float64)
     adapter = _compare(model, x, torch.randint(0, 3, (5,)), ce, max_chunk=7)
     assert adapter.dense_from[0] == 4  # the first conv's channel became dense at the mixing conv (stage 3)
+
+
+def test_the_chunk_bound_holds_the_dense_downstreams_working_set_on_cpu():
+    """On CPU a chunk of K sets keeps DENSE_SETS_CPU dense activations of each set under ``max_chunk_bytes``."""
+    from bbzo.adapters.staged import DENSE_SETS_CPU
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).train()
+    x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 3, (8,))
+    dense_bytes = 8 * 6 * 12 * 12 * 4  # the mixing conv's (and BN's) output, one set
+    bound = 3 * DENSE_SETS_CPU * dense_bytes + 1
+    probes = _probes(model, None)
+    probes = probes.select(torch.nonzero(probes.pidx == 0).flatten())  # the first conv's weights: dense from stage 4
+    ev = StagedAdapter(model, max_chunk_bytes=bound).bind(ce, x, y)
+    sizes, loss = [], ev._loss
+    ev._loss = lambda out, k: (sizes.append(k), loss(out, k))[1]
+    ev.evaluate(probes)
+    assert max(sizes) == 3 and sum(sizes) == len(probes)
