@@ -3,7 +3,9 @@
 Prints one JSON object (``--out`` also writes it). ``--quick`` times fewer coordinates (under a minute).
 
 Keys (all per coordinate unless named otherwise; ms):
-  forward_ms                one full batch-64 forward (no grad)
+  forward_ms                one full batch-64 forward (no grad): the median of every forward timed in the run (at
+                            the start, in a window of 8 before and after each timed bbzo estimate, at the end);
+                            ``forward_ms_quartiles`` shows how much it moved
   forward_channels_last_ms  the same forward with the model and input in channels-last memory (what a user could
                             also do; bbzo's dense downstream runs channels-last on CPU, see bbzo/adapters/runners.py)
   deepzero_loop_ms_per_coord DeepZero's single-process ``cge``: deep-copy the parameters, perturb, reload the
@@ -15,7 +17,10 @@ Keys (all per coordinate unless named otherwise; ms):
   autograd_step_ms          forward + backward
   limit_ms_per_coord        cost of only the stages downstream of each coordinate (stages timed at batch
                             64, averaged over the set): what perfect reuse at stage granularity costs
-Also ratios to forward_ms and the speed-ups over naive, all measured in the same run.
+Also ratios to forward_ms and the speed-ups over naive, all measured in the same run, and
+``channel_over_paired_forward`` / ``reuse_over_paired_forward``: the median over the timed estimates of each one's
+cost per coordinate over the median forward of the windows right before and after it (the ratio least moved by
+this shared box's slow and fast spells; ``paired_ratios`` lists them).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def main() -> None:
         with torch.no_grad(), frozen_bn_stats(model):
             return samples(sync_call(lambda: model(x)), 3 * reps, warmup=3)
 
-    fwd_samples = forward_samples()  # timed again at the end: the median of both is reported
+    fwd_samples = forward_samples()  # more around every bbzo estimate and at the end: the median of all is reported
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), frozen_bn_stats(model_cl):
@@ -148,16 +153,29 @@ def main() -> None:
         sync()
     deepzero_s = timed(deepzero_loop, 1 if args.quick else 2) / n_dz
 
-    def bbzo_run(adapter_cls, sub, **kw):
+    def forward_window() -> list[float]:
+        with torch.no_grad(), frozen_bn_stats(model):
+            return samples(sync_call(lambda: model(x)), 8, warmup=1)
+
+    paired: dict[str, list[float]] = {}
+
+    def bbzo_run(adapter_cls, sub, key, **kw):
+        """Median seconds per coordinate; each timed estimate sits between two windows of forwards, and
+        ``paired[key]`` gets its ratio to the median forward of those windows (side by side in time)."""
         est = bbzo.create_estimator("sparse_cge", coords=sub)
         adapter = adapter_cls(model, **kw)
-        res = {}
-
-        def run():
-            res["r"] = bbzo.estimate(adapter, est, loss_fn, x, y)
+        r = bbzo.estimate(adapter, est, loss_fn, x, y)  # warm-up
+        per = []
+        for _ in range(1 if args.quick else 3):
+            before = forward_window()
+            t = time.perf_counter()
+            r = bbzo.estimate(adapter, est, loss_fn, x, y)
             sync()
-        t = timed(run, 1 if args.quick else 3)
-        return t / res["r"].queries, res["r"]
+            per.append((time.perf_counter() - t) / r.queries)
+            around = before + forward_window()
+            fwd_samples.extend(around)
+            paired.setdefault(key, []).append(per[-1] / statistics.median(around))
+        return statistics.median(per), r
 
     # the generic adapter is slower: time it on a 20% subset of the set (same layer mix)
     sub_sel = torch.randperm(m, generator=g)[: max(20, m // (10 if args.quick else 5))]
@@ -171,9 +189,9 @@ def main() -> None:
             if sel.numel():
                 sub_coords[n] = sel
             pos += k
-    batched_s, _ = bbzo_run(FunctionalAdapter, sub_coords)
-    reuse_s, reuse_res = bbzo_run(StagedAdapter, coords, channel_reuse=False)
-    channel_s, channel_res = bbzo_run(StagedAdapter, coords)
+    batched_s, _ = bbzo_run(FunctionalAdapter, sub_coords, "batched")
+    reuse_s, reuse_res = bbzo_run(StagedAdapter, coords, "reuse", channel_reuse=False)
+    channel_s, channel_res = bbzo_run(StagedAdapter, coords, "channel")
 
     # downstream-only limit from timed stages
     adapter = StagedAdapter(model)
@@ -228,6 +246,10 @@ def main() -> None:
         "channel_over_forward": round(channel_s / forward_s, 3),
         "channel_over_forward_channels_last": round(channel_s / forward_cl_s, 3),
         "limit_over_forward": round(limit_s / forward_s, 3),
+        "channel_over_paired_forward": round(statistics.median(paired["channel"]), 3),
+        "reuse_over_paired_forward": round(statistics.median(paired["reuse"]), 3),
+        "paired_ratios": {k: [round(v, 4) for v in vs] for k, vs in paired.items()},
+        "forward_ms_quartiles": [ms(q) for q in statistics.quantiles(fwd_samples, n=4)],
         "reuse_speedup_vs_naive": round(naive_s / reuse_s, 2),
         "channel_speedup_vs_naive": round(naive_s / channel_s, 2),
         "channel_speedup_vs_deepzero_loop": round(deepzero_s / channel_s, 2),

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["DistContext", "setup", "current", "is_writer", "world_size", "rank", "under_launcher", "shutdown",
+__all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "world_size", "rank", "under_launcher",
+           "shutdown",
            "DEFAULT_WORKER_TIMEOUT"]
 
 #: Seconds a collective waits for the slowest rank before the run stops (``--worker-timeout``).
@@ -58,7 +59,7 @@ class DistContext:
     @property
     def device(self) -> torch.device:
         """Where collectives move their tensors (NCCL needs this rank's GPU)."""
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
 _CONTEXT: Optional[DistContext] = None
@@ -67,6 +68,28 @@ _CONTEXT: Optional[DistContext] = None
 def under_launcher() -> bool:
     """Whether this process was started by ``torchrun`` (``WORLD_SIZE`` and ``RANK`` are set)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def plan_devices(device: Any, local_rank: int, local_world: int, n_gpus: int,
+                 nccl: bool) -> tuple[str, Optional[int]]:
+    """``(backend, GPU index or None)`` of one rank.
+
+    A CUDA run puts local rank ``r`` on GPU ``r % n_gpus``, so several ranks may share a GPU (the queries of a
+    small model do not fill one). NCCL needs one GPU per rank; when ranks share one, the collectives go through
+    gloo on CPU (they move a few kilobytes of losses per step). An explicit ``cuda:i`` puts every rank on GPU i.
+    Every node of a run is assumed alike (the same ranks and GPUs), so all ranks choose the same backend.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "gloo", None
+    if n_gpus < 1:
+        raise ConfigError(f"device {device!r} asks for CUDA, but torch sees no GPU on this node: run with "
+                          "--device cpu, or on a machine with a GPU and a CUDA build of torch.")
+    if dev.index is not None:
+        if dev.index >= n_gpus:
+            raise ConfigError(f"device {device!r}: this node has {n_gpus} GPU(s) (cuda:0 .. cuda:{n_gpus - 1}).")
+        return ("nccl" if nccl and local_world == 1 else "gloo"), dev.index
+    return ("nccl" if nccl and local_world <= n_gpus else "gloo"), local_rank % n_gpus
 
 
 def setup(timeout: float = DEFAULT_WORKER_TIMEOUT, device: Any = "cpu") -> Optional[DistContext]:
@@ -85,9 +108,11 @@ def setup(timeout: float = DEFAULT_WORKER_TIMEOUT, device: Any = "cpu") -> Optio
     if _CONTEXT is not None:
         return _CONTEXT
     cuda = torch.device(device).type == "cuda"
-    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
-    if cuda:
-        torch.cuda.set_device(local)
+    n_gpus = torch.cuda.device_count() if cuda else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    backend, gpu = plan_devices(device, local, local_world, n_gpus, cuda and dist.is_nccl_available())
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     store = dist.distributed_c10d._get_default_store()

@@ -141,3 +141,21 @@ def test_two_nodes_with_a_c10d_rendezvous_train_exactly_like_serial(serial, tmp_
     assert all(p.returncode == 0 for p in nodes), [e[-2000:] for _, e in logs]
     assert json.loads((out / "train.json").read_text())["workers"] == 2
     assert_same(weights(out), weights(serial))
+
+
+def test_ranks_share_a_gpu_through_gloo_and_get_their_own_through_nccl():
+    from bbzo.errors import ConfigError
+    from bbzo.parallel import plan_devices
+
+    assert plan_devices("cpu", 1, 2, 0, True) == ("gloo", None)
+    # one GPU per rank: NCCL, rank r on GPU r
+    assert [plan_devices("cuda", r, 4, 4, True) for r in range(4)] == [("nccl", r) for r in range(4)]
+    # 4 ranks on 2 GPUs (or on one): round robin, collectives through gloo (NCCL refuses two ranks on a GPU)
+    assert [plan_devices("cuda", r, 4, 2, True) for r in range(4)] == [("gloo", g) for g in (0, 1, 0, 1)]
+    assert plan_devices("cuda", 1, 2, 1, True) == ("gloo", 0)
+    assert plan_devices("cuda", 0, 1, 1, False) == ("gloo", 0)  # a torch without NCCL
+    assert plan_devices("cuda:1", 0, 1, 2, True) == ("nccl", 1) and plan_devices("cuda:1", 1, 2, 2, True) == ("gloo", 1)
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_devices("cuda", 0, 1, 0, True)
+    with pytest.raises(ConfigError, match="cuda:0 .. cuda:1"):
+        plan_devices("cuda:2", 0, 1, 2, True)
