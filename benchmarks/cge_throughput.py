@@ -98,9 +98,9 @@ def main() -> None:
             sync()
         return run
 
-    def forward_samples():
+    def forward_samples(n: int = 3 * reps, warmup: int = 3) -> list[float]:
         with torch.no_grad(), frozen_bn_stats(model):
-            return samples(sync_call(lambda: model(x)), 3 * reps, warmup=3)
+            return samples(sync_call(lambda: model(x)), n, warmup=warmup)
 
     fwd_samples = forward_samples()  # more around every bbzo estimate and at the end: the median of all is reported
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -153,10 +153,6 @@ def main() -> None:
         sync()
     deepzero_s = timed(deepzero_loop, 1 if args.quick else 2) / n_dz
 
-    def forward_window() -> list[float]:
-        with torch.no_grad(), frozen_bn_stats(model):
-            return samples(sync_call(lambda: model(x)), 8, warmup=1)
-
     paired: dict[str, list[float]] = {}
 
     def bbzo_run(adapter_cls, sub, key, **kw):
@@ -167,12 +163,12 @@ def main() -> None:
         r = bbzo.estimate(adapter, est, loss_fn, x, y)  # warm-up
         per = []
         for _ in range(1 if args.quick else 3):
-            before = forward_window()
+            before = forward_samples(8, warmup=1)
             t = time.perf_counter()
             r = bbzo.estimate(adapter, est, loss_fn, x, y)
             sync()
             per.append((time.perf_counter() - t) / r.queries)
-            around = before + forward_window()
+            around = before + forward_samples(8, warmup=1)
             fwd_samples.extend(around)
             paired.setdefault(key, []).append(per[-1] / statistics.median(around))
         return statistics.median(per), r

@@ -29,7 +29,7 @@ from ..stages import Merge, OnFirst, model_stages
 from .channel import ELEMENTWISE, Base, Channel, channel_advance, channel_core, densify, is_dense
 from .pooling import pool_span
 from .runners import first_only, fused_runner, stage_runner
-from .common import Adapter, Evaluator, chunk_size, frozen_bn_stats, tree_bytes
+from .common import Adapter, Evaluator, chunk_size, dense_sets, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import linear_core
 
@@ -39,13 +39,6 @@ __all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner"]
 def _has_dense(rep: Any) -> bool:
     """Whether any element of a (tuple) representation is a dense ``(B, K, ...)`` tensor."""
     return any(_has_dense(r) for r in rep) if isinstance(rep, tuple) else isinstance(rep, torch.Tensor)
-
-#: Dense activations counted per perturbed set in the CPU chunk bound: the conv's input and output, BN's output,
-#: the block's skip, the merge's output and the next conv's output are alive at once. Counting 2 (as before)
-#: let a chunk outgrow the caches. Side by side on 2 threads: a ResNet-20 step (batch 64, 1% coordinates)
-#: 16.4 s at 6 against 18.6 s at 2; the 3,700 / 6,670-parameter CNNs (batch 256, all coordinates) 3.2 / 9.0 s
-#: against 4.7 / 12.2 s; the 730-parameter CNN unchanged. CUDA keeps counting 2 (it wants big batches).
-DENSE_SETS_CPU = 6
 
 
 def _channels(act: Any) -> int:
@@ -123,8 +116,7 @@ class StagedEvaluator(Evaluator):
         self._fallback: Optional[Evaluator] = None
         self._shortcuts: dict[int, torch.Tensor] = {}
         self._unfolds: dict[int, Optional[torch.Tensor]] = {}
-        leaf = tree_flatten(self.inputs)[0][0]
-        self._dense_sets = DENSE_SETS_CPU if leaf.device.type == "cpu" else 2
+        self._dense_sets = dense_sets(tree_flatten(self.inputs)[0][0].device)
 
     # -------------------------------------------------------------- cached activations
     @property

@@ -39,7 +39,7 @@ class DistContext:
 
     Attributes:
         rank, world: Global rank and number of ranks.
-        local_rank: Rank on this node (selects the GPU).
+        local_rank: Rank on this node (a CUDA run puts it on GPU ``local_rank % GPUs``, see :func:`plan_devices`).
         timeout: Seconds a collective waits for every rank (``--worker-timeout``).
         backend: ``"gloo"`` or ``"nccl"``.
         store: The c10d store of the rendezvous (heartbeats and error messages of the ranks).

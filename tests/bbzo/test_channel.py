@@ -184,7 +184,7 @@ def test_mixing_conv_with_strides_dilations_and_padding_matches_a_full_forward(c
 
 def test_the_chunk_bound_holds_the_dense_downstreams_working_set_on_cpu():
     """On CPU a chunk of K sets keeps DENSE_SETS_CPU dense activations of each set under ``max_chunk_bytes``."""
-    from bbzo.adapters.staged import DENSE_SETS_CPU
+    from bbzo.adapters.common import DENSE_SETS_CPU
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
