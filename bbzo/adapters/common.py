@@ -50,9 +50,9 @@ DEFAULT_MAX_CHUNK = 1024
 #: Dense activations counted per perturbed set past a coordinate's first mixing layer (the staged adapter's
 #: chunk bound): the conv's input and output, BN's output, the block's skip, the merge's output and the next
 #: conv's output are alive at once. Counting 2 (as before) let a CPU chunk outgrow the caches. Side by side on
-#: 2 threads: a ResNet-20 step (batch 64, 1% coordinates) 16.4 s at 6 against 18.6 s at 2; the 3,700 / 6,670-
-#: parameter CNNs (batch 256, all coordinates) 3.2 / 9.0 s against 4.7 / 12.2 s; the 730-parameter CNN
-#: unchanged. CUDA keeps counting 2 (it wants big batches).
+#: 2 threads (``benchmarks/chunk_bound.py``): a ResNet-20 step (batch 64, 1% coordinates) 14.8 s at 6 against
+#: 17.7 s at 2; the 3,700 / 6,670-parameter CNNs (batch 256) 3.6 / 7.5 s against 4.4 / 11.9 s in a fresh
+#: process (as fast at 2 after a ResNet-20 run in the same process). CUDA keeps counting 2 (big batches).
 DENSE_SETS_CPU = 6
 DENSE_SETS_CUDA = 2
 
