@@ -17,6 +17,12 @@ Keys (all per coordinate unless named otherwise; ms):
   autograd_step_ms          forward + backward
   limit_ms_per_coord        cost of only the stages downstream of each coordinate (stages timed at batch
                             64, averaged over the set): what perfect reuse at stage granularity costs
+  conv_census               one more default estimate with every F.conv2d call counted and timed (a sync
+                            around each): its FLOPs per coordinate, their fraction of one forward's conv
+                            FLOPs (machine-independent), the share of the time in convolutions, and
+                            ``conv_alone_over_forward``: the same convolutions, each shape timed on its own,
+                            per coordinate over the forward -- what an exact evaluation costs here if
+                            everything but these convolutions were free
 Also ratios to forward_ms and the speed-ups over naive, all measured in the same run, and
 ``channel_over_paired_forward`` / ``reuse_over_paired_forward``: the median over the timed estimates of each one's
 cost per coordinate over the median forward of the windows right before and after it (the ratio least moved by
@@ -43,6 +49,7 @@ from bbzo.models import create_model
 from bbzo.provenance import provenance
 
 from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
+from convs import ConvCensus
 
 
 def samples(fn, reps: int, warmup: int = 1) -> list[float]:
@@ -209,6 +216,19 @@ def main() -> None:
         lim += [own + suffix[i + 1]] * int(coords[n].numel())
     limit_s = sum(lim) / len(lim)
 
+    # where the default path's time goes: every convolution of one more estimate, counted and timed
+    census_adapter = StagedAdapter(model)
+    bbzo.estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)  # warm-up
+    with ConvCensus(sync) as census:
+        t = time.perf_counter()
+        census_res = bbzo.estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)
+        sync()
+        census_s = time.perf_counter() - t
+    with ConvCensus(sync) as fwd_census, torch.no_grad(), frozen_bn_stats(model):
+        model(x)
+    conv_alone_s = census.standalone_seconds(dev)
+    census_q = census_res.queries
+
     fwd_samples += forward_samples()
     forward_s = statistics.median(fwd_samples)
     ms = lambda s: round(1e3 * s, 4)  # noqa: E731
@@ -246,6 +266,20 @@ def main() -> None:
         "reuse_over_paired_forward": round(statistics.median(paired["reuse"]), 3),
         "paired_ratios": {k: [round(v, 4) for v in vs] for k, vs in paired.items()},
         "forward_ms_quartiles": [ms(q) for q in statistics.quantiles(fwd_samples, n=4)],
+        "conv_census": {
+            "estimate_ms_per_coord": ms(census_s / census_q),
+            "conv_ms_per_coord": ms(census.seconds / census_q),
+            "conv_share": round(census.seconds / census_s, 3),
+            "conv_gflop_per_coord": round(census.flops / census_q / 1e9, 4),
+            "forward_conv_gflop": round(fwd_census.flops / 1e9, 4),
+            "conv_flop_fraction_of_forward": round(census.flops / census_q / fwd_census.flops, 4),
+            "conv_gflops_in_run": round(census.flops / census.seconds / 1e9, 1),
+            "conv_gflops_alone": round(census.flops / conv_alone_s / 1e9, 1),
+            "conv_alone_ms_per_coord": ms(conv_alone_s / census_q),
+            "conv_alone_over_forward": round(conv_alone_s / census_q / forward_s, 3),
+            "forward_gflops": round(fwd_census.flops / forward_s / 1e9, 1),
+            "conv_calls": int(sum(r[0] for r in census.calls.values())),
+        },
         "reuse_speedup_vs_naive": round(naive_s / reuse_s, 2),
         "channel_speedup_vs_naive": round(naive_s / channel_s, 2),
         "channel_speedup_vs_deepzero_loop": round(deepzero_s / channel_s, 2),
