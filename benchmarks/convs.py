@@ -2,7 +2,7 @@
 
 ``ConvCensus`` wraps ``torch.nn.functional.conv2d`` while it is active (``nn.Conv2d`` and bbzo's own
 grouped convolutions call it through the module attribute), so it sees every convolution of a forward or
-of a bbzo estimate. ``standalone_ms`` times each recorded shape again on its own, with fresh inputs, which
+of a bbzo estimate. ``standalone_seconds`` times each recorded shape again on its own, with fresh inputs, which
 gives the cost of the same convolutions with nothing else around them: a floor for any exact evaluation
 that runs these convolutions with these kernels.
 """
@@ -21,7 +21,7 @@ Key = tuple[tuple[int, ...], tuple[int, ...], tuple, tuple, tuple, int, bool]
 
 
 class ConvCensus:
-    """Context manager: counts, times (wall, with ``sync`` after each call) and sums the FLOPs of ``F.conv2d`` calls.
+    """Context manager: counts, times (wall, with ``sync`` around each call) and sums the FLOPs of ``F.conv2d`` calls.
 
     Attributes:
         calls: ``{key: [count, seconds, flops]}``; a key is (input shape, weight shape, stride, padding,
