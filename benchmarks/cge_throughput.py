@@ -287,6 +287,7 @@ def main() -> None:
         "reuse_batched_calls": reuse_res.calls,
         "full_sparse_cge_step_s": round(channel_s * channel_res.queries, 2),
         "full_sparse_cge_step_stage_reuse_s": round(reuse_s * reuse_res.queries, 2),
+        "seed": args.seed,
         "command": " ".join(["python", *sys.argv]),
         "provenance": provenance(),
     }

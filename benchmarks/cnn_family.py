@@ -155,6 +155,7 @@ def main() -> None:
            "fig3_goal": "CGE epoch with feature reuse at least 3x faster than without (paper: about 2x)", "data": source, "device": str(dev),
            "threads": torch.get_num_threads(), "bn": "train mode, per-perturbation batch statistics",
            "estimator": "cge forward, mu 5e-3, all coordinates", "models": rows,
+           "seeds": {"model_init": 0, "naive_sample": 1, "random_images": 0},
            "command": " ".join(["python", *sys.argv]), "provenance": provenance()}
     emit(out, args.out)
 
