@@ -18,7 +18,7 @@ exactly on resume.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from .errors import BudgetExceeded, ConfigError
@@ -26,7 +26,7 @@ from .errors import BudgetExceeded, ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from .oracle import Oracle
 
-__all__ = ["QueryLedger", "Account"]
+__all__ = ["QueryLedger", "Account", "Spent"]
 
 
 @dataclass
@@ -37,6 +37,32 @@ class Account:
     calls: int = 0
     eval_rows: int = 0
     eval_calls: int = 0
+
+
+@dataclass
+class Spent:
+    """What some work spent: queries (charged and evaluation) and, per oracle, an :class:`Account` of rows/calls.
+
+    A value: the executor of a distributed run sums the ranks' ``Spent`` and the step settles the ledger once
+    (:meth:`QueryLedger.settle`).
+    """
+
+    queries: int = 0
+    eval_queries: int = 0
+    accounts: dict[str, Account] = field(default_factory=dict)
+
+    def __add__(self, other: "Spent") -> "Spent":
+        names = sorted(set(self.accounts) | set(other.accounts))
+        zero = Account()
+        acc = {n: Account(*(a + b for a, b in zip(astuple(self.accounts.get(n, zero)), astuple(other.accounts.get(n, zero)))))
+               for n in names}
+        return Spent(self.queries + other.queries, self.eval_queries + other.eval_queries, acc)
+
+    def rows(self) -> int:
+        return sum(a.rows for a in self.accounts.values())
+
+    def calls(self) -> int:
+        return sum(a.calls for a in self.accounts.values())
 
 
 class QueryLedger:
@@ -165,6 +191,28 @@ class QueryLedger:
         """Plain numbers for results files: queries, and rows/calls per oracle."""
         return {"queries": self.queries, "eval_queries": self.eval_queries, "max_queries": self.max_queries,
                 "oracles": {n: asdict(a) for n, a in self.accounts.items()}}
+
+    # ------------------------------------------------------------------ settling
+    def spent_since(self, start: dict[str, Any]) -> Spent:
+        """What was counted since ``start`` (a :meth:`state_dict`), as a :class:`Spent` value."""
+        s0 = start.get("accounts", {})
+        zero = asdict(Account())
+        acc = {n: Account(**{k: v - s0.get(n, zero)[k] for k, v in asdict(a).items()}) for n, a in self.accounts.items()}
+        return Spent(self.queries - int(start["queries"]), self.eval_queries - int(start.get("eval_queries", 0)),
+                     {n: a for n, a in acc.items() if any(astuple(a))})
+
+    def settle(self, start: dict[str, Any], spent: Spent) -> None:
+        """Set the counts to ``start`` (a :meth:`state_dict`) plus ``spent``: the one place where a step's
+        spending -- measured here, or summed over the ranks of a distributed run -- becomes the run's."""
+        self.load_state_dict(start)
+        for n in set(self.accounts) - set(start.get("accounts") or {}):
+            self.accounts[n] = Account()  # opened during the step: its counts are all in ``spent``
+        self.queries += spent.queries
+        self.eval_queries += spent.eval_queries
+        for n, a in spent.accounts.items():
+            mine = self.account(n)
+            for k, v in asdict(a).items():
+                setattr(mine, k, getattr(mine, k) + v)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

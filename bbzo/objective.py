@@ -10,7 +10,14 @@ Nothing needs to be smuggled into the targets to reach the black box.
 * :func:`as_objective` -- a plain ``fn(outputs, targets)`` or ``fn(outputs, inputs, targets)`` becomes one.
 * :class:`OracleObjective` -- the split every white-box-model-in-front-of-a-black-box task has:
   ``rows = assemble(outputs, inputs, targets)`` -> ``answers = oracle.query(rows)`` ->
-  ``loss(answers, outputs, inputs, targets)``. The chain-rule estimators use this split.
+  ``loss(answers, outputs, inputs, targets)``.
+* :class:`Rollout` -- a model called *inside* a loop with a black box (solver in the loop), for
+  :class:`~bbzo.adapters.LoopAdapter`: ``rollout(model_fn, inputs, targets) -> (N,)``.
+
+An objective may carry a **stop-gradient surrogate** (``surrogate``): the same loss, differentiable, with every
+black-box call entering as a constant (for a rollout: the solver's outputs detached, NOG). Its value equals the
+objective's; its gradient is what the white-box parts alone give, for free. ``hybrid_cge`` uses it
+(:mod:`bbzo.estimators.hybrid`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Objective", "FunctionObjective", "OracleObjective", "as_objective"]
+__all__ = ["Objective", "FunctionObjective", "OracleObjective", "Rollout", "as_objective"]
 
 
 class Objective:
@@ -30,11 +37,13 @@ class Objective:
 
     Attributes:
         needs_inputs: Whether ``__call__`` uses ``inputs`` (else adapters pass ``None`` and save the copies).
-        oracles: The black boxes it queries (a run attaches them to its ledger).
+        oracles: The black boxes it queries (a run's trainings attach them to their ledgers).
+        surrogate: The stop-gradient surrogate (same signature, differentiable), or None.
     """
 
     needs_inputs: bool = True
     oracles: Sequence[Any] = ()
+    surrogate: Optional[Callable[..., torch.Tensor]] = None
 
     def __call__(self, outputs: Any, inputs: Any, targets: Any) -> torch.Tensor:
         """``outputs``: model outputs ``(N, ...)``; ``inputs``/``targets``: the matching rows. Returns ``(N,)``."""
@@ -50,6 +59,7 @@ class FunctionObjective(Objective):
         self.fn = fn
         self.needs_inputs = _positional_arity(fn) >= 3 if takes_inputs is None else bool(takes_inputs)
         self.oracles = tuple(getattr(fn, "oracles", ()))
+        self.surrogate = getattr(fn, "surrogate", None)
 
     def __call__(self, outputs: Any, inputs: Any, targets: Any) -> torch.Tensor:
         if self.needs_inputs:
@@ -89,15 +99,18 @@ class OracleObjective(Objective):
         loss: ``loss(answers (N, ...), outputs, inputs, targets) -> (N,)`` per-sample losses.
         assemble: ``assemble(outputs, inputs, targets) -> rows (N, ...)``; default: the outputs.
         needs_inputs: Whether ``assemble`` or ``loss`` read the inputs (default True).
+        surrogate: Optional stop-gradient surrogate ``fn(outputs, inputs, targets) -> (N,)`` (see the module docstring).
     """
 
     def __init__(self, oracle: Any, loss: Callable[..., torch.Tensor],
-                 assemble: Optional[Callable[[Any, Any, Any], torch.Tensor]] = None, *, needs_inputs: bool = True) -> None:
+                 assemble: Optional[Callable[[Any, Any, Any], torch.Tensor]] = None, *, needs_inputs: bool = True,
+                 surrogate: Optional[Callable[..., torch.Tensor]] = None) -> None:
         self.oracle = oracle
         self.loss = loss
         self.assemble = assemble or (lambda outputs, inputs, targets: outputs)
         self.needs_inputs = needs_inputs
         self.oracles = (oracle,)
+        self.surrogate = surrogate
 
     def rows(self, outputs: Any, inputs: Any, targets: Any) -> torch.Tensor:
         """The oracle's input rows for these samples."""
@@ -109,3 +122,29 @@ class OracleObjective(Objective):
 
     def __repr__(self) -> str:
         return f"OracleObjective(oracle={getattr(self.oracle, 'name', self.oracle)!r})"
+
+
+class Rollout:
+    """A solver-in-the-loop objective: ``fn(model_fn, inputs, targets) -> (N,)`` per-sample losses.
+
+    ``model_fn`` maps ``(N, ...)`` rows (the :class:`~bbzo.adapters.LoopAdapter` hands ``K`` perturbed models
+    side by side); the plain model works too (evaluation, first-order baselines).
+
+    Args:
+        fn: The rollout, querying the black box inside.
+        surrogate: The same rollout with every black-box output detached (NOG), or None.
+        oracles: The black boxes it queries.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], surrogate: Optional[Callable[..., torch.Tensor]] = None,
+                 oracles: Sequence[Any] = ()) -> None:
+        if not callable(fn) or (surrogate is not None and not callable(surrogate)):
+            raise ConfigError("Rollout(fn, surrogate=None): fn and surrogate must be callables "
+                              "(model_fn, inputs, targets) -> (N,) losses.")
+        self.fn, self.surrogate, self.oracles = fn, surrogate, tuple(oracles)
+
+    def __call__(self, model_fn: Any, inputs: Any, targets: Any) -> torch.Tensor:
+        return self.fn(model_fn, inputs, targets)
+
+    def __repr__(self) -> str:
+        return f"Rollout({getattr(self.fn, '__name__', self.fn)!r}, surrogate={self.surrogate is not None})"

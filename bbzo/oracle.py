@@ -19,12 +19,14 @@ bookkeeping every black box needs, so subclasses only implement :meth:`Oracle._q
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import traceback
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +35,23 @@ from torch import nn
 from .errors import BbzoError, ConfigError, OracleError
 from .ledger import QueryLedger
 
-__all__ = ["Oracle", "FunctionOracle", "ModuleOracle", "where_raised"]
+__all__ = ["Oracle", "FunctionOracle", "ModuleOracle", "where_raised", "answering_failures_with_nan"]
+
+_FAILURES_AS_NAN: contextvars.ContextVar[bool] = contextvars.ContextVar("bbzo_failures_as_nan", default=False)
+
+
+@contextlib.contextmanager
+def answering_failures_with_nan(enabled: bool = True) -> Iterator[None]:
+    """Inside, every oracle answers the rows it cannot produce with NaN instead of raising.
+
+    The training step enters it when the run's failure policy is ``penalize`` or ``skip``
+    (:mod:`bbzo.failures` then resolves the NaN rows); outside, a failed row is an :class:`OracleError`.
+    """
+    token = _FAILURES_AS_NAN.set(bool(enabled) or _FAILURES_AS_NAN.get())
+    try:
+        yield
+    finally:
+        _FAILURES_AS_NAN.reset(token)
 
 
 def where_raised(e: BaseException) -> str:
@@ -77,9 +95,8 @@ class Oracle(ABC):
         self.output_shape = tuple(output_shape) if output_shape is not None else None
         self.ledger: QueryLedger = QueryLedger()
         self.ledger.attach(self)
-        #: answer rows it cannot produce with NaN instead of raising (a run's penalize / skip failure policy)
+        #: always answer rows it cannot produce with NaN instead of raising (see also answering_failures_with_nan)
         self.allow_nonfinite = False
-        self.nonfinite_rows = 0
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -191,8 +208,7 @@ class Oracle(ABC):
                 f"is {self.output_shape}."
             )
         finite = torch.isfinite(out.reshape(n, -1)).all(dim=1)
-        if not bool(finite.all()) and self.allow_nonfinite:
-            self.nonfinite_rows += int((~finite).sum())
+        if not bool(finite.all()) and self.answers_failures_with_nan:
             return out.detach()
         if not bool(finite.all()):
             bad = int((~finite).sum())
@@ -204,6 +220,11 @@ class Oracle(ABC):
             )
         return out.detach()
 
+    @property
+    def answers_failures_with_nan(self) -> bool:
+        """Whether a failed row comes back as NaN (``allow_nonfinite``, or inside :func:`answering_failures_with_nan`)."""
+        return self.allow_nonfinite or _FAILURES_AS_NAN.get()
+
     # ------------------------------------------------------------------ counters (kept by the ledger)
     @property
     def rows_used(self) -> int:
@@ -213,13 +234,6 @@ class Oracle(ABC):
     @property
     def calls_used(self) -> int:
         return self.ledger.account(self).calls
-
-    def state_dict(self) -> dict[str, int]:
-        return {"rows_used": self.rows_used, "calls_used": self.calls_used}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        acc = self.ledger.account(self)
-        acc.rows, acc.calls = int(state["rows_used"]), int(state["calls_used"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, rows_used={self.rows_used}, calls_used={self.calls_used})"

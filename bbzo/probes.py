@@ -1,31 +1,27 @@
-"""Probes: the perturbed parameter sets an estimator asks to have evaluated, and the protocol adapters use.
+"""Probes: the perturbations an estimator asks to have evaluated. Plain data: small tensors and ints.
 
-An estimator *asks* for a batch of probes and is *told* their losses (nevergrad's ask/tell). A probe
-batch is a plain record of small tensors, so it can be sliced into shards that are evaluated
-independently (other processes, GPUs, machines) and their losses concatenated in probe order: the
-combination is exact because every probe's loss depends on that probe alone.
+An estimator *asks* for a batch of probes and is *told* their losses (nevergrad's ask/tell). A probe batch
+can be sliced into shards that are evaluated independently (other processes, GPUs, machines) and their
+losses put back in probe order: the combination is exact because every probe's loss depends on that probe
+alone. The adapters (:mod:`bbzo.adapters`) decide *how* a kind of probe is evaluated fastest; nothing here
+knows about them.
 
-Three kinds:
+Four kinds, each perturbing one space:
 
-* :class:`CoordinateProbes` -- ``M`` single-coordinate perturbations (CGE, Sparse-CGE).
-* :class:`DirectionProbes` -- ``M`` perturbations along random directions (RGE). Directions are never
-  stored: direction ``k`` is regenerated from ``(seed, k)`` wherever it is needed (the MeZO trick),
-  so a shard ships a few integers, not ``q x d`` floats.
-* :class:`BlockProbes` -- ``M`` perturbations confined to *one* parameter tensor along explicit
-  directions (structured read-outs such as the ZO-GraSP sketch); a staged model reuses the features
-  before that tensor's stage, exactly as for coordinates.
+* :class:`CoordinateProbes` -- ``M`` single-coordinate perturbations of the parameters (CGE, Sparse-CGE).
+* :class:`DirectionProbes` -- ``M`` perturbations of the parameters along random directions (RGE).
+  Directions are never stored: direction ``k`` is regenerated from ``(seed, k)`` wherever it is needed
+  (the MeZO trick), so a shard ships a few integers, not ``q x d`` floats.
+* :class:`BlockProbes` -- ``M`` perturbations confined to *one* parameter tensor along explicit directions
+  (structured read-outs such as the ZO-GraSP sketch).
+* :class:`OutputProbes` -- ``M`` perturbations of the *model's outputs* for every sample at once (the
+  chain-rule estimators ``oracle_cge`` / ``oracle_rge``: finite differences only where the black box is).
 
-**The protocol** every kind implements, and the only thing adapters rely on:
-
-* ``len(probes)``, ``probes.slice(a, b)``, ``probes.select(rows)``, ``probes.shard(i, n)``;
-* ``probes.tensor_groups()`` -- ``[(tensor name, probe rows), ...]`` when every probe moves one tensor
-  (then a staged adapter reuses the features before that tensor's stage), or ``None``;
-* ``probes.touched_bytes(params)`` -- bytes of the parameters one stacked set of a chunk holds;
-* ``probes.stack(params)`` -- ``{name: (K, *shape)}`` copies of the touched tensors, perturbed;
-* ``probes.linear_delta(layer, x, base_out, local)`` -- for a Conv2d/Linear stage that the probes
-  move, the perturbed outputs ``(B, K, ...)`` from linearity in the weights, or ``None`` (no fast path);
-* ``probes.channel_start(layer, x, base_out, local)`` -- the same when each probe changes one channel,
-  as a :class:`~bbzo.adapters.channel.Channel` (channel-level reuse), or ``None``.
+**The protocol** every kind implements: ``len(probes)``, ``probes.slice(a, b)``, ``probes.select(rows)``,
+``probes.delta`` (``(M,)`` float64 signed perturbation sizes), and for the parameter kinds
+``probes.tensor_groups()`` (``[(tensor name, probe rows), ...]`` when every probe moves one tensor, else
+``None``), ``probes.touched_bytes(params)`` and ``probes.stack(params)`` (``{name: (K, *shape)}`` perturbed
+copies of the touched tensors).
 """
 
 from __future__ import annotations
@@ -35,18 +31,11 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import nn
 
-__all__ = ["CoordinateProbes", "DirectionProbes", "BlockProbes", "Probes", "direction_seed", "make_direction",
-           "concat_losses", "DISTRIBUTIONS"]
+__all__ = ["CoordinateProbes", "DirectionProbes", "BlockProbes", "OutputProbes", "Probes", "direction_seed",
+           "make_direction", "DISTRIBUTIONS", "OUTPUT_KINDS"]
 
 DISTRIBUTIONS = ("gaussian", "sphere", "tensor_sphere")
-
-
-def _split(m: int, i: int, n: int) -> tuple[int, int]:
-    if not 0 <= i < n:
-        raise ValueError(f"shard index {i} out of range for {n} shards")
-    return (m * i) // n, (m * (i + 1)) // n
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -57,32 +46,29 @@ def _nbytes(t: torch.Tensor) -> int:
 class CoordinateProbes:
     """``M`` single-coordinate perturbations.
 
-    Probe ``m`` evaluates the model with ``params[names[pidx[m]]].flatten()[index[m]] += step[m]``.
+    Probe ``m`` evaluates the model with ``params[names[pidx[m]]].flatten()[index[m]] += delta[m]``.
 
     Attributes:
         names: Parameter names that ``pidx`` indexes into.
         pidx: ``(M,)`` int64 parameter index of each probe.
         index: ``(M,)`` int64 flat index inside that parameter.
-        step: ``(M,)`` float64 signed perturbation size (``+mu`` or ``-mu``).
+        delta: ``(M,)`` float64 signed perturbation size (``+mu`` or ``-mu``).
     """
 
     names: tuple[str, ...]
     pidx: torch.Tensor
     index: torch.Tensor
-    step: torch.Tensor
+    delta: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.pidx.numel())
 
     def slice(self, start: int, stop: int) -> "CoordinateProbes":
-        return replace(self, pidx=self.pidx[start:stop], index=self.index[start:stop], step=self.step[start:stop])
+        return replace(self, pidx=self.pidx[start:stop], index=self.index[start:stop], delta=self.delta[start:stop])
 
     def select(self, rows: torch.Tensor) -> "CoordinateProbes":
-        return replace(self, pidx=self.pidx[rows], index=self.index[rows], step=self.step[rows])
+        return replace(self, pidx=self.pidx[rows], index=self.index[rows], delta=self.delta[rows])
 
-    def shard(self, i: int, n: int) -> "CoordinateProbes":
-        """Shard ``i`` of ``n`` (contiguous; concatenating all shards' losses restores probe order)."""
-        return self.slice(*_split(len(self), i, n))
 
     def groups(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(param index, probe rows)`` for each parameter touched, in index order."""
@@ -110,23 +96,10 @@ class CoordinateProbes:
             s = base.reshape(1, -1).expand(k, -1).clone()
             idx = self.index[rows].to(base.device)
             r = rows_all[rows].to(base.device)
-            s[r, idx] += self.step[rows].to(device=base.device, dtype=base.dtype)
+            s[r, idx] += self.delta[rows].to(device=base.device, dtype=base.dtype)
             stacked[name] = s.view(k, *base.shape)
         return stacked
 
-    def linear_delta(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor,
-                     local: Mapping[str, str]) -> Optional[torch.Tensor]:
-        from .adapters.linear_delta import coordinate_outputs
-
-        locals_ = [local[self.names[p]] for p in self.pidx.tolist()]
-        return coordinate_outputs(layer, x, base_out, locals_, self.index, self.step)
-
-    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None, pool: Any = None) -> Any:
-        from .adapters.channel import channel_start
-
-        locals_ = [local[self.names[p]] for p in self.pidx.tolist()]
-        return channel_start(layer, x, base_out, locals_, self.index, self.step, unfolded, pool)
 
 
 def direction_seed(seed: int, k: int) -> int:
@@ -163,14 +136,14 @@ def make_direction(
 
 @dataclass(frozen=True)
 class DirectionProbes:
-    """``M`` perturbations ``theta + step[m] * u_{dirs[m]}`` along regenerated random directions.
+    """``M`` perturbations ``theta + delta[m] * u_{dirs[m]}`` along regenerated random directions.
 
     Attributes:
         names: Perturbed parameter names (all of them: a direction is dense).
         shapes: Their shapes.
         seed: Seed of this step's directions.
         dirs: ``(M,)`` int64 direction index of each probe.
-        step: ``(M,)`` float64 signed step (``+mu`` / ``-mu``).
+        delta: ``(M,)`` float64 signed step (``+mu`` / ``-mu``).
         distribution: ``"gaussian"``, ``"sphere"`` or ``"tensor_sphere"`` (see :func:`make_direction`).
     """
 
@@ -178,20 +151,18 @@ class DirectionProbes:
     shapes: tuple[torch.Size, ...]
     seed: int
     dirs: torch.Tensor
-    step: torch.Tensor
+    delta: torch.Tensor
     distribution: str
 
     def __len__(self) -> int:
         return int(self.dirs.numel())
 
     def slice(self, start: int, stop: int) -> "DirectionProbes":
-        return replace(self, dirs=self.dirs[start:stop], step=self.step[start:stop])
+        return replace(self, dirs=self.dirs[start:stop], delta=self.delta[start:stop])
 
     def select(self, rows: torch.Tensor) -> "DirectionProbes":
-        return replace(self, dirs=self.dirs[rows], step=self.step[rows])
+        return replace(self, dirs=self.dirs[rows], delta=self.delta[rows])
 
-    def shard(self, i: int, n: int) -> "DirectionProbes":
-        return self.slice(*_split(len(self), i, n))
 
     def direction(self, k: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         return make_direction(self.seed, k, self.shapes, self.distribution, dtype)
@@ -204,45 +175,38 @@ class DirectionProbes:
         return sum(_nbytes(p) for p in params.values())
 
     def stack(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(K, *shape)`` parameter sets ``theta + step_k u_{dir_k}`` for the K probes."""
+        """``(K, *shape)`` parameter sets ``theta + delta_k u_{dir_k}`` for the K probes."""
         k = len(self)
         out = {n: params[n].unsqueeze(0).repeat(k, *([1] * params[n].dim())) for n in self.names}
         for j in range(k):
             u = self.direction(int(self.dirs[j]))
-            step = float(self.step[j])
+            step = float(self.delta[j])
             for n, un in zip(self.names, u):
                 out[n][j].add_(un.to(device=out[n].device, dtype=out[n].dtype), alpha=step)
         return out
 
-    def linear_delta(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor,
-                     local: Mapping[str, str]) -> None:
-        return None
-
-    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None, pool: Any = None) -> None:
-        return None  # a direction moves every channel
 
 
 @dataclass(frozen=True)
 class BlockProbes:
-    """``M`` perturbations ``params[names[pidx]] += step[m] * dirs[m].view(shape)`` of one tensor.
+    """``M`` perturbations ``params[names[pidx]] += delta[m] * dirs[m].view(shape)`` of one tensor.
 
     Attributes:
         names: Parameter names that ``pidx`` indexes into.
         pidx: Index of the one perturbed parameter.
         dirs: ``(M, n)`` float64 directions, ``n`` = that parameter's numel.
-        step: ``(M,)`` float64 signed step.
+        delta: ``(M,)`` float64 signed step.
     """
 
     names: tuple[str, ...]
     pidx: int
     dirs: torch.Tensor
-    step: torch.Tensor
+    delta: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.dirs.dim() != 2 or self.step.shape != (self.dirs.shape[0],):
-            raise ValueError(f"BlockProbes: dirs must be (M, n) and step (M,), got {tuple(self.dirs.shape)} "
-                             f"and {tuple(self.step.shape)}")
+        if self.dirs.dim() != 2 or self.delta.shape != (self.dirs.shape[0],):
+            raise ValueError(f"BlockProbes: dirs must be (M, n) and delta (M,), got {tuple(self.dirs.shape)} "
+                             f"and {tuple(self.delta.shape)}")
 
     @property
     def name(self) -> str:
@@ -252,13 +216,11 @@ class BlockProbes:
         return int(self.dirs.shape[0])
 
     def slice(self, start: int, stop: int) -> "BlockProbes":
-        return replace(self, dirs=self.dirs[start:stop], step=self.step[start:stop])
+        return replace(self, dirs=self.dirs[start:stop], delta=self.delta[start:stop])
 
     def select(self, rows: torch.Tensor) -> "BlockProbes":
-        return replace(self, dirs=self.dirs[rows], step=self.step[rows])
+        return replace(self, dirs=self.dirs[rows], delta=self.delta[rows])
 
-    def shard(self, i: int, n: int) -> "BlockProbes":
-        return self.slice(*_split(len(self), i, n))
 
     # ------------------------------------------------------------------ protocol
     def tensor_groups(self) -> list[tuple[str, torch.Tensor]]:
@@ -268,25 +230,78 @@ class BlockProbes:
         return _nbytes(params[self.name])
 
     def stack(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(K, *shape)`` copies of the one perturbed tensor: ``theta + step_k * dir_k``."""
+        """``(K, *shape)`` copies of the one perturbed tensor: ``theta + delta_k * dir_k``."""
         base = params[self.name]
-        d = self.dirs.to(device=base.device, dtype=base.dtype) * self.step.to(device=base.device, dtype=base.dtype)[:, None]
+        d = self.dirs.to(device=base.device, dtype=base.dtype) * self.delta.to(device=base.device, dtype=base.dtype)[:, None]
         return {self.name: (base.reshape(1, -1) + d).view(len(self), *base.shape)}
 
-    def linear_delta(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor,
-                     local: Mapping[str, str]) -> Optional[torch.Tensor]:
-        from .adapters.linear_delta import block_outputs
-
-        return block_outputs(layer, x, base_out, local[self.name], self.dirs, self.step)
-
-    def channel_start(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, local: Mapping[str, str],
-                      unfolded: Any = None, pool: Any = None) -> None:
-        return None  # a dense direction in one tensor moves every channel of its layer
 
 
-Probes = Union[CoordinateProbes, DirectionProbes, BlockProbes]
+
+OUTPUT_KINDS = ("coordinate", "gaussian")
 
 
-def concat_losses(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Losses of consecutive shards -> losses of the whole probe batch (exact: a concatenation)."""
-    return torch.cat(list(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+@dataclass(frozen=True)
+class OutputProbes:
+    """``M`` perturbations of the model's outputs ``(B, width)`` (flattened per sample), all samples at once.
+
+    For a white-box model in front of a black box, finite differences are only needed where the black box
+    is: probe ``m`` evaluates the objective at ``outputs + delta[m] * U_m`` with the model untouched.
+
+    * ``kind="coordinate"``: ``U_m`` moves output coordinate ``index[m]`` of every sample (``oracle_cge``);
+      per-sample losses give every sample's partial derivative at once.
+    * ``kind="gaussian"``: ``U_m`` is a ``(B, width)`` standard Gaussian regenerated from ``(seed, index[m])``
+      -- an independent direction per sample (``oracle_rge``).
+
+    Attributes:
+        kind: ``"coordinate"`` or ``"gaussian"``.
+        index: ``(M,)`` int64 output coordinate (coordinate) or direction number (gaussian).
+        delta: ``(M,)`` float64 signed step.
+        width: The model's output values per sample (the perturbed space's dimension).
+        seed: Seed of the Gaussian directions of this step.
+    """
+
+    kind: str
+    index: torch.Tensor
+    delta: torch.Tensor
+    width: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"OutputProbes: kind must be one of {OUTPUT_KINDS}, got {self.kind!r}")
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def slice(self, start: int, stop: int) -> "OutputProbes":
+        return replace(self, index=self.index[start:stop], delta=self.delta[start:stop])
+
+    def select(self, rows: torch.Tensor) -> "OutputProbes":
+        return replace(self, index=self.index[rows], delta=self.delta[rows])
+
+    def direction(self, k: int, batch: int) -> torch.Tensor:
+        """``U`` of direction ``k``: ``(B, width)`` float64 (a one-hot column for coordinates)."""
+        width = self.width
+        if self.kind == "coordinate":
+            u = torch.zeros(batch, width, dtype=torch.float64)
+            u[:, int(k)] = 1.0
+            return u
+        g = torch.Generator(device="cpu").manual_seed(direction_seed(self.seed, int(k)))
+        return torch.randn(batch, width, generator=g, dtype=torch.float64)
+
+    def perturbations(self, batch: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        """``(M, B, width)``: ``delta[m] * U_m`` for every probe, in ``dtype`` on ``device``."""
+        m, width = len(self), self.width
+        if self.kind == "coordinate":
+            if m and int(self.index.max()) >= width:
+                raise ValueError(f"output coordinate {int(self.index.max())} out of range for width {width}")
+            out = torch.zeros(m, batch, width, dtype=dtype, device=device)
+            out[torch.arange(m, device=device), :, self.index.to(device)] = self.delta.to(device=device, dtype=dtype)[:, None]
+            return out
+        dirs = [self.direction(int(k), batch) for k in self.index.tolist()]
+        stacked = torch.stack(dirs) if dirs else torch.zeros(0, batch, width, dtype=torch.float64)
+        return (stacked * self.delta.view(-1, 1, 1)).to(device=device, dtype=dtype)
+
+
+Probes = Union[CoordinateProbes, DirectionProbes, BlockProbes, OutputProbes]

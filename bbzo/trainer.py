@@ -12,7 +12,10 @@ on the trainer's hooks:
 
 ``status`` holds ``step``, ``loss``, ``queries`` (this step), ``queries_used`` (the ledger's total),
 ``oracle_rows`` (if the ledger counts an oracle), ``step_time``, ``queries_per_s``, ``grad_norm``, ``lr``,
-``elapsed_s`` (cumulative across resumes) and whatever the estimator reports for the step (a sparsity draw).
+``elapsed_s`` (cumulative across resumes), what the failure policy did (``failed_rows``, ``dropped_samples``,
+``penalized_rows``, under ``penalize`` / ``skip``) and whatever the estimator reports for the step (a sparsity
+draw). The gradient of a step is formed by :func:`bbzo.step.estimate`, the one owner of a step; the trainer
+keeps the estimator's state (a value) and checkpoints it with everything else.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .adapters import Adapter, make_adapter
-from .api import estimate, write_grads
+from .api import write_grads
 from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .data import BatchSource
 from .errors import CheckpointError, ConfigError
 from .estimators.base import Estimator
-from .estimators.transforms import clip_by_global_norm
+from .estimators.transforms import chain, clip_by_global_norm
 from .failures import FailurePolicy
 from .ledger import QueryLedger
 from .parallel.context import is_writer
 from .parallel.executor import Executor, SerialExecutor, default_executor
+from .step import estimate, query_cost
 
 __all__ = ["Trainer"]
 
@@ -58,13 +62,13 @@ class Trainer:
         ledger: The :class:`~bbzo.ledger.QueryLedger` that counts this run's queries (a new one if None);
             restored exactly on resume.
         oracle: An oracle to count in the ledger (the objective's oracles can also be attached directly).
-        feature_reuse, n_shards: As :func:`bbzo.estimate_grad`.
+        feature_reuse, n_shards: As :func:`bbzo.estimate_grad` (``n_shards``: evaluated as that many workers would).
         executor: Who evaluates each step's probes (:mod:`bbzo.parallel`). Default: the ranks of the
             process group when this process was started by ``torchrun`` / ``--workers`` (every rank runs
             the same trainer; only rank 0 writes checkpoints), else this process.
         update_bn_stats: In train mode, run one unperturbed forward per step to update BatchNorm
             running statistics (queries never do; see :mod:`bbzo.adapters.common`).
-        clip_grad_norm: Clip the estimate's global norm (wraps the estimator in ``clip_by_global_norm``).
+        clip_grad_norm: Clip the estimate's global norm (``chain(estimator, clip_by_global_norm(...))``).
         run_dir: Folder for ``checkpoint.pt`` (and its recovery copy ``checkpoint.prev.pt``).
         checkpoint_every: Save every N steps (0: only at the end and on failure).
         log_every: Call ``on_log`` hooks every N steps.
@@ -72,7 +76,11 @@ class Trainer:
         adapter: Use this adapter instead of :func:`~bbzo.adapters.make_adapter`'s choice (e.g. a
             :class:`~bbzo.adapters.LoopAdapter`, whose objective is a rollout).
         failures: What to do with rows the oracle cannot answer (:class:`~bbzo.failures.FailurePolicy`;
-            default: stop). ``penalize`` / ``skip`` make the ledger's oracles answer them with NaN.
+            default: stop).
+
+    Attributes:
+        estimator_state: The estimator's state for the next step (a value; checkpointed).
+        failure_totals: What the failure policy did over the run (checkpointed).
     """
 
     def __init__(
@@ -102,7 +110,7 @@ class Trainer:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
         if clip_grad_norm is not None:
-            estimator = clip_by_global_norm(estimator, clip_grad_norm)
+            estimator = chain(estimator, clip_by_global_norm(clip_grad_norm))
         self.model, self.objective, self.estimator = model, objective, estimator
         self.optimizer, self.scheduler, self.data = optimizer, scheduler, data
         self.ledger = ledger if ledger is not None else QueryLedger()
@@ -117,9 +125,8 @@ class Trainer:
             raise ConfigError("the adapter wraps a different model than the one the trainer trains.")
         self.adapter = adapter or make_adapter(model, feature_reuse=feature_reuse, **(adapter_kw or {}))
         self.failures = failures if failures is not None else FailurePolicy()
-        if self.failures.tolerant:
-            for o in self.ledger.oracles():
-                o.allow_nonfinite = True
+        self.failure_totals = {"failed_rows": 0, "dropped_samples": 0, "penalized_rows": 0}
+        self.estimator_state: Any = None
         self.before_step: list[Hook] = []
         self.after_step: list[Hook] = []
         self.on_log: list[Hook] = []
@@ -145,10 +152,18 @@ class Trainer:
         """End the run before the next step (a budget listener calls this)."""
         self.stop_reason = reason
 
+    def _state(self, params: dict[str, torch.Tensor]) -> Any:
+        if self.estimator_state is None:
+            self.estimator_state = self.estimator.init(params)
+        return self.estimator_state
+
     def query_cost(self) -> int:
-        """Queries the next step will cost."""
+        """Queries the next step will cost (with the failure policy's needs)."""
         params = self.adapter.trainable()
-        return self.estimator.query_cost(params, self.estimator.state or self.estimator.init(params))
+        state = self._state(params)
+        if self.estimator.needs_output_width(state):
+            return self.estimator.query_cost(params, state)  # raises with a clear message unless it knows
+        return query_cost(self.estimator, params, state, self.failures)
 
     def step(self) -> dict[str, Any]:
         """One step on the batch of the current step; returns the status dict (unchanged if stopped)."""
@@ -166,11 +181,11 @@ class Trainer:
                 with torch.no_grad():
                     self.model(inputs)
             params = self.adapter.trainable()
-            info = self.estimator.step_info(params, self.estimator.ensure_state(params))
+            state = self._state(params)
+            info = self.estimator.step_info(params, state)
             queries_before = self.ledger.queries
-            self.failures.new_step()
-            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, executor=self.executor,
-                           ledger=self.ledger, failures=self.failures)
+            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, state=state,
+                           executor=self.executor, ledger=self.ledger, policy=self.failures)
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
             # step's start: rows spent inside the failed step are spent again on resume), then re-raise
@@ -179,6 +194,9 @@ class Trainer:
             raise
         finally:
             self.ledger.step = None
+        self.estimator_state = res.state
+        for k in self.failure_totals:
+            self.failure_totals[k] += int(getattr(res, k))
         write_grads(self.model, res.grads)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.detach().double().norm() for g in grads]))) if grads else 0.0
@@ -205,7 +223,8 @@ class Trainer:
         if self.ledger.accounts:
             self.status["oracle_rows"] = self.ledger.rows()
         if self.failures.tolerant:
-            self.status.update(failed_rows=self.failures.failed_rows, skipped_samples=self.failures.skipped_samples)
+            self.status.update(failed_rows=res.failed_rows, dropped_samples=res.dropped_samples,
+                               penalized_rows=res.penalized_rows)
         for h in self.after_step:
             h(self, self.status)
         if self.step_count % self.log_every == 0 or self.done:
@@ -239,7 +258,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "estimator": self.estimator.state_dict(),
+            "estimator": self.estimator.state_dict(self.estimator_state),
+            "failure_totals": dict(self.failure_totals),
             "ledger": ledger,
             "elapsed": float(self.elapsed),
             "rng": rng if rng is not None else capture_rng(),
@@ -274,7 +294,8 @@ class Trainer:
                 f"checkpoint does not match this run ({type(e).__name__}: {str(e)[:300]}). Resume with the "
                 "same model, optimizer and scheduler settings it was written with."
             ) from e
-        self.estimator.load_state_dict(sd["estimator"])
+        self.estimator_state = self.estimator.load_state(sd["estimator"])
+        self.failure_totals.update({k: int(v) for k, v in (sd.get("failure_totals") or {}).items()})
         if sd.get("ledger") is not None:
             self.ledger.load_state_dict(sd["ledger"])
         else:  # written before the ledger existed

@@ -43,10 +43,12 @@ import torch
 import torch.nn.functional as F
 
 import bbzo
+
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
 from bbzo.adapters.linear_delta import linear_core
 from bbzo.models import create_model
 from bbzo.provenance import provenance
+from bbzo.step import estimate
 
 from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
 from convs import ConvCensus
@@ -167,12 +169,12 @@ def main() -> None:
         ``paired[key]`` gets its ratio to the median forward of those windows (side by side in time)."""
         est = bbzo.create_estimator("sparse_cge", coords=sub)
         adapter = adapter_cls(model, **kw)
-        r = bbzo.estimate(adapter, est, loss_fn, x, y)  # warm-up
+        r = estimate(adapter, est, loss_fn, x, y)  # warm-up
         per = []
         for _ in range(1 if args.quick else 3):
             before = forward_samples(8, warmup=1)
             t = time.perf_counter()
-            r = bbzo.estimate(adapter, est, loss_fn, x, y)
+            r = estimate(adapter, est, loss_fn, x, y)
             sync()
             per.append((time.perf_counter() - t) / r.queries)
             around = before + forward_samples(8, warmup=1)
@@ -218,10 +220,10 @@ def main() -> None:
 
     # where the default path's time goes: every convolution of one more estimate, counted and timed
     census_adapter = StagedAdapter(model)
-    bbzo.estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)  # warm-up
+    estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)  # warm-up
     with ConvCensus(sync) as census:
         t = time.perf_counter()
-        census_res = bbzo.estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)
+        census_res = estimate(census_adapter, bbzo.create_estimator("sparse_cge", coords=coords), loss_fn, x, y)
         sync()
         census_s = time.perf_counter() - t
     with ConvCensus(sync) as fwd_census, torch.no_grad(), frozen_bn_stats(model):

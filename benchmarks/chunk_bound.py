@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import bbzo
+
 import bbzo.adapters.common as adapters_common
 from bbzo.adapters import StagedAdapter
 from bbzo.models import create_model
 from bbzo.provenance import provenance
+from bbzo.step import estimate
 
 from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
 
@@ -73,7 +75,7 @@ def main() -> None:
                     for c in counts:
                         adapters_common.DENSE_SETS_CPU = c
                         t = time.perf_counter()
-                        bbzo.estimate(adapter, est, loss_fn, x, y)
+                        estimate(adapter, est, loss_fn, x, y)
                         if rnd:  # round 0 warms up
                             times[p][c].append(time.perf_counter() - t)
             results[name] = {p: {"step_s": {str(c): round(statistics.median(v), 3) for c, v in tc.items()},

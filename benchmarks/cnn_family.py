@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import bbzo
+
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
 from bbzo.models import create_model
 from bbzo.provenance import provenance
+from bbzo.step import estimate
 
 from common import coords_from_flat, emit  # benchmarks/ is on sys.path when run as a script
 
@@ -119,7 +121,7 @@ def main() -> None:
         res = {}
 
         def step():
-            res["r"] = bbzo.estimate(adapter, est, ce, x, y)
+            res["r"] = estimate(adapter, est, ce, x, y)
         cge_s = timed(step, args.reps, 1, sync)
         assert res["r"].queries == d + 1
 
@@ -128,13 +130,13 @@ def main() -> None:
         sub = coords_from_flat(params, sel)
         stage_adapter = StagedAdapter(model, channel_reuse=False)
         sub_est = bbzo.create_estimator("sparse_cge", coords=sub, mu=5e-3)
-        stage_s = timed(lambda: bbzo.estimate(stage_adapter, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
+        stage_s = timed(lambda: estimate(stage_adapter, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
 
         # no feature reuse at all: every probe runs the whole network (batched over the probes)
         sel = torch.randperm(d, generator=g)[: max(20, int(args.no_reuse_fraction * d))].sort().values
         sub_est = bbzo.create_estimator("sparse_cge", coords=coords_from_flat(params, sel), mu=5e-3)
         plain = FunctionalAdapter(model)
-        plain_s = timed(lambda: bbzo.estimate(plain, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
+        plain_s = timed(lambda: estimate(plain, sub_est, ce, x, y), 1, 1, sync) * d / sel.numel()
 
         naive_step = naive_per * d + fwd
         rows[name] = {

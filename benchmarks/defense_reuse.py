@@ -72,7 +72,7 @@ def main() -> None:
         ts = []
         for _ in range(args.reps):
             sync(); t0 = time.perf_counter()
-            g = bbzo.estimate_grad(den, loss, x, y, est(), adapter=ad, set_grad=False)[last]
+            g = bbzo.estimate_grad(den, loss, x, y, est(), adapter=ad, set_grad=False)[0][last]
             sync(); ts.append(time.perf_counter() - t0)
         return min(ts), g.flatten()[idx]
 

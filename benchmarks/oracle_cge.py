@@ -98,11 +98,13 @@ def main() -> None:
 
     spec = build(s, "", BuildContext(Run(s.out, TASK, s), "", Path(s.out), False, QueryLedger()))
     import bbzo
+    from bbzo.adapters import make_adapter
+    from bbzo.step import estimate
 
     t0 = time.perf_counter()
     x, y = spec.data.get_batch(0)
     sub = {n: torch.arange(min(p.numel(), 64)) for n, p in spec.model.named_parameters()}  # time 1 step on a slice
-    res = bbzo.estimate(bbzo.make_adapter(spec.model), bbzo.create_estimator("sparse_cge", coords=sub, mu=s.mu),
+    res = estimate(make_adapter(spec.model), bbzo.create_estimator("sparse_cge", coords=sub, mu=s.mu),
                         spec.objective, x, y)
     per_query = (time.perf_counter() - t0) / res.queries
     spec.oracles[0].close()

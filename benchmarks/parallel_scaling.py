@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bbzo  # noqa: E402
+from bbzo.adapters import make_adapter  # noqa: E402
+from bbzo.step import estimate  # noqa: E402
 from bbzo import parallel  # noqa: E402
 from bbzo.models import create_model  # noqa: E402
 from bbzo.provenance import provenance  # noqa: E402
@@ -65,7 +67,7 @@ def resnet_workload(args: argparse.Namespace) -> tuple:
     params = {n: p.detach() for n, p in model.named_parameters()}
     est = bbzo.create_estimator("sparse_cge", coords=random_coords(params, args.density, args.seed))
     loss_fn = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
-    return params, bbzo.make_adapter(model), est, loss_fn, x, y
+    return params, make_adapter(model), est, loss_fn, x, y
 
 
 def sol_workload(args: argparse.Namespace) -> tuple:
@@ -99,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict:
         if ctx is not None:
             torch.distributed.barrier()
         t0 = time.perf_counter()
-        res = bbzo.estimate(adapter, est, loss_fn, x, y, executor=executor)
+        res = estimate(adapter, est, loss_fn, x, y, executor=executor)
         sync()
         dt = time.perf_counter() - t0
         if i:

@@ -28,6 +28,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import bbzo
+
+    from bbzo.step import estimate
     from bbzo.adapters import LoopAdapter
     from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
     from bbzo.config import resolve
@@ -54,7 +56,7 @@ def main() -> None:
     for mu, diff in [(5e-3, "forward"), (1e-3, "forward"), (1e-4, "forward"), (1e-3, "central")]:
         est = bbzo.create_estimator("sparse_cge", coords=coords, mu=mu, difference=diff)
         rollout = make_rollout(KarmanOracle(cfg.data.low, backend="torch").query, std)
-        zo = bbzo.estimate(LoopAdapter(model, sets_per_call=16), est, rollout, inputs, y)
+        zo = estimate(LoopAdapter(model, sets_per_call=16), est, rollout, inputs, y)
         a = torch.cat([zo.grads[n].flatten()[i] for n, i in coords.items()]).double()
         rows.append({"mu": mu, "difference": diff, "cosine_to_fo": round(float(a @ ref / (a.norm() * ref.norm())), 4),
                      "rel_err": round(float((a - ref).norm() / ref.norm()), 4)})

@@ -1,9 +1,17 @@
 """What every adapter shares: the ``Evaluator`` interface, loss reduction, chunk sizing, BN handling.
 
 An *adapter* wraps a model once; ``adapter.bind(objective, inputs, targets, ledger)`` gives an
-:class:`Evaluator` for one minibatch, which evaluates probe batches (see :mod:`bbzo.probes`), charges
-each batched loss call to the :class:`~bbzo.ledger.QueryLedger` *before* making it, and can also give
-the differentiable loss at the current parameters (for the ``autograd`` reference estimator).
+:class:`Evaluator` for one minibatch. An evaluator answers, as per-sample float64 losses (NaN where the black
+box could not answer a row: the failure policy decides what that means, :mod:`bbzo.failures`):
+
+* ``probe_losses(probes)`` -- ``(M, B)`` for a probe batch of any kind (:mod:`bbzo.probes`): parameter
+  probes by the adapter's fastest path, :class:`~bbzo.probes.OutputProbes` on one forward of the model;
+* ``base_losses()`` -- ``(B,)`` at the unperturbed parameters (computed once);
+* ``gradient(kind)`` -- a white-box gradient: through the objective (first-order references) or its
+  stop-gradient surrogate (:attr:`bbzo.objective.Objective.surrogate`);
+* ``pullback(cotangent, keep)`` -- the chain rule through the white-box model for output probes.
+
+Each batched loss call is charged to the :class:`~bbzo.ledger.QueryLedger` *before* it is made.
 
 BatchNorm during queries (decided here, tested in ``tests/bbzo/test_adapters.py``):
     A model in **train mode** is queried with **per-perturbation batch statistics**: each perturbed
@@ -27,14 +35,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import NonFiniteError, ShapeError
+from ..errors import ConfigError, ShapeError
 from ..ledger import QueryLedger
 from ..objective import as_objective
-from ..probes import Probes
+from ..probes import OutputProbes, Probes
 
 __all__ = [
-    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "per_set_losses", "tree_bytes",
+    "Evaluator", "Adapter", "LossFn", "frozen_bn_stats", "per_sample_losses", "tree_bytes",
     "chunk_size", "repeat_targets", "flatten_k", "DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_CHUNK", "dense_sets",
+    "output_probe_losses", "surrogate_of",
 ]
 
 LossFn = Callable[..., torch.Tensor]
@@ -119,45 +128,61 @@ def _check_per_sample(per_sample: Any, n: int, what: str, k: int, batch: int) ->
         )
 
 
-def per_set_losses(per_sample: Any, k: int, batch: int, what: str = "the objective",
-                   failures: Any = None) -> torch.Tensor:
-    """``(K*B,)`` per-sample losses -> ``(K,)`` float64 mean loss of each parameter set (checked).
-
-    ``failures``: a :class:`~bbzo.failures.FailurePolicy` for samples whose rows the oracle could not answer.
-    """
+def per_sample_losses(per_sample: Any, k: int, batch: int, what: str = "the objective") -> torch.Tensor:
+    """``(K*B,)`` per-sample losses -> ``(K, B)`` float64, checked (NaN/inf stay: the failure policy resolves them)."""
     _check_per_sample(per_sample, k * batch, what, k, batch)
-    per_sample = per_sample.detach()
-    if failures is not None:
-        per_sample = failures.apply(per_sample, k, batch)
-    losses = per_sample.to(torch.float64).view(k, batch).mean(1)
-    bad = ~torch.isfinite(losses)
-    if bool(bad.any()):
-        raise NonFiniteError(
-            f"loss is NaN/inf for {int(bad.sum())} of {k} perturbed parameter sets. The model or loss "
-            "overflowed: lower mu, check the loss for log(0) / division by zero, or use float64."
-        )
+    return per_sample.detach().to(torch.float64).view(k, batch)
+
+
+def surrogate_of(objective: Any) -> Any:
+    """The objective's stop-gradient surrogate (:attr:`bbzo.objective.Objective.surrogate`), or a clear error."""
+    sur = getattr(objective, "surrogate", None)
+    if sur is None:
+        raise ConfigError(
+            f"this estimator needs the objective's stop-gradient surrogate (the same loss with every black-box call "
+            f"entering as a constant), but {type(objective).__name__} has none. Give the objective a `surrogate` "
+            "(bbzo.Rollout(fn, surrogate=...), or OracleObjective(..., surrogate=...)), or use sparse_cge.")
+    return sur
+
+
+def output_probe_losses(loss: Callable[[torch.Tensor, int], torch.Tensor], outputs: torch.Tensor, probes: OutputProbes,
+                        max_chunk_bytes: int = CPU_CHUNK_BYTES, max_chunk: int = DEFAULT_MAX_CHUNK,
+                        extra_bytes: int = 0) -> torch.Tensor:
+    """``(M, B)`` per-sample losses at ``outputs`` ``(B, ...)`` moved by each of the ``M`` output probes.
+
+    ``loss(moved (K, B, ...), K) -> (K, B)`` scores ``K`` moved copies at once (charging them); the copies are
+    evaluated in chunks that fit ``max_chunk_bytes``.
+    """
+    b = outputs.shape[0]
+    flat = outputs.reshape(b, -1)
+    if flat.shape[1] != probes.width:
+        raise ShapeError(f"output probes of width {probes.width} for a model with {flat.shape[1]} output values per "
+                         "sample: the model's outputs changed shape between steps.")
+    per_set = max(1, 3 * flat.numel() * flat.element_size() + extra_bytes)
+    k_max = chunk_size(per_set, max_chunk_bytes, max_chunk)
+    losses = torch.empty(len(probes), b, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(probes), k_max):
+            chunk = probes.slice(start, min(len(probes), start + k_max))
+            k = len(chunk)
+            moved = flat.unsqueeze(0) + chunk.perturbations(b, flat.dtype, flat.device)  # (K, B, width)
+            losses[start:start + k] = loss(moved.view(k, *outputs.shape), k)
     return losses
 
 
-def mean_loss(per_sample: Any, batch: int, what: str = "the objective") -> torch.Tensor:
-    """Differentiable mean of ``(B,)`` per-sample losses (checked), for the autograd reference."""
-    _check_per_sample(per_sample, batch, what, 1, batch)
-    return per_sample.mean()
-
-
 class Evaluator(ABC):
-    """Evaluates probes on one bound minibatch; charges and counts queries (= parameter-set evaluations).
+    """Evaluates one bound minibatch (see the module docstring); charges queries before each call.
 
     Attributes:
-        queries: Queries this evaluator made (the ledger holds the run's total).
-        calls: Batched calls of the objective.
+        batch: ``B``, the minibatch size.
+        calls: Batched calls of the objective this evaluator made.
+        ledger: Where queries are charged (the run's ledger, or a private one).
     """
 
     def __init__(self, model: nn.Module, objective: Any, inputs: Any, targets: Any,
                  params: dict[str, torch.Tensor], max_chunk_bytes: int, max_chunk: int,
-                 ledger: Optional[QueryLedger] = None, failures: Any = None) -> None:
+                 ledger: Optional[QueryLedger] = None) -> None:
         self.model = model
-        self.failures = failures
         self.objective = objective
         self.inputs = inputs
         self.targets = targets
@@ -169,37 +194,81 @@ class Evaluator(ABC):
         if not leaves or not isinstance(leaves[0], torch.Tensor) or leaves[0].dim() == 0:
             raise ShapeError("inputs must be a tensor (or a tuple of tensors) with a batch dimension.")
         self.batch = int(leaves[0].shape[0])
-        self.queries = 0
         self.calls = 0
         self._base: Optional[torch.Tensor] = None
+        self._outputs: Optional[torch.Tensor] = None
         self._reps: dict[int, Any] = {}
 
+    # -------------------------------------------------------------- public
+    def base_losses(self) -> torch.Tensor:
+        """``(B,)`` float64 per-sample losses at the unperturbed parameters (one query, computed once)."""
+        if self._base is None:
+            with torch.no_grad(), frozen_bn_stats(self.model):
+                self._base = self._base_losses()
+        return self._base
+
+    def probe_losses(self, probes: Probes) -> torch.Tensor:
+        """``(M, B)`` float64 per-sample losses of the ``M`` probes, in probe order."""
+        if len(probes) == 0:
+            return torch.zeros(0, self.batch, dtype=torch.float64)
+        if isinstance(probes, OutputProbes):
+            return self._output_losses(probes)
+        with torch.no_grad(), frozen_bn_stats(self.model):
+            return self._probe_losses(probes)
+
+    def gradient(self, kind: str, context: Optional[Callable[[], Any]] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(grads, per-sample losses (B,))`` of the mean loss by autograd (BN statistics untouched).
+
+        ``kind="objective"``: through the model and the objective -- white-box, a first-order reference (no
+        query is charged). ``kind="surrogate"``: through the objective's stop-gradient surrogate, whose forward
+        pass is the unperturbed loss: it is charged as the base query. ``context()`` is entered around the
+        backward pass (e.g. PhiFlow's torch backend for an adjoint solve).
+        """
+        objective = self.objective if kind == "objective" else surrogate_of(self.objective)
+        if kind == "surrogate":
+            self._charge(1)
+        self.calls += 1
+        with torch.enable_grad(), frozen_bn_stats(self.model):
+            per = self._differentiable_losses(objective)
+        _check_per_sample(per, self.batch, "the objective" if kind == "objective" else "its surrogate", 1, self.batch)
+        live = {n: p for n, p in self.model.named_parameters() if n in self.params}
+        if not per.requires_grad:  # nothing white-box on the way (a surrogate of a pure black box): zero
+            return {n: torch.zeros_like(p) for n, p in live.items()}, per.detach().to(torch.float64)
+        with (context or contextlib.nullcontext)():
+            grads = torch.autograd.grad(per.mean(), list(live.values()), allow_unused=True)
+        out = {n: (g.detach() if g is not None else torch.zeros_like(p)) for (n, p), g in zip(live.items(), grads)}
+        return out, per.detach().to(torch.float64)
+
+    def output_width(self) -> int:
+        """Values per sample of the model's output: the space :class:`~bbzo.probes.OutputProbes` perturb."""
+        out = self._model_outputs()
+        return int(out.numel() // self.batch)
+
+    def pullback(self, cotangent: torch.Tensor, keep: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Gradient of ``mean_{i in keep} cotangent_i . f_theta(x_i)`` by autograd through the white-box model.
+
+        ``cotangent``: ``(B, width)`` (e.g. ``d loss_i / d outputs_i`` from output probes); ``keep``: ``(B,)``
+        bool, the samples the step uses (all by default). The chain rule's second half.
+        """
+        out = self._model_outputs()
+        flat = out.reshape(self.batch, -1)
+        if cotangent.shape != flat.shape:
+            raise ShapeError(f"pullback: cotangent of shape {tuple(cotangent.shape)} for outputs {tuple(flat.shape)}.")
+        live = {n: p for n, p in self.model.named_parameters() if n in self.params}
+        with torch.enable_grad():
+            per = (cotangent.to(flat.dtype) * flat).sum(1)
+            total = per.mean() if keep is None or bool(keep.all()) else per[keep.to(per.device)].mean()
+            grads = torch.autograd.grad(total, list(live.values()), allow_unused=True, retain_graph=True)
+        return {n: (g.detach() if g is not None else torch.zeros_like(p)) for (n, p), g in zip(live.items(), grads)}
+
+    def shard_quantum(self, probes: Probes) -> Optional[int]:
+        """Probes per batched call when every probe costs the same (a distributed run deals whole calls), else None."""
+        return None
+
+    # -------------------------------------------------------------- for the adapters
     def _charge(self, k: int) -> None:
         """Charge ``k`` queries to the ledger (raises BudgetExceeded first if they do not fit)."""
         self.ledger.charge_queries(k)
-        self.queries += k
-
-    def base_loss(self) -> torch.Tensor:
-        """Loss at the unperturbed parameters, float64 scalar (one query, computed once)."""
-        if self._base is None:
-            with torch.no_grad(), frozen_bn_stats(self.model):
-                self._base = self._base_loss()
-        return self._base
-
-    def evaluate(self, probes: Probes) -> torch.Tensor:
-        """Losses ``(M,)`` float64 of the ``M`` probes, in probe order."""
-        if len(probes) == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        with torch.no_grad(), frozen_bn_stats(self.model):
-            return self._evaluate(probes)
-
-    def differentiable_loss(self) -> torch.Tensor:
-        """Mean loss at the current parameters with autograd enabled (white-box; BN statistics untouched)."""
-        objective = as_objective(self.objective)
-        with torch.enable_grad(), frozen_bn_stats(self.model):
-            out = self.model(self.inputs)
-            per = objective(out, self.inputs if objective.needs_inputs else None, self.targets)
-        return mean_loss(per, self.batch)
 
     def _inputs_for(self, k: int) -> Any:
         """The minibatch inputs repeated for ``k`` stacked sets, if the objective reads them."""
@@ -210,17 +279,41 @@ class Evaluator(ABC):
         return self._reps[k]
 
     def _loss(self, outputs_k: Any, k: int) -> torch.Tensor:
-        """Mean per-sample loss ``(K,)`` float64 of ``K`` stacked output batches with leaves ``(K, B, ...)``."""
+        """Per-sample losses ``(K, B)`` float64 of ``K`` stacked output batches with leaves ``(K, B, ...)``."""
         self._charge(k)
         self.calls += 1
         per = self.objective(flatten_k(outputs_k), self._inputs_for(k), repeat_targets(self.targets, k))
-        return per_set_losses(per, k, self.batch, failures=self.failures)
+        return per_sample_losses(per, k, self.batch)
+
+    def _differentiable_losses(self, objective: Any) -> torch.Tensor:
+        """``(B,)`` per-sample losses with autograd on (the model's own forward, then ``objective``)."""
+        objective = as_objective(objective)
+        out = self.model(self.inputs)
+        return objective(out, self.inputs if objective.needs_inputs else None, self.targets)
+
+    def _model_outputs(self) -> torch.Tensor:
+        """One forward with autograd on (BN statistics untouched): the outputs output probes perturb and the
+        graph :meth:`pullback` differentiates (computed once)."""
+        if self._outputs is None:
+            with torch.enable_grad(), frozen_bn_stats(self.model):
+                out = self.model(self.inputs)
+            if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != self.batch:
+                raise ConfigError("the chain-rule estimators (oracle_cge / oracle_rge) perturb the model's outputs: the "
+                                  f"model must return one tensor with a row per sample ({self.batch}), it returned "
+                                  f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+            self._outputs = out
+        return self._outputs
+
+    def _output_losses(self, probes: OutputProbes) -> torch.Tensor:
+        """``(M, B)``: the objective at the outputs moved by each probe (the model is not run again)."""
+        return output_probe_losses(self._loss, self._model_outputs().detach(), probes, self.max_chunk_bytes,
+                                   self.max_chunk, extra_bytes=tree_bytes(self.inputs) + tree_bytes(self.targets))
 
     @abstractmethod
-    def _base_loss(self) -> torch.Tensor: ...
+    def _base_losses(self) -> torch.Tensor: ...
 
     @abstractmethod
-    def _evaluate(self, probes: Probes) -> torch.Tensor: ...
+    def _probe_losses(self, probes: Probes) -> torch.Tensor: ...
 
 
 class Adapter(ABC):
@@ -248,5 +341,4 @@ class Adapter(ABC):
         return as_objective(objective)
 
     @abstractmethod
-    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None,
-             failures: Any = None) -> Evaluator: ...
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> Evaluator: ...

@@ -29,7 +29,7 @@ class FunctionalEvaluator(Evaluator):
         self.buffers = {n: b for n, b in self.model.named_buffers()}
         self.all_params = {n: p.detach() for n, p in self.model.named_parameters()}
 
-    def _base_loss(self) -> torch.Tensor:
+    def _base_losses(self) -> torch.Tensor:
         out = self.model(self.inputs)
         return self._loss(tree_map(lambda t: t.unsqueeze(0), out), 1)[0]
 
@@ -40,9 +40,11 @@ class FunctionalEvaluator(Evaluator):
         """Parameter sets per batched call."""
         return chunk_size(self._per_set_bytes(touched_bytes), self.max_chunk_bytes, self.max_chunk)
 
-    def shard_quantum(self, probes: Probes) -> int:
+    def shard_quantum(self, probes: Probes) -> Optional[int]:
         """Probes per batched call: a distributed run deals whole calls to ranks, so each rank's calls hold
         the same probes as a serial run's (a batched black box may depend on its batch: bitwise equality)."""
+        if not hasattr(probes, "touched_bytes"):
+            return None  # output probes: the model is not run per probe
         return self._chunk(probes.touched_bytes(self.params))
 
     def _run(self, stacked: dict[str, torch.Tensor]) -> Any:
@@ -56,9 +58,9 @@ class FunctionalEvaluator(Evaluator):
         out = vmap(f, randomness="same")(stacked)
         return self._loss(out, k)
 
-    def _evaluate(self, probes: Probes) -> torch.Tensor:
+    def _probe_losses(self, probes: Probes) -> torch.Tensor:
         m = len(probes)
-        losses = torch.empty(m, dtype=torch.float64)
+        losses = torch.empty(m, self.batch, dtype=torch.float64)
         k = self._chunk(probes.touched_bytes(self.params))
         for start in range(0, m, k):
             chunk = probes.slice(start, min(m, start + k))
@@ -93,8 +95,6 @@ class FunctionalAdapter(Adapter):
         return self._act_bytes[key]
 
     def bind(self, objective: Any, inputs: Any, targets: Any,
-             ledger: Optional[QueryLedger] = None,
-             failures: Any = None) -> FunctionalEvaluator:
+             ledger: Optional[QueryLedger] = None) -> FunctionalEvaluator:
         return FunctionalEvaluator(self, self.model, self.prepare_objective(objective), inputs, targets,
-                                   self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger,
-                               failures=failures)
+                                   self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger)

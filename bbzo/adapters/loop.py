@@ -33,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
 from ..ledger import QueryLedger
-from .common import Adapter, mean_loss, per_set_losses, repeat_targets
+from .common import Adapter, per_sample_losses, repeat_targets
 from .functional import FunctionalEvaluator
 
 __all__ = ["LoopAdapter", "LoopEvaluator", "RolloutFn"]
@@ -47,16 +47,21 @@ class LoopEvaluator(FunctionalEvaluator):
 
     adapter: "LoopAdapter"
 
-    def _base_loss(self) -> torch.Tensor:
+    def _base_losses(self) -> torch.Tensor:
         self._charge(1)
         self.calls += 1
         per_sample = self.objective(self.model, self.inputs, self.targets)
-        return per_set_losses(per_sample, 1, self.batch, "rollout", failures=self.failures)[0]
+        return per_sample_losses(per_sample, 1, self.batch, "rollout")[0]
 
-    def differentiable_loss(self) -> torch.Tensor:
-        """The rollout with the plain model and autograd (FO-SOL: only meaningful through a white-box solver)."""
-        with torch.enable_grad():
-            return mean_loss(self.objective(self.model, self.inputs, self.targets), self.batch, "rollout")
+    def _differentiable_losses(self, objective: Any) -> torch.Tensor:
+        """The rollout (or its surrogate) with the plain model and autograd (FO-SOL differentiates a white-box
+        solver; the surrogate's black-box calls enter as constants)."""
+        return objective(self.model, self.inputs, self.targets)
+
+    def output_width(self) -> int:
+        raise ConfigError("the chain-rule estimators (oracle_cge / oracle_rge) need the model -> black box split; a "
+                          "model inside a rollout (solver in the loop) has no single output to perturb. Use cge / "
+                          "sparse_cge / rge.")
 
     def _chunk(self, touched_bytes: int) -> int:
         return self.adapter.sets_per_call
@@ -83,7 +88,7 @@ class LoopEvaluator(FunctionalEvaluator):
         self._charge(k)
         self.calls += 1
         per_sample = self.objective(model_fn, repeat_targets(self.inputs, k), repeat_targets(self.targets, k))
-        return per_set_losses(per_sample, k, b, "rollout", failures=self.failures)
+        return per_sample_losses(per_sample, k, b, "rollout")
 
 
 class LoopAdapter(Adapter):
@@ -109,8 +114,6 @@ class LoopAdapter(Adapter):
     def prepare_objective(self, objective: Any) -> Any:
         return objective  # a rollout(model_fn, inputs, targets), called as it is
 
-    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None,
-             failures: Any = None) -> LoopEvaluator:
+    def bind(self, objective: Any, inputs: Any, targets: Any, ledger: Optional[QueryLedger] = None) -> LoopEvaluator:
         return LoopEvaluator(self, self.model, objective, inputs, targets, self.trainable(),
-                             self.max_chunk_bytes, self.max_chunk, ledger=ledger,
-                               failures=failures)
+                             self.max_chunk_bytes, self.max_chunk, ledger=ledger)

@@ -24,14 +24,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ConfigError
 from ..ledger import QueryLedger
-from ..probes import Probes
+from ..probes import BlockProbes, CoordinateProbes, Probes
 from ..stages import Merge, OnFirst, model_stages
-from .channel import ELEMENTWISE, Base, Channel, channel_advance, channel_core, densify, is_dense
+from .channel import ELEMENTWISE, Unperturbed, Channel, channel_advance, channel_core, channel_start, densify, is_dense
 from .pooling import pool_span
 from .runners import first_only, fused_runner, stage_runner
 from .common import Adapter, Evaluator, chunk_size, dense_sets, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
-from .linear_delta import linear_core
+from .linear_delta import block_outputs, coordinate_outputs, linear_core
 
 __all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner"]
 
@@ -93,11 +93,13 @@ class StagedAdapter(Adapter):
         self.fallback = FunctionalAdapter(model, max_chunk_bytes=self.max_chunk_bytes, max_chunk=self.max_chunk)
 
     def bind(self, objective: Any, inputs: Any, targets: Any,
-             ledger: Optional[QueryLedger] = None,
-             failures: Any = None) -> "StagedEvaluator":
+             ledger: Optional[QueryLedger] = None) -> "StagedEvaluator":
         return StagedEvaluator(self, self.model, self.prepare_objective(objective), inputs, targets,
-                               self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger,
-                               failures=failures)
+                               self.trainable(), self.max_chunk_bytes, self.max_chunk, ledger=ledger)
+
+    def record_dense_from(self, start: int, dense_from: int) -> None:
+        """Remember where the channel path of probes starting at stage ``start`` densifies (sizes later chunks)."""
+        self.dense_from[start] = dense_from
 
 
 class StagedEvaluator(Evaluator):
@@ -130,7 +132,7 @@ class StagedEvaluator(Evaluator):
             self._acts = acts
         return self._acts
 
-    def _base_loss(self) -> torch.Tensor:
+    def _base_losses(self) -> torch.Tensor:
         return self._loss(tree_map(lambda t: t.unsqueeze(0), self.acts[-1]), 1)[0]
 
     def _downstream_bytes(self, i: int) -> int:
@@ -152,7 +154,7 @@ class StagedEvaluator(Evaluator):
         if layer is not None:
             x = self.acts[i] if pos is None else self.acts[i][pos]
             base_out = self.acts[i + 1] if pos is None else self.acts[i + 1][pos]
-            out = probes.linear_delta(layer, x, base_out, self.adapter.local_names)
+            out = self._linear_outputs(layer, x, base_out, probes)
             if out is not None:
                 if pos is None:
                     return out
@@ -160,6 +162,17 @@ class StagedEvaluator(Evaluator):
                 rest = tuple(t.unsqueeze(1).expand(t.shape[0], k, *t.shape[1:]) for t in self.acts[i + 1][1:])
                 return (out, *rest)
         return self._vmapped_stage(i, probes.stack(self.params))
+
+    def _linear_outputs(self, layer: nn.Module, x: torch.Tensor, base_out: torch.Tensor, probes: Probes
+                        ) -> Optional[torch.Tensor]:
+        """A Conv2d/Linear stage's outputs ``(B, K, ...)`` under the probes, by linearity in its weights (or None)."""
+        local = self.adapter.local_names
+        if isinstance(probes, CoordinateProbes):
+            names = [local[probes.names[p]] for p in probes.pidx.tolist()]
+            return coordinate_outputs(layer, x, base_out, names, probes.index, probes.delta)
+        if isinstance(probes, BlockProbes):
+            return block_outputs(layer, x, base_out, local[probes.name], probes.dirs, probes.delta)
+        return None
 
     def _vmapped_stage(self, i: int, stacked_global: dict[str, torch.Tensor]) -> Any:
         """Stage ``i`` under ``vmap`` over K stacked copies of the touched parameters -> ``(B, K, ...)``."""
@@ -186,11 +199,14 @@ class StagedEvaluator(Evaluator):
         base_out = self.acts[i + 1] if pos is None else self.acts[i + 1][pos]
         span = pool_span(self.stages, i + 1) if pos is None and isinstance(layer, nn.Conv2d) else 0
         pool = (self.stages[i + 1:i + 1 + span], self.acts[i + 1 + span]) if span else None
-        rep = probes.channel_start(layer, x, base_out, self.adapter.local_names, lambda: self._unfolded(i, layer, x),
-                                   pool)
+        if not isinstance(probes, CoordinateProbes):
+            return None  # a direction moves every channel of its layer
+        names = [self.adapter.local_names[probes.names[p]] for p in probes.pidx.tolist()]
+        rep = channel_start(layer, x, base_out, names, probes.index, probes.delta, lambda: self._unfolded(i, layer, x),
+                            pool)
         if rep is None or pos is None:
             return rep
-        return (rep, *(Base(t) for t in self.acts[i + 1][1:]))
+        return (rep, *(Unperturbed(t) for t in self.acts[i + 1][1:]))
 
     def _unfolded(self, i: int, layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Stage ``i``'s conv input patches ``(B, C*kh*kw, Ho*Wo)``, once per minibatch, if they fit the chunk bound."""
@@ -236,7 +252,7 @@ class StagedEvaluator(Evaluator):
         return rep, j, j if dense_from is None else dense_from
 
     def _mixed_step(self, j: int, rep: Any, k: int) -> Optional[tuple[Any, int]]:
-        """Stage ``j`` on a tuple whose first element is dense ``(B, K, ...)`` and whose others are Channel/Base."""
+        """Stage ``j`` on a tuple whose first element is dense ``(B, K, ...)`` and whose others are Channel/Unperturbed."""
         if not (isinstance(rep, tuple) and isinstance(rep[0], torch.Tensor)):
             return None
         st = self.stages[j]
@@ -261,12 +277,12 @@ class StagedEvaluator(Evaluator):
         so the chunk sizes -- and with them the float rounding -- are the same in every call (exact resume)."""
         rep = self._channel_rep(i, probes.slice(0, 1))
         if rep is not None:
-            self.adapter.dense_from[i] = self._advance(i, rep, 1)[2]
+            self.adapter.record_dense_from(i, self._advance(i, rep, 1)[2])
 
     def _run_channel(self, i: int, rep: Any, k: int) -> Any:
         """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
         rep, j, dense_from = self._advance(i, rep, k)
-        self.adapter.dense_from[i] = dense_from
+        self.adapter.record_dense_from(i, dense_from)
         return self._run_downstream(j - 1, densify(rep, k), k)
 
     def _chunk_bytes(self, i: int) -> int:
@@ -278,12 +294,12 @@ class StagedEvaluator(Evaluator):
         sparse = [tree_bytes(a) // max(1, _channels(a)) for a in self.acts[i + 1:j + 1]] or [0]
         return max(self._dense_sets * max(dense), 8 * max(sparse))
 
-    def _evaluate(self, probes: Probes) -> torch.Tensor:
+    def _probe_losses(self, probes: Probes) -> torch.Tensor:
         groups = probes.tensor_groups()
         if groups is None:  # every probe moves several stages: no reuse
-            return self._fallback_eval(probes)
+            return self._fallback_losses(probes)
         m = len(probes)
-        losses = torch.empty(m, dtype=torch.float64)
+        losses = torch.empty(m, self.batch, dtype=torch.float64)
         by_stage: dict[int, list[torch.Tensor]] = {}
         outside: list[torch.Tensor] = []
         for name, rows in groups:
@@ -291,7 +307,7 @@ class StagedEvaluator(Evaluator):
             (outside if owner is None else by_stage.setdefault(owner[0], [])).append(rows)
         if outside:
             rows = torch.sort(torch.cat(outside)).values
-            losses[rows] = self._fallback_eval(probes.select(rows))
+            losses[rows] = self._fallback_losses(probes.select(rows))
         for i in sorted(by_stage):
             rows = torch.sort(torch.cat(by_stage[i])).values
             sub = probes.select(rows)
@@ -311,12 +327,11 @@ class StagedEvaluator(Evaluator):
                 start += len(chunk)
         return losses
 
-    def _fallback_eval(self, probes: Probes) -> torch.Tensor:
+    def _fallback_losses(self, probes: Probes) -> torch.Tensor:
+        """Probes that move several stages (or tensors outside every stage): the generic ``torch.func`` evaluator."""
         if self._fallback is None:
-            self._fallback = self.adapter.fallback.bind(self.objective, self.inputs, self.targets, ledger=self.ledger,
-                                                        failures=self.failures)
-        q, c = self._fallback.queries, self._fallback.calls
-        out = self._fallback._evaluate(probes)
-        self.queries += self._fallback.queries - q
+            self._fallback = self.adapter.fallback.bind(self.objective, self.inputs, self.targets, ledger=self.ledger)
+        c = self._fallback.calls
+        out = self._fallback.probe_losses(probes)
         self.calls += self._fallback.calls - c
         return out

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, ContextManager, NamedTuple, Optional
 
-import torch
-
 from ..errors import ConfigError
-from ..probes import CoordinateProbes, Probes
+from ..messages import Request, Told
 from .base import Estimator, EstimatorInfo, Grads, Params
 from .registry import register_estimator
 
@@ -50,37 +48,13 @@ class Autograd(Estimator):
         if context is not None and not callable(context):
             raise ConfigError("autograd: context must be a callable returning a context manager.")
         self.context = context or contextlib.nullcontext
-        self.mu = 0.0
-        self.difference = "none"
-        self.state = None
-
-    @property
-    def needs_base(self) -> bool:
-        return False
 
     def init(self, params: Params) -> AutogradState:
         return AutogradState(step=0)
 
-    def num_probes(self, params: Params, state: NamedTuple) -> int:
-        return 0
+    def ask(self, params: Params, state: NamedTuple) -> tuple[Request, NamedTuple]:
+        return Request(gradient="objective", context=self.context), state._replace(step=state.step + 1)
 
-    def ask(self, params: Params, state: NamedTuple) -> tuple[Probes, NamedTuple]:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return CoordinateProbes(tuple(params), empty, empty, torch.zeros(0, dtype=torch.float64)), \
-            state._replace(step=state.step + 1)
-
-    def tell(self, params: Params, probes: Probes, losses: torch.Tensor,
-             base_loss: Optional[torch.Tensor]) -> Grads:
-        raise ConfigError("autograd is not built from probes; call estimate(evaluator, params, state).")
-
-    def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
-        live = {n: p for n, p in evaluator.model.named_parameters() if n in params}
-        loss = evaluator.differentiable_loss()
-        with self.context():
-            grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
-        out = {n: (g.detach() if g is not None else torch.zeros_like(p)) for (n, p), g in zip(live.items(), grads)}
-        return out, float(loss.detach()), state._replace(step=state.step + 1)
-
-    def __repr__(self) -> str:
-        return "Autograd()"
+    def tell(self, params: Params, request: Request, told: Told) -> Grads:
+        assert told.grads is not None  # the step evaluates what the request asks for
+        return dict(told.grads)

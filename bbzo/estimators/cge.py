@@ -14,7 +14,8 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..probes import CoordinateProbes
-from .base import Estimator, EstimatorInfo, Grads, Params
+from ..messages import Request, Told
+from .base import EstimatorInfo, FiniteDifferences, Grads, Params
 from .registry import register_estimator
 
 __all__ = ["CGE", "CoordinateEstimator", "normalize_coords", "CoordSpec"]
@@ -49,26 +50,19 @@ class CGEState(NamedTuple):
     step: int
 
 
-class CoordinateEstimator(Estimator):
+class CoordinateEstimator(FiniteDifferences):
     """Finite differences along coordinate axes; :meth:`ask_coords` takes an explicit coordinate set."""
 
     def coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
         """The coordinate set of the step ``state`` is about to take (``{name: flat indices}``)."""
         raise NotImplementedError
 
-    def num_probes(self, params: Params, state: NamedTuple) -> int:
-        return self.count_probes(self.coords(params, state))
-
-    def count_probes(self, coords: Mapping[str, torch.Tensor]) -> int:
-        m = sum(int(v.numel()) for v in coords.values())
-        return m if self.difference == "forward" else 2 * m
-
-    def ask(self, params: Params, state: NamedTuple) -> tuple[CoordinateProbes, NamedTuple]:
+    def ask(self, params: Params, state: NamedTuple) -> tuple[Request, NamedTuple]:
         return self.ask_coords(params, self.coords(params, state), state)
 
     def ask_coords(self, params: Params, coords: Mapping[str, torch.Tensor],
-                   state: NamedTuple) -> tuple[CoordinateProbes, NamedTuple]:
-        """Probes for the coordinates ``coords`` (in parameter order), and the next state."""
+                   state: NamedTuple) -> tuple[Request, NamedTuple]:
+        """The request for the coordinates ``coords`` (in parameter order), and the next state."""
         names = tuple(params)
         pidx, index = [], []
         for p, name in enumerate(names):
@@ -82,19 +76,23 @@ class CoordinateEstimator(Estimator):
         m = int(pidx_t.numel())
         if self.difference == "central":
             pidx_t, index_t = pidx_t.repeat(2), index_t.repeat(2)
-        probes = CoordinateProbes(names, pidx_t, index_t, self._signed_steps(m))
-        return probes, state._replace(step=state.step + 1)
+        probes = CoordinateProbes(names, pidx_t, index_t, self._signed_deltas(m))
+        return Request(probes, base=self.needs_base), state._replace(step=state.step + 1)
 
-    def tell(self, params: Params, probes: CoordinateProbes, losses: torch.Tensor,
-             base_loss: Optional[torch.Tensor]) -> Grads:
+    def tell(self, params: Params, request: Request, told: Told) -> Grads:
+        return self.coordinate_grads(params, request.probes, told.losses, told.base)
+
+    def coordinate_grads(self, params: Params, probes: CoordinateProbes, losses: torch.Tensor,
+                         base: Optional[torch.Tensor]) -> Grads:
+        """``{name: gradient}`` with the finite difference of each probed coordinate, zero elsewhere."""
         m = len(probes) if self.difference == "forward" else len(probes) // 2
         if losses.shape != (len(probes),):
             raise ShapeError(f"{self.info.name}.tell: expected {len(probes)} losses, got shape {tuple(losses.shape)}.")
-        d = self._differences(losses, base_loss, m)
+        d = self.differences(losses, base, m)
         names = probes.names
         flat = {n: torch.zeros(params[n].numel(), dtype=torch.float64) for n in names}
         pidx, index = probes.pidx[:m], probes.index[:m]
-        for p, rows in CoordinateProbes(names, pidx, index, probes.step[:m]).groups():
+        for p, rows in CoordinateProbes(names, pidx, index, probes.delta[:m]).groups():
             flat[names[p]][index[rows]] = d[rows]
         return {n: flat[n].view(params[n].shape).to(device=params[n].device, dtype=params[n].dtype) for n in names}
 
@@ -104,6 +102,9 @@ class CGE(CoordinateEstimator):
     """Coordinate-wise gradient estimate over every coordinate of every trainable parameter.
 
     Costs ``d + 1`` queries per step (forward) or ``2d`` (central), ``d`` = number of trainable scalars.
+
+    Args:
+        mu, difference: As :class:`~bbzo.estimators.base.FiniteDifferences`.
     """
 
     info = EstimatorInfo(

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..probes import DISTRIBUTIONS, DirectionProbes, make_direction
-from .base import Estimator, EstimatorInfo, Grads, Params
+from ..messages import Request, Told
+from .base import EstimatorInfo, FiniteDifferences, Grads, Params
 from .registry import register_estimator
 
 __all__ = ["RGE"]
@@ -29,7 +30,7 @@ class RGEState(NamedTuple):
 
 
 @register_estimator
-class RGE(Estimator):
+class RGE(FiniteDifferences):
     """Randomized gradient estimate with ``q`` directions per step.
 
     Args:
@@ -72,10 +73,6 @@ class RGE(Estimator):
     def init(self, params: Params) -> RGEState:
         return RGEState(seed=self.seed, step=0)
 
-    def num_probes(self, params: Params, state: NamedTuple) -> int:
-        q = self.directions(params)
-        return q if self.difference == "forward" else 2 * q
-
     def _step_seed(self, state: RGEState) -> int:
         if self.seeding == "given":
             return int(state.seed)
@@ -85,7 +82,7 @@ class RGE(Estimator):
         """``q``: as given, or ``d`` (the trainable scalars: the same queries per step as CGE)."""
         return self.q if self.q is not None else sum(int(p.numel()) for p in params.values())
 
-    def ask(self, params: Params, state: RGEState) -> tuple[DirectionProbes, RGEState]:
+    def ask(self, params: Params, state: RGEState) -> tuple[Request, RGEState]:
         q = self.directions(params)
         dirs = torch.arange(q, dtype=torch.int64)
         if self.difference == "central":
@@ -95,17 +92,17 @@ class RGE(Estimator):
             shapes=tuple(p.shape for p in params.values()),
             seed=self._step_seed(state),
             dirs=dirs,
-            step=self._signed_steps(q),
+            delta=self._signed_deltas(q),
             distribution=self.distribution,
         )
-        return probes, state._replace(step=state.step + 1)
+        return Request(probes, base=self.needs_base), state._replace(step=state.step + 1)
 
-    def tell(self, params: Params, probes: DirectionProbes, losses: torch.Tensor,
-             base_loss: Optional[torch.Tensor]) -> Grads:
+    def tell(self, params: Params, request: Request, told: Told) -> Grads:
+        probes, losses = request.probes, told.losses
         if losses.shape != (len(probes),):
             raise ShapeError(f"rge.tell: expected {len(probes)} losses, got shape {tuple(losses.shape)}.")
         q = len(probes) if self.difference == "forward" else len(probes) // 2
-        coef = self._differences(losses, base_loss, q) / q
+        coef = self.differences(losses, told.base, q) / q
         acc = [torch.zeros(s, dtype=torch.float64) for s in probes.shapes]
         for k in range(q):
             for a, u in zip(acc, make_direction(probes.seed, k, probes.shapes, probes.distribution)):

@@ -1,27 +1,31 @@
-"""Transforms that wrap an estimator instead of flagging it (optax's ``masked``, ``clip_by_global_norm``).
+"""Transforms that wrap an estimator instead of flagging it (optax's ``masked``, ``chain``, ``clip_by_global_norm``).
 
-* :func:`masked` -- a coordinate-wise estimator restricted to a coordinate set per tensor, fixed or
-  drawn per step by a schedule (``coords_at(step)``; DeepZero's dynamic sparsity is
+* :func:`masked` -- a coordinate-wise estimator restricted to a coordinate set per tensor, fixed or drawn per
+  step by a schedule (``coords_at(step)``; DeepZero's dynamic sparsity is
   :class:`~bbzo.sparsity.DynamicSparsity`). Registered as ``sparse_cge`` (``masked(cge, ...)``).
-* :func:`clip_by_global_norm` -- scale the estimate down to a maximal global L2 norm.
+* :func:`chain` -- an estimator followed by gradient transforms: ``chain(est, clip_by_global_norm(1.0),
+  scale(0.5))``. A :class:`GradientTransform` is a pure function of the gradient (and the parameters).
 
-Both are estimators themselves, so they compose: ``clip_by_global_norm(masked(cge, sampler), 1.0)``.
+Wrapped estimators are estimators themselves (the same ``init`` / ``ask`` / ``tell``), so they compose:
+``chain(masked(cge, sampler), clip_by_global_norm(1.0))``. Every state is a value the caller keeps.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 
 from ..errors import ConfigError
-from ..probes import Probes
+from ..messages import Request, Told
 from .base import Estimator, EstimatorInfo, Grads, Params
 from .cge import CGE, CoordinateEstimator, CoordSpec, normalize_coords
 from .registry import register_estimator
 
-__all__ = ["masked", "clip_by_global_norm", "Masked", "SparseCGE", "ClipByGlobalNorm", "CoordSchedule"]
+__all__ = ["masked", "chain", "clip_by_global_norm", "scale", "Masked", "SparseCGE", "Chain", "GradientTransform",
+           "CoordSchedule"]
 
 
 class CoordSchedule(Protocol):
@@ -63,33 +67,38 @@ class Masked(Estimator):
     def __init__(self, inner: Estimator, coords: Union[CoordSpec, CoordSchedule, None] = None,
                  dense: Sequence[str] = ()) -> None:
         if not isinstance(inner, CoordinateEstimator):
-            raise ConfigError(f"masked() needs a coordinate-wise estimator such as 'cge', got {inner.info.name!r} "
+            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
+            raise ConfigError(f"masked() needs a coordinate-wise estimator such as 'cge', got {name!r} "
                               "(random directions touch every coordinate).")
-        super().__init__(mu=inner.mu, difference=inner.difference)
         self.inner = inner
         self.schedule: Optional[CoordSchedule] = coords if hasattr(coords, "coords_at") else None  # type: ignore[assignment]
         self._initial = None if self.schedule is not None else coords
         self.dense = tuple(dense)
 
+    @property
+    def mu(self) -> float:
+        return self.inner.mu
+
+    @property
+    def difference(self) -> str:
+        return self.inner.difference
+
     def init(self, params: Params) -> MaskedState:
         return MaskedState(step=0, coords=normalize_coords(self._initial or {}, params))  # type: ignore[arg-type]
 
     def coords(self, params: Params, state: NamedTuple) -> dict[str, torch.Tensor]:
+        """The coordinate set of the step ``state`` is about to take (``{name: flat indices}``)."""
         coords = self.schedule.coords_at(state.step) if self.schedule is not None else dict(state.coords)
         for n, p in params.items():
             if any(fnmatch.fnmatch(n, pat) for pat in self.dense):
                 coords[n] = torch.arange(p.numel())
         return coords
 
-    def num_probes(self, params: Params, state: NamedTuple) -> int:
-        return self.inner.count_probes(self.coords(params, state))  # type: ignore[attr-defined]
-
-    def ask(self, params: Params, state: NamedTuple) -> tuple[Probes, NamedTuple]:
+    def ask(self, params: Params, state: NamedTuple) -> tuple[Request, NamedTuple]:
         return self.inner.ask_coords(params, self.coords(params, state), state)  # type: ignore[attr-defined]
 
-    def tell(self, params: Params, probes: Probes, losses: torch.Tensor,
-             base_loss: Optional[torch.Tensor]) -> Grads:
-        return self.inner.tell(params, probes, losses, base_loss)
+    def tell(self, params: Params, request: Request, told: Told) -> Grads:
+        return self.inner.tell(params, request, told)
 
     def step_info(self, params: Params, state: NamedTuple) -> dict[str, Any]:
         if self.schedule is None:
@@ -97,13 +106,6 @@ class Masked(Estimator):
         coords = self.coords(params, state)
         return {"sparsity_draw": self.schedule.draw_index(state.step),
                 "coords": sum(int(v.numel()) for v in coords.values())}
-
-    def set_coords(self, params: Params, coords: CoordSpec) -> None:
-        """Replace the fixed coordinate set (keeps the step counter)."""
-        if self.schedule is not None:
-            raise ConfigError("this sparse estimator draws its coordinates from a schedule; set_coords does not apply.")
-        state = self.ensure_state(params)
-        self.state = state._replace(coords=normalize_coords(coords, params))
 
     def with_schedule(self, schedule: CoordSchedule) -> "Masked":
         """The same estimator, drawing its coordinate set of each step from ``schedule``."""
@@ -121,7 +123,7 @@ class SparseCGE(Masked):
     Args:
         coords: ``{param name: bool mask or int flat indices}`` (see :class:`Masked`).
         dense: Glob patterns of parameters estimated densely.
-        mu, difference: As :class:`~bbzo.estimators.base.Estimator`.
+        mu, difference: As :class:`~bbzo.estimators.base.FiniteDifferences`.
     """
 
     def __init__(self, coords: Optional[CoordSpec] = None, dense: Sequence[str] = (),
@@ -134,22 +136,50 @@ def masked(inner: Estimator, coords: Union[CoordSpec, CoordSchedule], dense: Seq
     return Masked(inner, coords, dense)
 
 
+# ---------------------------------------------------------------------------- gradient transforms
+@dataclass(frozen=True)
+class GradientTransform:
+    """A pure function of the estimate applied after ``tell``: ``fn(grads, params) -> grads``."""
+
+    name: str
+    fn: Callable[[Grads, Params], Grads]
+
+    def __call__(self, grads: Grads, params: Params) -> Grads:
+        return self.fn(grads, params)
+
+
 def _global_norm(grads: Mapping[str, torch.Tensor]) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([g.detach().double().norm() for g in grads.values()])))
 
 
-class ClipByGlobalNorm(Estimator):
-    """``inner``'s estimate scaled down so that its global L2 norm is at most ``max_norm``."""
+def clip_by_global_norm(max_norm: float) -> GradientTransform:
+    """Scale the estimate down so that its global L2 norm is at most ``max_norm`` (torch's ``clip_grad_norm_`` rule)."""
+    if not max_norm > 0:
+        raise ConfigError(f"clip_by_global_norm: max_norm must be > 0, got {max_norm}.")
 
-    def __init__(self, inner: Estimator, max_norm: float) -> None:
-        if not max_norm > 0:
-            raise ConfigError(f"clip_by_global_norm: max_norm must be > 0, got {max_norm}.")
+    def clip(grads: Grads, params: Params) -> Grads:
+        coef = float(max_norm) / (_global_norm(grads) + 1e-6)
+        return {n: g * coef for n, g in grads.items()} if coef < 1.0 else grads
+
+    return GradientTransform(f"clip_by_global_norm({max_norm})", clip)
+
+
+def scale(factor: float) -> GradientTransform:
+    """Multiply the estimate by ``factor``."""
+    return GradientTransform(f"scale({factor})", lambda grads, params: {n: g * factor for n, g in grads.items()})
+
+
+class Chain(Estimator):
+    """``inner`` followed by gradient transforms, applied in order (optax's ``chain``). Same state as ``inner``."""
+
+    def __init__(self, inner: Estimator, *transforms: GradientTransform) -> None:
+        for t in transforms:
+            if not isinstance(t, GradientTransform):
+                raise ConfigError(f"chain(): {t!r} is not a gradient transform (clip_by_global_norm(...), scale(...)).")
         self.inner = inner
-        self.max_norm = float(max_norm)
-        self.mu, self.difference = inner.mu, inner.difference
-        self.state = None
+        self.transforms = tuple(transforms)
 
     @property
     def info(self) -> EstimatorInfo:  # type: ignore[override]
@@ -159,46 +189,40 @@ class ClipByGlobalNorm(Estimator):
     def State(self) -> type:  # type: ignore[override]
         return self.inner.State
 
-    @property
-    def needs_base(self) -> bool:
-        return self.inner.needs_base
-
     def init(self, params: Params) -> NamedTuple:
         return self.inner.init(params)
 
-    def num_probes(self, params: Params, state: NamedTuple) -> int:
-        return self.inner.num_probes(params, state)
-
-    def query_cost(self, params: Params, state: Optional[NamedTuple] = None) -> int:
-        state = state if state is not None else (self.state or self.init(params))
-        return self.inner.query_cost(params, state)
-
-    def ask(self, params: Params, state: NamedTuple) -> tuple[Probes, NamedTuple]:
+    def ask(self, params: Params, state: NamedTuple) -> tuple[Request, NamedTuple]:
         return self.inner.ask(params, state)
 
-    def _clip(self, grads: Grads) -> Grads:
-        total = _global_norm(grads)
-        coef = self.max_norm / (total + 1e-6)
-        if coef < 1.0:
-            return {n: g * coef for n, g in grads.items()}
+    def tell(self, params: Params, request: Request, told: Told) -> Grads:
+        grads = self.inner.tell(params, request, told)
+        for t in self.transforms:
+            grads = t(grads, params)
         return grads
 
-    def tell(self, params: Params, probes: Probes, losses: torch.Tensor,
-             base_loss: Optional[torch.Tensor]) -> Grads:
-        return self._clip(self.inner.tell(params, probes, losses, base_loss))
-
-    def estimate(self, evaluator: Any, params: Params, state: NamedTuple,
-                 executor: Any = None) -> tuple[Grads, float, NamedTuple]:
-        grads, loss, new_state = self.inner.estimate(evaluator, params, state, executor)
-        return self._clip(grads), loss, new_state
+    def query_cost(self, params: Params, state: Optional[NamedTuple] = None) -> int:
+        return self.inner.query_cost(params, state)
 
     def step_info(self, params: Params, state: NamedTuple) -> dict[str, Any]:
         return self.inner.step_info(params, state)
 
+    def needs_output_width(self, state: NamedTuple) -> bool:
+        return self.inner.needs_output_width(state)
+
+    def with_output_width(self, state: NamedTuple, width: int) -> NamedTuple:
+        return self.inner.with_output_width(state, width)
+
+    def state_dict(self, state: Optional[NamedTuple]) -> dict[str, Any]:
+        return self.inner.state_dict(state)
+
+    def load_state(self, sd: Mapping[str, Any]) -> Optional[NamedTuple]:
+        return self.inner.load_state(sd)
+
     def __repr__(self) -> str:
-        return f"clip_by_global_norm({self.inner!r}, {self.max_norm})"
+        return f"chain({self.inner!r}, {', '.join(t.name for t in self.transforms)})"
 
 
-def clip_by_global_norm(inner: Estimator, max_norm: float) -> ClipByGlobalNorm:
-    """``inner``'s estimate with its global L2 norm clipped to ``max_norm`` (torch's ``clip_grad_norm_`` rule)."""
-    return ClipByGlobalNorm(inner, max_norm)
+def chain(inner: Estimator, *transforms: GradientTransform) -> Chain:
+    """``inner``'s estimate passed through ``transforms`` in order: ``chain(est, clip_by_global_norm(1.0))``."""
+    return Chain(inner, *transforms)

@@ -2,11 +2,13 @@
 
 * :mod:`.context` -- joining the ``torch.distributed`` process group ``torchrun`` describes; rank 0 writes;
 * :mod:`.executor` -- :class:`SerialExecutor` and the master-less :class:`DistributedExecutor`;
+* :mod:`.codec` -- the one message a distributed step's ranks exchange (named fields, no magic offsets);
 * :mod:`.launch` -- ``--workers M``: the same run under ``torch.distributed.run`` with M local processes.
 """
 
 from .context import (DEFAULT_WORKER_TIMEOUT, DistContext, current, is_writer, plan_devices, rank, setup, shutdown,
                       world_size)
+from . import codec
 from .executor import DistributedExecutor, Executor, SerialExecutor, as_executor, assign_shards, default_executor
 
 __all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "rank", "world_size", "shutdown",

@@ -1,14 +1,15 @@
 """Executors: who evaluates the probes of a step.
 
-An estimator asks for probes and is told their losses; an *executor* stands between, evaluating them:
+An estimator asks (a :class:`~bbzo.messages.Request`) and is told; an *executor* stands between, wrapping the
+minibatch's evaluator (:mod:`bbzo.adapters`) and returning one :class:`~bbzo.messages.Evaluation` value:
 
-* :class:`SerialExecutor` -- this process evaluates every probe (optionally as ``n_shards`` consecutive
-  shards, the same numbers): the default.
+* :class:`SerialExecutor` -- this process evaluates everything (optionally in ``n_shards`` shards dealt as a
+  distributed run would deal them, the same numbers): the default.
 * :class:`DistributedExecutor` -- the probes are split across the ranks of a ``torch.distributed``
   process group. Every rank knows every probe (``ask`` is deterministic), evaluates its own shard, and
-  **one** ``all_gather`` brings every rank the losses of all shards, the base loss (evaluated once, by
-  rank 0), each rank's query-ledger and failure counts for the step, and its status. There is no master:
-  every rank then runs the same ``tell`` and the same optimizer step.
+  **one** ``all_gather`` (:mod:`.codec`) brings every rank the losses of all shards, the base losses and any
+  white-box gradient (evaluated once, by rank 0), what each rank spent (queries, oracle rows and calls) and
+  its status. There is no master: every rank then runs the same ``tell`` and the same optimizer step.
 
 **Shards are balanced by cost without a cost table.** With feature reuse a coordinate's cost depends on
 its tensor (an early-layer coordinate re-runs most of the network, a late one almost nothing), so each
@@ -24,54 +25,74 @@ before the gather, so the others name the missing rank(s) in a :class:`~bbzo.err
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import errors as _errors
 from ..errors import ConfigError, WorkerError
-from ..failures import SkipSamples
-from ..probes import Probes, concat_losses
+from ..ledger import Account, Spent
+from ..probes import OutputProbes, Probes
+from ..messages import Evaluation, Request
+from . import codec
 from .context import DistContext, current, protect_sigterm
 
-__all__ = ["Executor", "SerialExecutor", "evaluate_sharded", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
+__all__ = ["Executor", "SerialExecutor", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
 
 
 class Executor:
-    """Evaluates a step's probes: ``(base loss or None, losses (M,) float64 in probe order)``."""
+    """Evaluates a step's :class:`~bbzo.messages.Request` on a minibatch's evaluator: one :class:`~bbzo.messages.Evaluation`."""
 
     world: int = 1
     rank: int = 0
 
-    def evaluate(self, evaluator: Any, probes: Probes, need_base: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def evaluate(self, evaluator: Any, request: Request) -> Evaluation:
         raise NotImplementedError
 
 
-def evaluate_sharded(evaluator: Any, probes: Probes, n_shards: int = 1) -> torch.Tensor:
-    """Evaluate ``probes`` as ``n_shards`` independent shards and combine them exactly.
-
-    Each shard is self-contained (a slice of small index tensors), so the same call works when shards
-    run on other processes or machines (:class:`DistributedExecutor`).
-    """
-    if n_shards < 1:
-        raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
-    return concat_losses([evaluator.evaluate(probes.shard(i, n_shards)) for i in range(n_shards)])
+def _direct(evaluator: Any, request: Request) -> tuple[Optional[dict], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(grads, base (B,), direct_loss (B,))``: the white-box gradient and the base losses a request asks for."""
+    grads = base = direct = None
+    if request.gradient is not None:
+        grads, per = evaluator.gradient(request.gradient, request.context)
+        if request.gradient == "surrogate":
+            base = per  # the surrogate's forward pass is the unperturbed loss: it is the base query
+        else:
+            direct = per
+    if request.base and base is None:
+        base = evaluator.base_losses()
+    return grads, base, direct
 
 
 class SerialExecutor(Executor):
-    """Every probe in this process, as ``n_shards`` consecutive shards (the numbers do not depend on it)."""
+    """Everything in this process; ``n_shards`` > 1 evaluates the probes in the shards a distributed run of
+    that many ranks would deal (:func:`assign_shards`), one after the other (the same numbers)."""
 
     def __init__(self, n_shards: int = 1) -> None:
         if n_shards < 1:
             raise ConfigError(f"n_shards must be >= 1, got {n_shards}.")
         self.n_shards = int(n_shards)
 
-    def evaluate(self, evaluator: Any, probes: Probes, need_base: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        base = evaluator.base_loss() if need_base else None
-        return base, evaluate_sharded(evaluator, probes, self.n_shards)
+    def evaluate(self, evaluator: Any, request: Request) -> Evaluation:
+        start, calls0 = evaluator.ledger.state_dict(), evaluator.calls
+        t0 = time.perf_counter()
+        grads, base, direct = _direct(evaluator, request)
+        probes, m = request.probes, request.num_probes
+        if m == 0:
+            per = torch.zeros(0, evaluator.batch, dtype=torch.float64)
+        elif self.n_shards == 1:
+            per = evaluator.probe_losses(probes)
+        else:
+            per = torch.empty(m, evaluator.batch, dtype=torch.float64)
+            for rows in assign_shards(probes, self.n_shards, evaluator.shard_quantum(probes)):
+                if len(rows):
+                    per[rows] = evaluator.probe_losses(probes.select(rows))
+        return Evaluation(losses=per.mean(1), per_sample=per if request.per_sample else None, base=base, grads=grads,
+                          direct_loss=direct, pullback=evaluator.pullback if isinstance(probes, OutputProbes) else None,
+                          spent=evaluator.ledger.spent_since(start), calls=evaluator.calls - calls0,
+                          busy=[time.perf_counter() - t0], sizes=[m])
 
     def __repr__(self) -> str:
         return f"SerialExecutor(n_shards={self.n_shards})"
@@ -94,7 +115,7 @@ def assign_shards(probes: Probes, world: int, quantum: Optional[int] = None) -> 
         for j, rows in enumerate(calls):
             dealt[(1 + j) % world].append(rows)
         return [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64) for p in dealt]
-    groups = probes.tensor_groups()
+    groups = probes.tensor_groups() if hasattr(probes, "tensor_groups") else None
     rows_list = [torch.arange(len(probes))] if groups is None else [rows for _, rows in groups]
     parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
     offset = 1 % world
@@ -114,22 +135,8 @@ def assign_shards(probes: Probes, world: int, quantum: Optional[int] = None) -> 
     return out
 
 
-def _ledger_vector(ledger: Any) -> list[float]:
-    v = [float(ledger.queries), float(ledger.eval_queries)]
-    for name in sorted(ledger.accounts):
-        a = ledger.accounts[name]
-        v += [float(a.rows), float(a.calls), float(a.eval_rows), float(a.eval_calls)]
-    return v
-
-
-def _set_ledger(ledger: Any, vec: Sequence[float]) -> None:
-    ledger.queries, ledger.eval_queries = int(vec[0]), int(vec[1])
-    for i, name in enumerate(sorted(ledger.accounts)):
-        a = ledger.accounts[name]
-        a.rows, a.calls, a.eval_rows, a.eval_calls = (int(x) for x in vec[2 + 4 * i: 6 + 4 * i])
-
-
-_OK, _ERROR, _SKIP = 0.0, 1.0, 2.0
+_OK, _ERROR = 0.0, 1.0
+_ACCOUNT_FIELDS = ("rows", "calls", "eval_rows", "eval_calls")
 
 
 class DistributedExecutor(Executor):
@@ -156,58 +163,68 @@ class DistributedExecutor(Executor):
     def _key(self, kind: str, call: int, rank: int) -> str:
         return f"bbzo/{kind}/{call}/{rank}"
 
-    def evaluate(self, evaluator: Any, probes: Probes, need_base: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    @staticmethod
+    def _layout(rank: int, request: Request, rows: int, batch: int, accounts: list[str], grad_numel: int
+                ) -> codec.Layout:
+        """What rank ``rank`` sends: status, busy seconds, objective calls, what it spent, rank 0's base losses
+        and white-box gradient, and its probes' losses (per sample when the request needs them)."""
+        first = rank == 0
+        return [("status", 1), ("busy", 1), ("calls", 1), ("queries", 2), ("accounts", 4 * len(accounts)),
+                ("base", batch if first and request.has_base else 0),
+                ("direct", batch if first and request.gradient == "objective" else 0),
+                ("grads", grad_numel if first and request.gradient is not None else 0),
+                ("losses", rows * (batch if request.per_sample else 1))]
+
+    def evaluate(self, evaluator: Any, request: Request) -> Evaluation:
         ctx, w, me = self.ctx, self.world, self.rank
         call = self.calls
         self.calls += 1
-        quantum = evaluator.shard_quantum(probes) if hasattr(evaluator, "shard_quantum") else None
-        parts = assign_shards(probes, w, quantum)
+        probes, m, batch = request.probes, request.num_probes, int(evaluator.batch)
+        parts = (assign_shards(probes, w, evaluator.shard_quantum(probes)) if m
+                 else [torch.zeros(0, dtype=torch.int64) for _ in range(w)])
         mine = parts[me]
-        ledger, failures = evaluator.ledger, getattr(evaluator, "failures", None)
+        ledger = evaluator.ledger
         step = ledger.step
-        led0 = _ledger_vector(ledger)
-        fail0 = failures.failed_rows if failures is not None else 0
-        status, base_v, local, skip, err = _OK, math.nan, torch.zeros(0, dtype=torch.float64), None, None
+        accounts = sorted(ledger.accounts)
+        shapes = {n: p.shape for n, p in evaluator.params.items()}
+        grad_numel = sum(int(s.numel()) for s in shapes.values())
+        start, calls0 = ledger.state_dict(), evaluator.calls
+        status, err = _OK, None
+        grads = base = direct = None
+        local = torch.zeros(0, batch, dtype=torch.float64)
         t0 = time.perf_counter()
         try:
-            if need_base and me == 0:
-                base_v = float(evaluator.base_loss())
+            if me == 0:
+                grads, base, direct = _direct(evaluator, request)
             if len(mine):
-                local = evaluator.evaluate(probes.select(mine)).to(torch.float64).cpu()
-        except SkipSamples as e:
-            status, skip = _SKIP, e.samples
+                local = evaluator.probe_losses(probes.select(mine)).to(torch.float64).cpu()
         except Exception as e:  # noqa: BLE001 -- reported to every rank, re-raised below
             status, err = _ERROR, e
         busy = time.perf_counter() - t0
-        batch = int(evaluator.batch)
-        led_d = [a - b for a, b in zip(_ledger_vector(ledger), led0)]
-        fail_d = (failures.failed_rows if failures is not None else 0) - fail0
-        width = max(int(p.numel()) for p in parts)
-        vec = torch.full((5 + len(led_d) + batch + width,), math.nan, dtype=torch.float64)
-        vec[:5] = torch.tensor([status, base_v, float(len(mine)), busy, float(fail_d)], dtype=torch.float64)
-        vec[5:5 + len(led_d)] = torch.tensor(led_d, dtype=torch.float64)
-        mask = torch.zeros(batch, dtype=torch.float64)
-        if skip is not None:
-            mask[skip.cpu()] = 1.0
-        o = 5 + len(led_d)
-        vec[o:o + batch] = mask
-        if status == _OK and local.numel():
-            vec[o + batch:o + batch + local.numel()] = local
+        spent = ledger.spent_since(start)
+        layouts = [self._layout(r, request, int(parts[r].numel()), batch, accounts, grad_numel) for r in range(w)]
+        length = max(codec.size(lay) for lay in layouts)
+        values: dict[str, Any] = {"status": status, "busy": busy, "calls": evaluator.calls - calls0,
+                                  "queries": [spent.queries, spent.eval_queries],
+                                  "accounts": [float(getattr(spent.accounts.get(n, Account()), f))
+                                               for n in accounts for f in _ACCOUNT_FIELDS]}
+        if status == _OK:
+            values["losses"] = local if request.per_sample else local.mean(1)
+            if base is not None:
+                values["base"] = base
+            if direct is not None:
+                values["direct"] = direct
+            if grads is not None:
+                values["grads"] = torch.cat([grads[n].detach().double().cpu().reshape(-1) for n in shapes])
+        message = codec.pack(layouts[me], values, length)
         with protect_sigterm():
             if err is not None:
                 ctx.store.set(self._key("error", call, me), f"{type(err).__name__}: {err}"[:4000])
             ctx.store.set(self._key("done", call, me), "1")
-            gathered = self._gather(vec, call, step)
-        self.last_busy = [float(g[3]) for g in gathered]
+            gathered = [codec.unpack(lay, g) for lay, g in zip(layouts, self._gather(message, call, step))]
+        self.last_busy = [float(g["busy"]) for g in gathered]
         self.last_sizes = [int(p.numel()) for p in parts]
-        # every rank's ledger and failure counts become the sums over the ranks (the queries were spent)
-        total = torch.stack([g[5:5 + len(led_d)] for g in gathered]).sum(0)
-        _set_ledger(ledger, [a + float(b) for a, b in zip(led0, total.tolist())])
-        if failures is not None:
-            others = sum(float(g[4]) for g in gathered) - fail_d
-            failures.failed_rows += int(others)
-            failures.total_failed_rows += int(others)
-        statuses = [float(g[0]) for g in gathered]
+        statuses = [float(g["status"]) for g in gathered]
         if _ERROR in statuses:
             bad = statuses.index(_ERROR)
             msg = err if bad == me else None
@@ -218,14 +235,30 @@ class DistributedExecutor(Executor):
             where = f"rank {bad} of {w}" + (f", step {step}" if step is not None else "")
             raise cls(f"{where}: {detail if cls is not WorkerError else text}") from (err if bad == me else None)
         self._forget(call)
-        if _SKIP in statuses:
-            union = torch.stack([g[o:o + batch] for g in gathered]).amax(0)
-            raise SkipSamples(union.nonzero().flatten())
-        losses = torch.empty(len(probes), dtype=torch.float64)
+        total = Spent()
+        for g in gathered:
+            acc = g["accounts"].view(-1, 4) if accounts else torch.zeros(0, 4)
+            total = total + Spent(int(g["queries"][0]), int(g["queries"][1]),
+                                  {n: Account(*(int(v) for v in row.tolist())) for n, row in zip(accounts, acc)})
+        per = torch.empty(m, batch, dtype=torch.float64) if request.per_sample else torch.empty(m, dtype=torch.float64)
         for p, g in zip(parts, gathered):
-            losses[p] = g[o + batch:o + batch + p.numel()]
-        base = torch.tensor(float(gathered[0][1]), dtype=torch.float64) if need_base else None
-        return base, losses
+            if p.numel():
+                per[p] = g["losses"].view(-1, batch) if request.per_sample else g["losses"]
+        first = gathered[0]
+        if request.gradient is not None:
+            flat = first["grads"]
+            grads, o = {}, 0
+            for n, shp in shapes.items():
+                k = int(shp.numel())
+                ref = evaluator.params[n]
+                grads[n] = flat[o:o + k].view(shp).to(device=ref.device, dtype=ref.dtype)
+                o += k
+        return Evaluation(
+            losses=per.mean(1) if request.per_sample else per, per_sample=per if request.per_sample else None,
+            base=first["base"].clone() if request.has_base else None,
+            grads=grads, direct_loss=first["direct"].clone() if request.gradient == "objective" else None,
+            pullback=evaluator.pullback if isinstance(probes, OutputProbes) else None, spent=total,
+            calls=sum(int(g["calls"]) for g in gathered), busy=self.last_busy, sizes=self.last_sizes)
 
     # ------------------------------------------------------------------ collectives
     def _gather(self, vec: torch.Tensor, call: int, step: Optional[int]) -> list[torch.Tensor]:

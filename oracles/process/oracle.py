@@ -181,7 +181,7 @@ class ProcessOracle(Oracle):
                     hint = " (if the failure is transient, --oracle-restarts N restarts the program and re-sends the call)"
                 raise OracleError(msg + hint) from None
         finite = np.isfinite(out).all(axis=1)
-        if not finite.all() and not self.allow_nonfinite:
+        if not finite.all() and not self.answers_failures_with_nan:
             first = int(np.flatnonzero(~finite)[0])
             shown = ", ".join(f"{v:.6g}" for v in arr[first, :8]) + (", ..." if arr.shape[1] > 8 else "")
             raise OracleError(f"{self._prefix(call)} returned NaN/inf in {int((~finite).sum())} of {n} rows "

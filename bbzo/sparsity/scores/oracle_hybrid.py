@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ...adapters.common import frozen_bn_stats, repeat_targets
+from ...adapters.common import frozen_bn_stats, output_probe_losses, per_sample_losses, repeat_targets
 from ...errors import ConfigError
+from ...estimators import OracleCGE
 from ...objective import as_objective
 from .registry import ScoreContext, ScoreInfo, ScoreResult, cast_inputs, named_params, register_score, scoring_copy
 
@@ -27,25 +28,27 @@ __all__: list[str] = []
 
 def _oracle_out_grad(objective: Any, out: torch.Tensor, inputs: Any, targets: Any, h: float,
                      ctx: ScoreContext) -> torch.Tensor:
-    """``d mean_b loss_b / d out`` ``(B, ...)`` by central differences of the black-box loss.
+    """``d mean_b loss_b / d out`` ``(B, ...)`` at the outputs ``out``: ``oracle_cge``'s central differences.
 
-    One query per perturbed output coordinate and sign (``2C``, ``C`` = per-sample output size): each
+    The chain-rule estimator's own probes and cotangent (``2C`` queries, ``C`` = per-sample output size): each
     query moves coordinate ``j`` of every sample, and per-sample losses give every sample's partial.
     """
     b = out.shape[0]
-    flat = out.detach().reshape(b, -1)
-    c = flat.shape[1]
-    eye = torch.eye(c, dtype=flat.dtype, device=flat.device) * h
-    pert = torch.cat([flat.unsqueeze(0) + eye[:, None, :], flat.unsqueeze(0) - eye[:, None, :]])  # (2C, B, C)
     obj = as_objective(objective)
-    ctx.ledger.charge_queries(2 * c)
-    with torch.no_grad():
-        per = obj(pert.reshape(2 * c * b, *out.shape[1:]), repeat_targets(inputs, 2 * c) if obj.needs_inputs else None,
-                  repeat_targets(targets, 2 * c))
-    if not isinstance(per, torch.Tensor) or per.numel() != 2 * c * b:
-        raise ConfigError(f"the objective must return one loss per row ({2 * c * b}), got {getattr(per, 'shape', per)}.")
-    per = per.detach().to(flat.dtype).view(2, c, b)
-    return ((per[0] - per[1]) / (2 * h)).T.reshape(out.shape) / b
+    est = OracleCGE(mu=h, difference="central", width=int(out[0].numel()))
+    request, _ = est.ask({}, est.init({}))
+    probes = request.probes
+
+    def loss(moved: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.ledger.charge_queries(k)
+        per = obj(moved.reshape(k * b, *out.shape[1:]), repeat_targets(inputs, k) if obj.needs_inputs else None,
+                  repeat_targets(targets, k))
+        return per_sample_losses(per, k, b)
+
+    per = output_probe_losses(loss, out.detach(), probes)
+    m = len(probes) // 2
+    v = est.cotangent(est.differences(per, None, m), probes.slice(0, m))  # (B, C) float64
+    return (v / b).to(out.dtype).reshape(out.shape)
 
 
 @register_score(ScoreInfo(

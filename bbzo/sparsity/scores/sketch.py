@@ -90,12 +90,12 @@ def _zo_grasp_sketch(model: nn.Module, objective: Any, inputs: Any, targets: Any
             p.add_((t / vnorm).to(p.dtype), alpha=eps)
     ev_a = make_adapter(ma).bind(objective, x, targets, ledger=ctx.ledger)
     ev_b = make_adapter(mb).bind(objective, x, targets, ledger=ctx.ledger)
-    base_a, base_b = ev_a.base_loss(), ev_b.base_loss()
+    base_a, base_b = ev_a.base_losses().mean(), ev_b.base_losses().mean()
     all_names = tuple(ev_a.params)
     gen = torch.Generator().manual_seed(seed + 7919)
 
     def read(probes: Any) -> torch.Tensor:
-        return ((ev_b.evaluate(probes) - base_b) - (ev_a.evaluate(probes) - base_a)) / (eps * delta)
+        return ((ev_b.probe_losses(probes).mean(1) - base_b) - (ev_a.probe_losses(probes).mean(1) - base_a)) / (eps * delta)
 
     hv: dict[str, torch.Tensor] = {}
     for n, shape in zip(names, shapes):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...estimators import create_estimator
+from ...step import estimate
 from .registry import ScoreContext, ScoreInfo, ScoreResult, named_params, register_score, scoring_copy
 
 __all__ = ["rge_estimate"]
@@ -29,10 +30,9 @@ def rge_estimate(adapter: Any, objective: Any, inputs: Any, targets: Any, params
     """
     est = create_estimator("rge", q=q, mu=mu, distribution=distribution, seed=seed, seeding="given",
                            difference=difference)
-    p64 = {n: p.detach().double().cpu() for n, p in params.items()}  # tell() returns in their dtype: float64
-    evaluator = adapter.bind(objective, inputs, targets, ledger=ctx.ledger)
-    grads, _, _ = est.estimate(evaluator, p64, est.init(p64))
-    return [grads[n] for n in params]
+    p64 = {n: p.detach().double().cpu() for n, p in params.items()}  # the gradient in float64
+    res = estimate(adapter, est, objective, inputs, targets, ledger=ctx.ledger, params=p64)
+    return [res.grads[n] for n in params]
 
 
 @register_score(ScoreInfo("zo_grasp", "DeepZero ZO-GraSP as the reference: RGE Hg, q=192, mu=5e-3, |S| ranking",
