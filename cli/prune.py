@@ -56,8 +56,8 @@ def prune(ctx: click.Context, config: Optional[str], option_items: tuple[str, ..
     if include_globs:
         given["include"] = include_globs
     s, _src = resolve_command(ctx, PruneSettings, overrides=given)
-    lpr, res = prune_model(s)
-    click.echo(f"{s.score}: {res.queries} queries, {res.seconds:.1f} s; kept {lpr.total_kept:,} of "
+    lpr = prune_model(s)
+    click.echo(f"{s.score}: {lpr.queries} queries, {lpr.extra.get('seconds', 0):.1f} s; kept {lpr.total_kept:,} of "
                f"{lpr.total_size:,} ({1 - lpr.total_kept / lpr.total_size:.1%} sparse)")
     click.echo("| layer | size | kept | kept fraction |\n|---|---:|---:|---:|")
     for n, f in lpr.kept_fraction.items():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bbzo.config import setting
 from bbzo.errors import ConfigError
-from bbzo.sparsity import LayerRatios, ScoreResult, compute_score, list_scores, ratios_from_scores
+from bbzo.sparsity import LayerRatios, layer_ratios, list_scores
 
 __all__ = ["PruneSettings", "prune_model"]
 
@@ -42,7 +42,7 @@ class PruneSettings:
 def _build(s: PruneSettings) -> torch.nn.Module:
     torch.manual_seed(s.seed)
     if ":" in s.model:  # a user's builder, e.g. mypkg.net:build or path/to/net.py:build
-        from bbzo.userspec import build_model
+        from bbzo.references import build_model
 
         return build_model(s.model)
     from bbzo.models import create_model
@@ -52,7 +52,7 @@ def _build(s: PruneSettings) -> torch.nn.Module:
     return create_model(s.model, **({"num_classes": s.num_classes} if "num_classes" in accepted else {}))
 
 
-def prune_model(s: PruneSettings) -> tuple[LayerRatios, ScoreResult]:
+def prune_model(s: PruneSettings) -> LayerRatios:
     """Score the model at initialization and write its LPR to ``s.out``."""
     infos = {i.name: i for i in list_scores(with_info=True)}
     if s.score not in infos:
@@ -72,10 +72,6 @@ def prune_model(s: PruneSettings) -> tuple[LayerRatios, ScoreResult]:
     def ce(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(o, t, reduction="none")
 
-    res = compute_score(s.score, model, ce, x, y, include=list(s.include) or None, seed=s.seed, **s.options)
-    lpr = ratios_from_scores(res.scores, s.sparsity, res.keep, model=s.model, score=s.score, seed=s.seed,
-                             queries=res.queries, extra={**{k: str(v) for k, v in res.info.items()},
-                                                         "seconds": round(res.seconds, 2),
-                                                         "scoring_images": 0 if x is None else int(x.shape[0])})
-    lpr.save(s.out)
-    return lpr, res
+    return layer_ratios(s.score, model, ce, x, y, sparsity=s.sparsity, seed=s.seed, include=list(s.include) or None,
+                        score_options=s.options, strict_options=True, model_name=s.model, cache=s.out,
+                        extra={"scoring_images": 0 if x is None else int(x.shape[0])})

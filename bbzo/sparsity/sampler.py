@@ -17,13 +17,12 @@ Tensors the LPR does not name (BatchNorm affine parameters, biases) follow ``oth
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..estimators.transforms import Masked
 from .lpr import LayerRatios
 
 __all__ = ["DynamicSparsity", "OTHERS"]
@@ -87,18 +86,3 @@ class DynamicSparsity:
 
     def coords_at(self, step: int) -> dict[str, torch.Tensor]:
         return self.coords(self.draw_index(step))
-
-    # ------------------------------------------------------------------ trainer integration
-    def attach(self, trainer: Any) -> "DynamicSparsity":
-        """Make ``trainer``'s ``sparse_cge`` estimator draw its coordinates from this schedule.
-
-        Equivalent to building the trainer with ``masked(cge, sampler)``; done once, before training.
-        """
-        est = trainer.estimator
-        if not isinstance(est, Masked):
-            raise ConfigError(
-                f"dynamic sparsity needs the 'sparse_cge' estimator, the trainer uses {est.info.name!r}. "
-                "Use create_estimator('sparse_cge') (CLI: --estimator sparse_cge), or masked(estimator, sampler)."
-            )
-        trainer.estimator = est.with_schedule(self)
-        return self

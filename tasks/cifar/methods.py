@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import bbzo
-from bbzo.estimators import masked
 from bbzo.models import create_model
 from bbzo.optim import cosine_with_warmup, make_optimizer
 from bbzo.run import BuildContext, Training
-from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores, score_accepts
+from bbzo.sparsity import sparse_cge_from_score
 from bbzo.sparsity.scores.registry import prunable_params
 
 from .data import CifarBatches, CifarData, normalize
@@ -86,24 +85,15 @@ def _evaluator(data: CifarData) -> Callable[[nn.Module], dict[str, Any]]:
 
 
 def _deepzero(s: CifarSettings, ctx: BuildContext, model: nn.Module, batches: CifarBatches) -> tuple[Any, dict]:
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    lpr_path = ctx.folder / "lpr.json"
-    if lpr_path.exists() and ctx.resuming:
-        lpr = LayerRatios.load(lpr_path)
-    else:
-        x, y = batches.get_batch(0)
-        options = {"q": s.score_q} if score_accepts(s.score, "q") else {}
-        if score_accepts(s.score, "mu"):
-            options["mu"] = s.mu
-        res = compute_score(s.score, model, cross_entropy, x, y, include=prunable_params(model), seed=s.seed,
-                            ledger=ctx.ledger, **options)
-        lpr = ratios_from_scores(res.scores, s.sparsity, keep=res.keep, model=s.model, score=s.score, seed=s.seed,
-                                 queries=res.queries)
-        lpr.save(lpr_path)
+    x, y = batches.get_batch(0)
     every = s.resample_every or RESAMPLE_EPOCHS * batches.steps_per_epoch
-    sampler = DynamicSparsity(lpr, params, resample_every=every, seed=s.seed, others="dense")
-    est = masked(bbzo.create_estimator("cge", mu=s.mu), sampler)
-    return est, {"score_queries": lpr.queries, "resample_every": every, "coords_per_step": sampler.coords_per_step,
+    est, lpr = sparse_cge_from_score(
+        s.score, model, cross_entropy, x, y, sparsity=s.sparsity, mu=s.mu, resample_every=every, seed=s.seed,
+        others="dense", include=prunable_params(model), ledger=ctx.ledger,
+        score_options={"q": s.score_q, "mu": s.mu}, model_name=s.model, cache=ctx.folder / "lpr.json",
+        reuse=ctx.resuming)
+    coords = est.query_cost({n: p.detach() for n, p in model.named_parameters()}) - 1
+    return est, {"score_queries": lpr.queries, "resample_every": every, "coords_per_step": coords,
                  "kept_per_layer": dict(lpr.kept)}
 
 

@@ -29,13 +29,12 @@ from torch import nn
 
 import bbzo
 from bbzo.errors import ConfigError
-from bbzo.estimators import masked
 from bbzo.models.dncnn import DnCNN
 from bbzo.optim import make_optimizer
 from bbzo.objective import FunctionObjective, OracleObjective
 from bbzo.oracles.classifier import ClassifierOracle, load_classifier, log_probs
 from bbzo.run import BuildContext, Training
-from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores
+from bbzo.sparsity import LayerRatios, dynamic_sparse_cge, layer_ratios
 from bbzo.sparsity.scores.registry import prunable_params
 
 from .data import CifarData, NoisyBatches
@@ -176,18 +175,12 @@ def budget_ratios(lpr: LayerRatios, sizes: dict[str, int], budget: int) -> Layer
 
 def _zo(s: FinetuneSettings, ctx: BuildContext, model: DnCNN, objective: Any, batches: NoisyBatches
         ) -> tuple[Any, dict[str, Any]]:
-    lpr_path = ctx.folder / "lpr.json"
-    if lpr_path.exists() and ctx.resuming:
-        lpr = LayerRatios.load(lpr_path)
-    else:
-        x, y = batches.get_batch(0)
-        for o in objective.oracles:  # the score's rows are the training's rows
-            ctx.ledger.attach(o)
-        res = compute_score("zo_grasp", model, objective, x, y, include=prunable_params(model), seed=s.seed,
-                            ledger=ctx.ledger, q=s.score_q, mu=s.mu)
-        lpr = ratios_from_scores(res.scores, s.grasp_sparsity, keep=res.keep, model=f"dncnn{s.depth}x{s.width}",
-                                 score="zo_grasp", seed=s.seed, queries=res.queries)
-        lpr.save(lpr_path)
+    x, y = batches.get_batch(0)
+    for o in objective.oracles:  # the score's rows are the training's rows
+        ctx.ledger.attach(o)
+    lpr = layer_ratios("zo_grasp", model, objective, x, y, sparsity=s.grasp_sparsity, seed=s.seed, ledger=ctx.ledger,
+                       include=prunable_params(model), score_options={"q": s.score_q, "mu": s.mu},
+                       model_name=f"dncnn{s.depth}x{s.width}", cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
     last = f"dncnn.{len(model.dncnn) - 1}.weight"
     tuned = [last] if s.layers == "last" else [n for n in lpr.kept]
     for n, p in model.named_parameters():
@@ -196,11 +189,7 @@ def _zo(s: FinetuneSettings, ctx: BuildContext, model: DnCNN, objective: Any, ba
     plan = budget_ratios(lpr, sizes, s.budget)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     every = s.resample_every or RESAMPLE_EPOCHS * batches.steps_per_epoch
-    if plan.total_kept == sum(sizes.values()):
-        est = bbzo.create_estimator("cge", mu=s.mu)
-    else:
-        est = masked(bbzo.create_estimator("cge", mu=s.mu), DynamicSparsity(plan, params, resample_every=every,
-                                                                             seed=s.seed, others="frozen"))
+    est = dynamic_sparse_cge(plan, params, mu=s.mu, resample_every=every, seed=s.seed, others="frozen")
     grasp = {n: round(f, 4) for n, f in lpr.kept_fraction.items()}
     return est, {"score_queries": lpr.queries, "grasp_kept_fraction": grasp, "tuned": tuned,
                  "coords_per_step": plan.total_kept, "resample_every": every}

@@ -26,12 +26,11 @@ from torch import nn
 import bbzo
 from bbzo.adapters import LoopAdapter
 from bbzo.errors import ConfigError
-from bbzo.estimators import masked
 from bbzo.models.sol_corrector import CORRECTOR_CHANNELS, Corrector
 from bbzo.optim import cosine_with_warmup
 from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.run import BuildContext, Training
-from bbzo.sparsity import DynamicSparsity, LayerRatios, compute_score, ratios_from_scores, score_accepts
+from bbzo.sparsity import sparse_cge_from_score
 
 from .data import RolloutBatches, SolData
 from .settings import SolSettings
@@ -130,33 +129,25 @@ def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
     oracle = ctx.ledger.attach(karman_oracle(s, "phiflow-karman(zo-sol)"))
     rollout = make_rollout(oracle.query, data.velocity_std().to(dev))
     batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    lpr_path = ctx.folder / "lpr.json"
-    if lpr_path.exists() and ctx.resuming:
-        lpr = LayerRatios.load(lpr_path)
-        score_queries = lpr.queries
-    else:
-        (x, re), y = batches.get_batch(0)
-        names = [n for n in params if n.endswith("weight")]
-        # Pruning-at-init scores are theta-weighted: on the zero last layer of a fresh corrector they are
-        # all 0, that layer would keep no coordinate and the corrector could never leave zero. Score the
-        # network at its standard init instead (the architecture's layer-wise importance, as DeepZero).
-        scored = make_corrector(s, data, zero_last=False).to(dev) if s.init == "scratch" else model
-        options = {"q": s.score_q} if score_accepts(s.score, "q") else {}
-        res = compute_score(s.score, scored, rollout, (x, re), y, include=names, seed=s.seed, ledger=ctx.ledger,
-                            adapter_factory=lambda m: LoopAdapter(m, sets_per_call=s.sets_per_call), **options)
-        lpr = ratios_from_scores(res.scores, s.sparsity, keep=res.keep, model="sol-corrector-" + s.corrector,
-                                 score=s.score, seed=s.seed, queries=res.queries)
-        lpr.save(lpr_path)
-        score_queries = res.queries
-    sampler = DynamicSparsity(lpr, params, resample_every=s.resample_every, seed=s.seed, others="dense")
-    est = masked(bbzo.create_estimator("cge", mu=s.mu), sampler)
+    (x, re), y = batches.get_batch(0)
+    # Pruning-at-init scores are theta-weighted: on the zero last layer of a fresh corrector they are all 0, that
+    # layer would keep no coordinate and the corrector could never leave zero. Score the network at its standard
+    # init instead (the architecture's layer-wise importance, as DeepZero).
+    scored = make_corrector(s, data, zero_last=False).to(dev) if s.init == "scratch" and not ctx.resuming else model
+    est, lpr = sparse_cge_from_score(
+        s.score, model, rollout, (x, re), y, sparsity=s.sparsity, mu=s.mu, resample_every=s.resample_every,
+        seed=s.seed, others="dense", scored_model=scored, ledger=ctx.ledger,
+        include=[n for n, _ in model.named_parameters() if n.endswith("weight")], score_options={"q": s.score_q},
+        adapter_factory=lambda m: LoopAdapter(m, sets_per_call=s.sets_per_call),
+        model_name="sol-corrector-" + s.corrector, cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
+    sampler_coords = est.query_cost({n: p.detach() for n, p in model.named_parameters()}) - 1
+    score_queries = lpr.queries
     opt, sched = _adam(model, s.lr, s.schedule, s.steps)
     return Training(
         model=model, objective=rollout, estimator=est, optimizer=opt, scheduler=sched,
         data=batches, steps=s.steps, adapter=LoopAdapter(model, sets_per_call=s.sets_per_call), oracles=[oracle],
         checkpoint_every=s.checkpoint_every, weights="corrector.pt",
-        desc=f"ZO-SOL ({sampler.coords_per_step + 1} q/step)", log_extra={"method": "zo"},
+        desc=f"ZO-SOL ({sampler_coords + 1} q/step)", log_extra={"method": "zo"},
         summary=lambda tr: {"score_queries": score_queries})
 
 
