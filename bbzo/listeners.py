@@ -6,17 +6,12 @@ Each listener has ``attach(trainer)``; a :class:`~bbzo.run.Run` attaches the one
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .jsonio import dumps
+
 __all__ = ["JSONLLogger", "ProgressBar", "BudgetGuard", "PeriodicEval", "read_jsonl", "save_figure", "plot_losses"]
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class JSONLLogger:
@@ -36,9 +31,9 @@ class JSONLLogger:
         return self
 
     def __call__(self, trainer: Any, status: dict[str, Any]) -> None:
-        row = {**self.extra, **{k: _clean(v) for k, v in status.items()}}
+        row = {**self.extra, **status}  # written as strict JSON: a NaN/inf number becomes null
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
 
     def truncate_after(self, trainer: Any) -> None:
         self.truncate(trainer.step_count)
@@ -48,7 +43,7 @@ class JSONLLogger:
         if not self.path.exists():
             return
         keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.path.write_text("".join(dumps(r) + "\n" for r in keep))
 
 
 def read_jsonl(path: Union[str, Path]) -> list[dict[str, Any]]:

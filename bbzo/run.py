@@ -37,6 +37,7 @@ from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, previous_path
 from .config import RESOLVED_NAME, as_plain, differing, from_plain, runtime_keys, write_config
 from .data import BatchSource
 from .errors import BbzoError, ConfigError
+from .jsonio import write_json
 from .estimators.base import Estimator
 from .ledger import QueryLedger
 from . import parallel
@@ -114,9 +115,7 @@ class BuildContext:
 def _write_json(path: Path, data: Any) -> None:
     if not parallel.is_writer():  # a distributed run: rank 0 writes
         return
-    text = json.dumps(data, indent=1, default=str) + "\n"
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-    path.chmod(0o644)
+    write_json(path, data)
 
 
 def _describe_change(key: str, old: Any, new: Any) -> str:
@@ -195,7 +194,7 @@ class Run:
         record = self._read_record()
         new = as_plain(self.settings)
         history: list[dict[str, Any]] = []
-        if record is not None and record.get("task") != self.task.name and not self.overwrite:
+        if record is not None and record.get("task") not in (self.task.name, *self.task.aliases) and not self.overwrite:
             raise ConfigError(f"{self.folder} holds a run of task {record.get('task')!r}, not {self.task.name!r}. "
                               "Use another --out, or --overwrite to start over.")
         if self.overwrite:
@@ -245,7 +244,7 @@ class Run:
         if not path.exists():
             raise ConfigError(f"{folder} holds no run ({RUN_FILE} is missing); train there first.")
         rec = json.loads(path.read_text())
-        if rec.get("task") != task.name:
+        if rec.get("task") not in (task.name, *task.aliases):
             raise ConfigError(f"{folder} holds a run of task {rec.get('task')!r}, not {task.name!r}.")
         return from_plain(task.settings, rec["settings"], str(path))
 

@@ -13,7 +13,6 @@ Settings come from a preset (``paper``: DeepZero's ResNet-20 recipe; ``smoke``; 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +21,7 @@ import torch
 
 from bbzo.checkpoint import atomic_write_bytes
 from bbzo.errors import ConfigError
+from bbzo.jsonio import dumps
 from bbzo.run import Run
 from bbzo.tasks.cifar import TASK, accuracy, load_data, make_model, per_class_table
 
@@ -67,7 +67,7 @@ def eval_cmd(run: Path, data: Optional[Path], test_subset: Optional[int], device
     table = per_class_table(evals, d.classes)
     out = {"run": str(run), "model": s.model, "data": d.source, "test_images": int(d.test_x.shape[0]),
            "classes": list(d.classes), "methods": evals}
-    text = json.dumps(out, indent=1) + "\n"
+    text = dumps(out, indent=1) + "\n"
     atomic_write_bytes(run / "eval.json", lambda f: f.write(text.encode()))
     (run / "eval.md").write_text(table + "\n")
     click.echo("\n" + table)

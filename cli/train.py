@@ -7,13 +7,13 @@ trained run on another data file.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 
+from bbzo.jsonio import dumps
 from bbzo.run import run_task
 from bbzo.tasks.custom import TASK, TrainSettings, evaluate_run
 
@@ -23,17 +23,28 @@ from .options import MappingParam, config_option, resolve_command, settings_opti
 __all__ = ["train"]
 
 
+def _loss(v: Any) -> str:
+    return "n/a (no row answered)" if v is None else f"{v:.6g}"
+
+
 def _report(res: dict[str, Any], s: TrainSettings) -> None:
+    spent = res["queries_used"]
+    per_step = f"{res['queries_per_step']}/step"
+    if res.get("steps") and spent != res["queries_per_step"] * res["steps"]:
+        per_step += f"; {spent / max(1, res['steps']):.1f}/step spent on average, setup included"
     click.echo(f"steps {res['steps']} ({'stopped by --max-queries' if res['stopped_by'] == 'max_queries' else 'done'}), "
-               f"queries {res['queries_used']} ({res['queries_per_step']}/step), oracle rows {res['oracle_rows']}, "
-               f"{res['wall_s']} s")
-    click.echo(f"validation loss: {res['val_loss_initial']:.6g} before -> {res['val_loss_final']:.6g} after "
-               f"({res['val_rows']} rows)")
+               f"queries {spent} ({per_step}), oracle rows {res['oracle_rows']}, {res['wall_s']} s")
+    failed_val = res.get("val_failed_rows") or 0
+    click.echo(f"validation loss: {_loss(res['val_loss_initial'])} before -> {_loss(res['val_loss_final'])} after "
+               f"({res['val_rows']} rows" + (f"; {failed_val} rows the black box could not answer are left out"
+                                            if failed_val else "") + ")")
     if res.get("oracle_restarts"):
         click.echo(f"oracle restarts: {res['oracle_restarts']} (each is in oracle.stderr.log and results.json)")
     if res.get("failed_rows"):
-        click.echo(f"rows the oracle could not answer: {res['failed_rows']} ({s.on_oracle_error}"
-                   + (f": {res['skipped_samples']} samples skipped" if s.on_oracle_error == "skip" else "") + ")")
+        what = (f"{res['dropped_samples']} samples dropped from their steps" if s.on_oracle_error == "skip" else
+                f"{res['penalized_rows']} entries penalized, {res['dropped_samples']} samples dropped")
+        click.echo(f"entries (probe x sample) the oracle could not answer: {res['failed_rows']} "
+                   f"({s.on_oracle_error}: {what})")
     click.echo(f"results: {Path(s.out) / 'results.json'}")
 
 
@@ -68,6 +79,6 @@ def eval_cmd(run_dir: Path, data: str, data_kwargs: Optional[dict[str, Any]]) ->
     """Loss of a trained run's model on another data file, through the same black box (queries not charged)."""
     res = evaluate_run(run_dir, data, data_kwargs)
     path = run_dir / "eval.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    path.write_text(dumps(res, indent=1) + "\n")
     click.echo(f"loss on {data}: {res['loss']:.6g} ({res['rows']} rows, {res['oracle_rows']} oracle rows)")
     click.echo(f"results: {path}")

@@ -30,12 +30,14 @@ from bbzo.data import TensorBatches
 from bbzo.errors import BbzoError, ConfigError, ShapeError
 from bbzo.failures import FailurePolicy
 from bbzo.estimators import get_estimator_class, list_estimators
+from bbzo.oracle import answering_failures_with_nan
 from bbzo.objective import OracleObjective
 from bbzo.optim import cosine_with_warmup, make_optimizer
 from bbzo.oracle import Oracle, where_raised
 from bbzo.run import BuildContext, Run, Training
+from bbzo.step import query_cost
 from bbzo.task import RunSettings, Task, register_task
-from bbzo.userspec import build_model, build_python_oracle, is_reference, load_data, load_object
+from bbzo.references import build_model, build_python_oracle, is_reference, load_data, load_object
 
 __all__ = ["TrainSettings", "LOSSES", "ORACLE_INPUT_PARTS", "make_objective", "build_oracle", "TASK", "evaluate_on"]
 
@@ -72,12 +74,14 @@ class TrainSettings(RunSettings):
     oracle_restarts: int = setting(0, runtime=True, help=(
         "--oracle-cmd: after a crash, timeout or malformed answer, restart the program and re-send the call up to N "
         "times before failing."))
-    on_oracle_error: str = setting("stop", choices=("stop", "penalize", "skip"), help=(
+    on_oracle_error: str = setting("stop", choices=("stop", "penalize", "skip"), runtime=True, help=(
         "Rows the black box cannot answer (NaN/inf, or rows an --oracle-cmd program reports as failed): stop the run, "
-        "penalize them (their loss becomes --oracle-error-penalty in every query alike), or skip the samples that "
-        "have one from the whole step (every perturbation and the base, so the differences stay consistent)."))
-    oracle_error_penalty: float = setting(1e3, help="--on-oracle-error penalize: the per-sample loss of a failed row "
-                                          "(choose it above any loss a good answer gives).")
+        "penalize them (a failed row looks uphill, as steep as the steepest answered row along the same probe), or "
+        "skip the samples that have one from the whole step (every perturbation and the base, so the differences stay "
+        "consistent). Validation then reports the loss over the rows that were answered."))
+    oracle_error_penalty: float = setting(1.0, runtime=True, help=(
+        "--on-oracle-error penalize: how steep a failed row looks, as a multiple of the steepest answered slope along "
+        "the same probe (a fixed loss divided by mu would blow the finite difference up)."))
     model: Optional[str] = setting(None, metavar="REF|NAME", help=(
         "The white-box model: 'pkg.module:build' or 'path/file.py:build' (a callable returning an nn.Module, or a "
         "module instance), or a registered name (see `bbzo models`)."))
@@ -225,11 +229,11 @@ def build_oracle(s: TrainSettings, run_dir: Optional[Path] = None) -> Oracle:
     return build_python_oracle(s.oracle, s.oracle_kwargs, s.oracle_array)
 
 
-def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor], d_in: Optional[int] = None) -> Any:
-    """The registered estimator with the run's mu, seed, q and the oracle's row width where its signature takes them."""
+def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor], width: Optional[int] = None) -> Any:
+    """The registered estimator with the run's mu, seed, q and the model's output width where its signature takes them."""
     accepted = inspect.signature(get_estimator_class(s.estimator)).parameters
     kw = dict(s.estimator_kwargs)
-    for key, value in (("mu", s.mu), ("seed", s.seed), ("d_in", d_in)):
+    for key, value in (("mu", s.mu), ("seed", s.seed), ("width", width)):
         if key in accepted:
             kw.setdefault(key, value)
     if s.q is not None:
@@ -238,12 +242,12 @@ def _make_estimator(s: TrainSettings, params: dict[str, torch.Tensor], d_in: Opt
         kw.setdefault("q", s.q)
     est = bbzo.create_estimator(s.estimator, **kw)
     if s.lpr:
-        from bbzo.sparsity import DynamicSparsity, LayerRatios
+        from bbzo.sparsity import LayerRatios, dynamic_sparse_cge
 
-        if not est.info.supports_sparse:
+        if not est.info.supports_sparse or est.info.needs_surrogate:
             raise ConfigError(f"--lpr trains with a sparse gradient: use --estimator sparse_cge (got {s.estimator}).")
-        est = est.with_schedule(DynamicSparsity(LayerRatios.load(s.lpr), params, resample_every=s.resample_every,
-                                                seed=s.seed, others=s.sparse_others))
+        est = dynamic_sparse_cge(LayerRatios.load(s.lpr), params, resample_every=s.resample_every, seed=s.seed,
+                                 others=s.sparse_others, estimator=est)
     return est
 
 
@@ -280,21 +284,34 @@ def _load(s: TrainSettings, dev: torch.device) -> tuple[nn.Module, _Data]:
 
 
 def evaluate_on(model: nn.Module, objective: OracleObjective, x: torch.Tensor, y: Optional[torch.Tensor],
-                chunk: int = 1024) -> dict[str, float]:
-    """Mean loss of ``model`` on rows ``x`` (eval mode; the caller decides whether the queries are charged)."""
+                chunk: int = 1024, tolerate_failures: bool = False) -> dict[str, Any]:
+    """Mean loss of ``model`` on rows ``x`` (eval mode; the caller decides whether the queries are charged).
+
+    ``tolerate_failures``: rows the black box cannot answer are left out of the mean (and counted in
+    ``failed_rows``) instead of stopping; ``loss`` is None when no row was answered.
+    """
     was_training = model.training
     model.eval()
-    total, n = 0.0, x.shape[0]
-    with torch.no_grad():
+    total, n, failed = 0.0, x.shape[0], 0
+    with torch.no_grad(), answering_failures_with_nan(tolerate_failures):
         for i in range(0, n, chunk):
             xi = x[i:i + chunk]
-            total += float(objective(model(xi), xi, y[i:i + chunk] if y is not None else None).double().sum())
+            per = objective(model(xi), xi, y[i:i + chunk] if y is not None else None).double()
+            ok = torch.isfinite(per)
+            failed += int((~ok).sum())
+            total += float(per[ok].sum())
     model.train(was_training)
-    return {"loss": total / n, "rows": n}
+    answered = n - failed
+    out: dict[str, Any] = {"loss": total / answered if answered else None, "rows": answered}
+    if tolerate_failures:
+        out["failed_rows"] = failed
+    return out
 
 
 def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data, parts: list[str]) -> int:
-    """One unperturbed forward (eval mode: BN statistics untouched): does the oracle take rows this wide? -> the width"""
+    """One unperturbed forward (eval mode: BN statistics untouched): does the oracle take rows this wide?
+
+    Returns the model's output values per sample (what the chain-rule estimators perturb)."""
     xb, tb = data.train.get_batch(0)
     was_training = model.training
     try:
@@ -316,7 +333,7 @@ def _check_width(s: TrainSettings, model: nn.Module, oracle: Oracle, data: _Data
         raise ConfigError(f"the oracle {oracle.name!r} takes rows of {tuple(oracle.input_shape)} values, but "
                           f"--oracle-input {s.oracle_input} gives {width} per row (model outputs "
                           f"{tuple(probe_out.shape[1:])}). Change the model or --oracle-input.")
-    return width
+    return int(probe_out.reshape(1, -1).shape[1])
 
 
 def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
@@ -327,9 +344,10 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
     try:
         objective = make_objective(oracle, s.loss, parts)
         width = _check_width(s, model, oracle, data, parts)
+        policy = FailurePolicy(s.on_oracle_error, s.oracle_error_penalty)
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         est = _make_estimator(s, params, width)
-        q_step = est.query_cost(params)
+        q_step = query_cost(est, params, est.init(params), policy)
         if est.info.supports_sparse and q_step <= 1:
             raise ConfigError("sparse_cge has no coordinates to estimate: give a set with --estimator-kwargs "
                               "'{coords: {\"0.weight\": [0, 1, 2]}}' or '{dense: [\"*\"]}'.")
@@ -344,14 +362,14 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
         raise
     return Training(
         model=model, objective=objective, estimator=est, optimizer=opt, data=data.train, steps=s.steps,
-        scheduler=sched, oracles=[oracle], evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y),
+        scheduler=sched, oracles=[oracle],
+        evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y, tolerate_failures=policy.tolerant),
         eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every, weights="model.pt",
         desc=f"{s.estimator} ({q_step} q/step)", log_extra={"estimator": s.estimator},
-        trainer_kw={"failures": FailurePolicy(s.on_oracle_error, s.oracle_error_penalty)},
+        trainer_kw={"failures": policy},
         summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0),
                             "oracle_restart_log": list(getattr(oracle, "restart_log", [])),
-                            "failed_rows": tr.failures.total_failed_rows,
-                            "skipped_samples": tr.failures.total_skipped_samples})
+                            **tr.failure_totals})
 
 
 def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -363,8 +381,9 @@ def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -
         "queries_used": t["queries"], "max_queries": s.max_queries, "oracle_rows": t["oracle_rows"],
         "oracle_restarts": t.get("oracle_restarts", 0), "oracle_restart_log": t.get("oracle_restart_log", []),
         "on_oracle_error": s.on_oracle_error, "failed_rows": t.get("failed_rows", 0),
-        "skipped_samples": t.get("skipped_samples", 0),
+        "dropped_samples": t.get("dropped_samples", 0), "penalized_rows": t.get("penalized_rows", 0),
         "wall_s": t["wall_s"], "val_rows": t["eval_final"]["rows"],
+        "val_failed_rows": t["eval_final"].get("failed_rows", 0),
         "val_loss_initial": t["eval_initial"]["loss"], "val_loss_final": t["eval_final"]["loss"],
         "train_loss_last": t.get("final_train_loss"), "ledger": t["ledger"],
         "checkpoint": str(out / "checkpoint.pt"), "model": str(out / "model.pt"), "metrics": str(out / "metrics.jsonl"),
@@ -397,6 +416,6 @@ def evaluate_run(folder: Path, data: str, data_kwargs: Optional[dict[str, Any]] 
     return {"data": data, "rows": res["rows"], "loss": res["loss"], "oracle_rows": rows, "model": str(weights)}
 
 
-TASK = register_task(Task(name="custom", settings=TrainSettings, trainings=lambda s: [""], build=build,
+TASK = register_task(Task(name="train", aliases=("custom",), settings=TrainSettings, trainings=lambda s: [""], build=build,
                           evaluate=evaluate, on_existing="refuse", training_files=("model.pt", "oracle.stderr.log"),
                           description="train your model through your simulator (a Python oracle or any program)"))
