@@ -58,6 +58,7 @@ class Task:
             ``--resume`` or ``--overwrite``: protects long runs).
         training_files: Files of a training folder, besides the standard ones, that a fresh start removes.
         threads: torch threads for the whole run (``None``: leave torch's choice).
+        aliases: Former names (run folders written under them are still this task's).
     """
 
     name: str
@@ -70,6 +71,7 @@ class Task:
     on_existing: str = "restart"
     training_files: tuple[str, ...] = ()
     threads: Optional[int] = None
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.on_existing not in ("restart", "refuse"):
@@ -81,9 +83,11 @@ _TASKS: dict[str, Task] = {}
 
 def register_task(task: Task) -> Task:
     """Add a task to the registry (raises on a duplicate name)."""
-    if task.name in _TASKS:
-        raise ConfigError(f"a task named {task.name!r} is already registered.")
-    _TASKS[task.name] = task
+    for name in (task.name, *task.aliases):
+        if name in _TASKS:
+            raise ConfigError(f"a task named {name!r} is already registered.")
+    for name in (task.name, *task.aliases):
+        _TASKS[name] = task
     return task
 
 
@@ -93,7 +97,7 @@ def _load_shipped() -> None:
 
 def list_tasks(pattern: str = "*") -> list[str]:
     _load_shipped()
-    return sorted(n for n in _TASKS if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n, t in _TASKS.items() if n == t.name and fnmatch.fnmatch(n, pattern))
 
 
 def get_task(name: str) -> Task:

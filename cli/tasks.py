@@ -15,7 +15,7 @@ from bbzo.run import run_task
 
 from .launch import relaunch_if_needed, reports
 from bbzo.task import Task, get_task, list_tasks
-from bbzo.userspec import load_object
+from bbzo.references import load_object
 
 from .options import config_option, resolve_command, settings_options
 

@@ -15,7 +15,7 @@ Representations of the ``K`` perturbed copies of one activation:
 * :class:`Channel` -- ``base (B, C, *S)`` shared, copy ``k`` differs in channel ``ch[k]``: ``values (B, K, *S)``;
   after a flatten, ``group`` consecutive features per channel;
 * a dense tensor ``(B, K, ...)`` (today's stage-level path);
-* :class:`Base` -- unperturbed (an element of a tuple activation the probes did not reach).
+* :class:`Unperturbed` -- unperturbed (an element of a tuple activation the probes did not reach).
 
 A stage the rules below do not cover makes the activation dense and the stage-level path takes over,
 so every staged model works; models declare per-channel custom stages with ``bbzo_channelwise = True``.
@@ -37,7 +37,7 @@ from .runners import ELEMENTWISE, stacked_empty
 from .pooling import (batch_stats, conv_pool_blocks, pool_bn_act, pool_span, runs, runs_from_views,
                       tiled_max_pool)
 
-__all__ = ["Channel", "Base", "densify", "channel_start", "channel_stage", "channel_advance", "channel_core",
+__all__ = ["Channel", "Unperturbed", "densify", "channel_start", "channel_stage", "channel_advance", "channel_core",
            "is_dense", "ELEMENTWISE", "pooled_run"]
 
 #: Pools act on each channel alone (elementwise modules: ELEMENTWISE, from bbzo.adapters.runners; dropout only in eval mode).
@@ -79,7 +79,7 @@ class Channel:
 
 
 @dataclass
-class Base:
+class Unperturbed:
     """An unperturbed tensor (shared by all ``K`` copies)."""
 
     t: torch.Tensor
@@ -89,7 +89,7 @@ def densify(rep: Any, k: int) -> Any:
     """Any representation -> dense ``(B, K, ...)`` tensors (tuples elementwise)."""
     if isinstance(rep, tuple):
         return tuple(densify(r, k) for r in rep)
-    if isinstance(rep, Base):
+    if isinstance(rep, Unperturbed):
         return rep.t.unsqueeze(1).expand(rep.t.shape[0], k, *rep.t.shape[1:])
     if isinstance(rep, Channel):
         b = rep.base
@@ -312,7 +312,7 @@ def _per_channel_rule(module: nn.Module) -> Optional[Callable[[nn.Module, Channe
 def _merge(m: Merge, rep: tuple, base_out: torch.Tensor, shortcut_base: Callable[[], torch.Tensor]) -> Optional[Any]:
     """``post(h + shortcut(skip))`` (or ``shortcut(skip) - h``) when only the branch carries the change."""
     h, skip = rep[0], rep[1]
-    if not (isinstance(h, Channel) and isinstance(skip, Base) and h.group is None and len(rep) == 2):
+    if not (isinstance(h, Channel) and isinstance(skip, Unperturbed) and h.group is None and len(rep) == 2):
         return None
     post = m.post
     if not (isinstance(post, ELEMENTWISE) or getattr(post, "bbzo_channelwise", False)):
@@ -333,18 +333,18 @@ def channel_stage(stage: nn.Module, rep: Any, base_out: Any, shortcut_base: Call
         if not isinstance(rep, tuple):
             return None
         first = rep[0]
-        if isinstance(first, Base):
-            return (Base(base_out[0]), *rep[1:])
+        if isinstance(first, Unperturbed):
+            return (Unperturbed(base_out[0]), *rep[1:])
         if not isinstance(first, Channel):
             return None
-        if not all(isinstance(r, (Base, Channel)) for r in rep[1:]):
+        if not all(isinstance(r, (Unperturbed, Channel)) for r in rep[1:]):
             return None
         rule = _per_channel_rule(stage.module)
         out = rule(stage.module, first, base_out[0]) if rule is not None else None
         if out is None:
             return None
         # the other elements pass through (a skip that carries the same probes' change stays a Channel)
-        return (out, *(r if isinstance(r, Channel) else Base(b) for r, b in zip(rep[1:], base_out[1:])))
+        return (out, *(r if isinstance(r, Channel) else Unperturbed(b) for r, b in zip(rep[1:], base_out[1:])))
     if isinstance(stage, Merge):
         return _merge(stage, rep, base_out, shortcut_base) if isinstance(rep, tuple) else None
     if not isinstance(rep, Channel):

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Run", "runs", "runs_from_views", "conv_pool_blocks", "batch_stats", "pool_span", "pool_bn_act",
+__all__ = ["ChannelRun", "runs", "runs_from_views", "conv_pool_blocks", "batch_stats", "pool_span", "pool_bn_act",
            "tiled_max_pool", "MONOTONE"]
 
 #: ``(first probe, end, output channel, first patch column)``
-Run = tuple[int, int, int, int]
+ChannelRun = tuple[int, int, int, int]
 
 
-def runs(ch: torch.Tensor, cols: torch.Tensor) -> Optional[list[Run]]:
+def runs(ch: torch.Tensor, cols: torch.Tensor) -> Optional[list[ChannelRun]]:
     """Runs ``(first probe, end, channel, first column)`` of consecutive conv weight probes that move one output
     channel at consecutive patch columns (a full or block CGE sweep); ``None`` when the probes are too
     scattered for runs to pay (a sparse draw)."""
@@ -37,14 +37,14 @@ def runs(ch: torch.Tensor, cols: torch.Tensor) -> Optional[list[Run]]:
     return [(a, e, chl[a], coll[a]) for a, e in zip(starts, starts[1:] + [k])]
 
 
-def _fill_runs(out: torch.Tensor, base_out: torch.Tensor, unf4: torch.Tensor, rs: list[Run],
+def _fill_runs(out: torch.Tensor, base_out: torch.Tensor, unf4: torch.Tensor, rs: list[ChannelRun],
                step: torch.Tensor, rows: slice) -> None:
     """``out[:, a:e] = base_out[rows, c] + step[a:e] * unf4[rows, l:l + e - a]`` per run: views, not gathers."""
     for a, e, c, col in rs:
         torch.addcmul(base_out[rows, c:c + 1], step[a:e].view(1, -1, 1, 1), unf4[rows, col:col + e - a], out=out[:, a:e])
 
 
-def runs_from_views(base_out: torch.Tensor, unf: torch.Tensor, rs: list[Run],
+def runs_from_views(base_out: torch.Tensor, unf: torch.Tensor, rs: list[ChannelRun],
                      step: torch.Tensor) -> torch.Tensor:
     """The ``(B, K, Ho, Wo)`` perturbed channels of conv weight probes in runs: ``base + step * patch``."""
     b_, _, ho, wo = base_out.shape
@@ -53,7 +53,7 @@ def runs_from_views(base_out: torch.Tensor, unf: torch.Tensor, rs: list[Run],
     return values
 
 
-def conv_pool_blocks(base_out: torch.Tensor, unf: torch.Tensor, rs: list[Run],
+def conv_pool_blocks(base_out: torch.Tensor, unf: torch.Tensor, rs: list[ChannelRun],
                      ch: torch.Tensor, step: torch.Tensor, mods: Any, block_bytes: int = 1 << 20) -> Optional[torch.Tensor]:
     """Conv weight probes in runs through ``[BN] [act] max-pool``, in batch blocks of about ``block_bytes``.
 

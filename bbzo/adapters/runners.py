@@ -74,12 +74,12 @@ def is_stacked(x: Any) -> bool:
     return all(st == wt for st, wt, n in zip(x.stride(), want, x.shape) if n > 1)
 
 
-def _kb(x: torch.Tensor) -> torch.Tensor:
+def _sets_into_batch(x: torch.Tensor) -> torch.Tensor:
     """Stacked ``(B, K, C, H, W)`` -> the free ``(K*B, C, H, W)`` channels-last view."""
     return x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _from_kb(y: torch.Tensor, k: int) -> torch.Tensor:
+def _batch_into_sets(y: torch.Tensor, k: int) -> torch.Tensor:
     """``(K*B, ...)`` -> ``(B, K, ...)`` (a view)."""
     return y.view(k, y.shape[0] // k, *y.shape[1:]).transpose(0, 1)
 
@@ -88,7 +88,7 @@ def _per_sample(fn: Callable[[Any], Any], x: Any, k: int) -> Any:
     """A per-sample map on ``(B, K, ...)`` (or a tuple of them) through whichever flat batch is a free view
     (``K*B`` when stacked)."""
     if is_stacked(x):
-        return _from_kb(fn(_kb(x)), k)
+        return _batch_into_sets(fn(_sets_into_batch(x)), k)
     return unflat(fn(flat(x)), k)
 
 
@@ -103,7 +103,7 @@ def _conv_runner(conv: nn.Conv2d) -> Runner:
             return unflat(conv(flat(x)), k)
         if not is_stacked(x):
             x = stacked_empty(x.shape[0], k, *x.shape[2:], like=x).copy_(x)
-        return _from_kb(conv(_kb(x)), k)
+        return _batch_into_sets(conv(_sets_into_batch(x)), k)
     return run
 
 

@@ -1,6 +1,6 @@
 """The settings of a CIFAR-10 run, declared once (flags, ``--config`` keys, presets, the run-folder policy).
 
-The defaults are DeepZero's ResNet-20 recipe (§6.1, ../shared/research/deepzero_ref.md §3): SGD lr 0.1,
+The defaults are DeepZero's ResNet-20 recipe (§6.1 and its reference code): SGD lr 0.1,
 momentum 0.9, weight decay 5e-4, 3-epoch linear warm-up then per-iteration cosine, mu 5e-3, 90%
 sparsity with ZO-GraSP layer ratios, coordinates redrawn every 5 epochs, batch 256, 50 epochs.
 """
@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(model="resnet20", method=("deepzero",), batch=16, sparsity=0.999, steps=60, epochs=1, lr=0.05,
                   warmup_epochs=0.0, resample_every=10, subset=10000, test_subset=500, eval_every=15,
                   checkpoint_every=10),
-    # DeepZero Fig. 2 at CPU scale (../shared/research/fig2_cpu_check.md): the 730-parameter CNN, no
+    # DeepZero Fig. 2 at CPU scale (benchmarks/cge_vs_rge.py): the 730-parameter CNN, no
     # augmentation or weight decay, cosine without warm-up; the authors' rates are CGE 1e-3, RGE 1e-4
     "fig2": dict(model="simple_cnn_730", method=("fo", "cge", "rge"), batch=256, epochs=20, lr=1e-3,
                  weight_decay=0.0, warmup_epochs=0.0, augment=False, checkpoint_every=39),
