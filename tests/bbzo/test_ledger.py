@@ -9,6 +9,7 @@ from bbzo import BudgetExceeded, ConfigError, FunctionOracle, OracleError
 from bbzo.ledger import QueryLedger
 from bbzo.objective import OracleObjective, as_objective
 from tests.helpers import SpyOracle, mlp64
+from tests.helpers import grad
 
 
 def test_rows_and_calls_are_counted_per_oracle_and_evaluation_is_apart():
@@ -69,7 +70,7 @@ def test_an_estimate_charges_its_queries_to_the_ledger_before_each_call():
     ledger.attach(oracle)
     loss = lambda out, t: oracle.query(out).pow(2).sum(1)  # noqa: E731
     with pytest.raises(BudgetExceeded):
-        bbzo.estimate_grad(model, loss, x, None, bbzo.create_estimator("cge"), ledger=ledger, max_chunk=8)
+        grad(model, loss, x, None, bbzo.create_estimator("cge"), ledger=ledger, max_chunk=8)
     assert ledger.queries <= 20 and oracle.rows_used == ledger.queries * 8  # the call that would exceed never ran
 
 
@@ -119,10 +120,30 @@ def test_objectives_see_the_inputs_without_smuggling():
     assert obj.needs_inputs and not as_objective(lambda o, t: o.sum(1)).needs_inputs
     model = mlp64()
     x = torch.randn(5, 4, dtype=torch.float64)
-    bbzo.estimate_grad(model, loss, x, None, bbzo.create_estimator("cge"), max_chunk=3)
+    grad(model, loss, x, None, bbzo.create_estimator("cge"), max_chunk=3)
     assert seen["inputs"] == (15, 4)  # K = 3 parameter sets x B = 5 rows, the inputs repeated to match
     oracle = SpyOracle(7, 2)
     split = OracleObjective(oracle, lambda ans, out, inp, t: ans.pow(2).sum(1),
                             assemble=lambda out, inp, t: torch.cat([out, inp], 1))
-    g = bbzo.estimate_grad(model, split, x, None, bbzo.create_estimator("cge"))
+    g = grad(model, split, x, None, bbzo.create_estimator("cge"))
     assert oracle.row_counts and all(n % 5 == 0 for n in oracle.row_counts) and g["0.weight"].abs().max() > 0
+
+
+def test_spent_is_a_value_and_settle_applies_it_once():
+    """What a step spent, summed over ranks, becomes the run's counts in one place (nothing counted twice)."""
+    from bbzo.ledger import Account, Spent
+
+    ledger = QueryLedger()
+    o = FunctionOracle(lambda r: r.sum(1, keepdim=True), name="sim")
+    ledger.attach(o)
+    start = ledger.state_dict()
+    ledger.charge_queries(3)
+    o.query(torch.randn(6, 2))
+    mine = ledger.spent_since(start)
+    assert mine == Spent(3, 0, {"sim": Account(rows=6, calls=1)})
+    other = Spent(2, 0, {"sim": Account(rows=4, calls=1), "new": Account(rows=1, calls=1)})  # another rank's share
+    ledger.settle(start, mine + other)
+    assert (ledger.queries, ledger.rows(o), ledger.calls(o), ledger.rows("new")) == (5, 10, 2, 1)
+    ledger.settle(start, mine + other)  # idempotent: settling again from the same start gives the same counts
+    assert (ledger.queries, ledger.rows(o)) == (5, 10)
+    assert (mine + other).rows() == 11 and (mine + other).calls() == 3

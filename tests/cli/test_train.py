@@ -251,21 +251,40 @@ def test_a_command_line_data_file_replaces_the_config_files_data_source(tmp_path
     assert saved["data"] == str(tmp_path / "mine.npz") and saved["data_kwargs"] == {}
 
 
+def strict_json(path):
+    """The file parsed by a strict JSON parser (a bare NaN/Infinity is an error, as in JavaScript's JSON.parse)."""
+    def refuse(name):
+        raise ValueError(f"{path} holds a bare {name}")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("estimator", ["cge", "oracle_cge"])
 @pytest.mark.parametrize("policy", ["stop", "penalize", "skip"])
-def test_rows_the_program_cannot_answer_follow_the_failure_policy(tmp_path, fake_data, policy):
+def test_rows_the_program_cannot_answer_follow_the_failure_policy(tmp_path, fake_data, policy, estimator):
+    """A SPICE-like program that reports some rows as failed: every estimator honours --on-oracle-error; penalize
+    keeps the gradient in the range of a run without failures; the results are strict JSON."""
     out = tmp_path / policy
-    extra = ["--on-oracle-error", policy, "--oracle-error-penalty", 50]
+    extra = ["--on-oracle-error", policy, "--estimator", estimator, "--mu", 1e-3, "--val-fraction", 0.25]
     r = invoke(*fake_args(fake_data, out, "--mode", "fail_rows", "--threshold", "0.6", extra=extra))
     if policy == "stop":
         assert r.exit_code == 2 and "NaN/inf" in r.output and "--on-oracle-error penalize|skip" in r.output
         return
     assert r.exit_code == 0, r.output
-    res = results(out)
+    res = strict_json(out / "results.json")
     assert res["failed_rows"] > 0 and res["on_oracle_error"] == policy and "could not answer" in r.output
     rows = read_jsonl(out / "metrics.jsonl")
-    assert sum(row["failed_rows"] for row in rows) == res["failed_rows"]
+    for key in ("failed_rows", "dropped_samples", "penalized_rows"):
+        assert sum(row[key] for row in rows) == res[key]
+    # validation: the loss over the rows the program answered, and how many it did not
+    assert res["val_loss_final"] is not None and res["val_failed_rows"] > 0 and "left out" in r.output
+    assert res["val_rows"] + res["val_failed_rows"] == 40
+    # the queries actually spent are the declared ones: nothing is evaluated twice
+    assert res["queries_used"] == res["queries_per_step"] * res["steps"]
     if policy == "skip":
-        assert res["skipped_samples"] > 0 and sum(row["skipped_samples"] for row in rows) == res["skipped_samples"]
-        assert all(row["loss"] < 50 for row in rows)  # the failed samples never enter a loss
-    else:
-        assert res["skipped_samples"] == 0 and max(row["loss"] for row in rows) > 1  # the penalty shows
+        assert res["dropped_samples"] > 0 and res["penalized_rows"] == 0
+    else:  # samples deep in the failing region fail in every probe too: nothing to penalize, they are dropped
+        assert res["penalized_rows"] + res["dropped_samples"] > 0
+    clean = tmp_path / "clean"
+    assert invoke(*fake_args(fake_data, clean, extra=extra[2:])).exit_code == 0
+    norm = lambda p: sorted(row["grad_norm"] for row in read_jsonl(p / "metrics.jsonl"))[4]  # noqa: E731  (median)
+    assert norm(out) < 5 * norm(clean), (norm(out), norm(clean))

@@ -20,6 +20,7 @@ from bbzo.tasks.defense import (ABSTAIN, FinetuneSettings, certified_accuracy, c
                                 certify_dataset, lower_confidence_bound, max_radius, predict)
 from bbzo.tasks.defense.methods import budget_ratios
 from bbzo.sparsity import LayerRatios
+from tests.helpers import grad
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -165,7 +166,7 @@ def test_zo_cge_on_the_last_layer_through_the_staged_adapter_equals_a_naive_loop
     def loss(out, t):
         return F.cross_entropy(f(out), t, reduction="none")
     mu = 1e-4
-    grads = bbzo.estimate_grad(den, loss, x, y, bbzo.create_estimator("cge", mu=mu))["dncnn.8.weight"].flatten()
+    grads = grad(den, loss, x, y, bbzo.create_estimator("cge", mu=mu))["dncnn.8.weight"].flatten()
     w = den.last.weight
     with torch.no_grad():
         base = loss(den(x), y).mean()

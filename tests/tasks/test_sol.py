@@ -15,6 +15,7 @@ from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.run import run_task
 from bbzo.tasks.sol import TASK, SolSettings, make_corrector, make_rollout
 from bbzo.tasks.sol.data import DataSettings, RolloutBatches, generate, load
+from bbzo.step import estimate
 
 SMALL = dict(nx=16, ny=32, factor=2, train_re=(195.3, 3125.0), test_re=(781.3,), warmup=30, frames=10,
              corrector="tiny", unroll=2, batch=2, steps=8, lr=1e-3, sparsity=0.9, score_q=4, sets_per_call=8,
@@ -88,7 +89,7 @@ def test_zo_gradient_through_phiflow_matches_fo_sol_at_the_shipped_setting(data,
     coords = {"net.4.weight": torch.arange(0, 400, 7), "net.2.weight": torch.arange(0, 1600, 23), "net.4.bias": torch.arange(2)}
     est = bbzo.create_estimator("sparse_cge", coords=coords, mu=c.mu)  # forward differences, as ZO-SOL trains
     oracle = KarmanOracle(c.data.low, backend="torch")
-    zo = bbzo.estimate(LoopAdapter(model, sets_per_call=16), est, make_rollout(oracle.query, std), inputs, y)
+    zo = estimate(LoopAdapter(model, sets_per_call=16), est, make_rollout(oracle.query, std), inputs, y)
     a = torch.cat([zo.grads[n].flatten()[i] for n, i in coords.items()]).double()
     b = torch.cat([fo[n].flatten()[i] for n, i in coords.items()]).double()
     cos = float(a @ b / (a.norm() * b.norm()))

@@ -3,7 +3,7 @@
 import pytest
 
 from bbzo.errors import ConfigError
-from bbzo.userspec import load_object
+from bbzo.references import load_object
 
 
 def test_module_and_file_references(tmp_path, monkeypatch):

@@ -7,10 +7,17 @@ from torch import nn
 
 import bbzo
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, model_stages
-from bbzo.api import evaluate_sharded
+from bbzo.parallel import SerialExecutor
+from bbzo.step import Request
 from bbzo.errors import ConfigError, NonFiniteError, ShapeError
 from bbzo.models import create_model
 from tests.helpers import autograd_grads, ce_loss, cnn_bn64, rel_err
+from tests.helpers import grad
+from bbzo.adapters import make_adapter
+
+
+def grad(*args, **kw):
+    return grad(*args, **kw)[0]
 
 
 def _max_diff(a, b):
@@ -24,8 +31,8 @@ def test_feature_reuse_cge_equals_plain_cge_float64(mode):
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     est = lambda: bbzo.create_estimator("cge", mu=1e-3)  # noqa: E731
-    plain = bbzo.estimate_grad(model, ce_loss, x, y, est(), feature_reuse=False)
-    reuse = bbzo.estimate_grad(model, ce_loss, x, y, est(), feature_reuse=True)
+    plain = grad(model, ce_loss, x, y, est(), feature_reuse=False)
+    reuse = grad(model, ce_loss, x, y, est(), feature_reuse=True)
     assert _max_diff(plain, reuse) <= 1e-10
 
 
@@ -41,9 +48,9 @@ def test_resnet20_stages_compose_to_forward_and_reuse_matches_plain():
         assert torch.allclose(a, model(x), atol=1e-12, rtol=0)
     g = torch.Generator().manual_seed(0)
     coords = {n: torch.randperm(p.numel(), generator=g)[:3] for n, p in model.named_parameters()}
-    plain = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3),
+    plain = grad(model, ce_loss, x, y, bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3),
                                feature_reuse=False)
-    reuse = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3))
+    reuse = grad(model, ce_loss, x, y, bbzo.create_estimator("sparse_cge", coords=coords, mu=1e-3))
     assert _max_diff(plain, reuse) <= 1e-10
     assert any(float(v.abs().max()) > 0 for v in reuse.values())
 
@@ -53,7 +60,7 @@ def test_train_mode_queries_use_per_perturbation_batch_stats_and_never_touch_run
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    g = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6))
+    g = grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed during queries"
     # the estimate is the gradient of the train-mode (batch-statistics) loss ...
@@ -62,7 +69,7 @@ def test_train_mode_queries_use_per_perturbation_batch_stats_and_never_touch_run
     # ... which differs from the eval-mode (running-statistics) gradient
     model.eval()
     ref_eval = autograd_grads(model, x, y, ce_loss)
-    g_eval = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6))
+    g_eval = grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6))
     assert rel_err(g_eval, ref_eval) < 1e-5
     assert rel_err(ref_train, ref_eval) > 0.05
 
@@ -74,18 +81,16 @@ def test_sharded_evaluation_combines_exactly_and_chunking_does_not_matter(adapte
     y = torch.randint(0, 3, (5,))
     params = {n: p.detach() for n, p in model.named_parameters()}
     est = bbzo.create_estimator("cge", difference="central")
-    probes, _ = est.ask(params, est.init(params))
-    whole = adapter_cls(model).bind(ce_loss, x, y).evaluate(probes)
+    request, _ = est.ask(params, est.init(params))
+    whole = adapter_cls(model).bind(ce_loss, x, y).probe_losses(request.probes)
+    assert whole.shape == (len(request.probes), 5)
     for n_shards, max_chunk in [(3, 1024), (7, 5), (1, 1)]:
         ev = adapter_cls(model, max_chunk=max_chunk).bind(ce_loss, x, y)
-        parts = evaluate_sharded(ev, probes, n_shards)
-        assert parts.shape == whole.shape
-        assert float((parts - whole).abs().max()) <= 1e-12
-        assert ev.queries == len(probes)
-    # shards partition the probes in order: concatenated, they are the probe batch itself
-    shards = [probes.shard(i, 4) for i in range(4)]
-    assert torch.equal(torch.cat([s.index for s in shards]), probes.index)
-    assert torch.equal(torch.cat([s.pidx for s in shards]), probes.pidx) and min(len(s) for s in shards) > 0
+        out = SerialExecutor(n_shards).evaluate(ev, Request(request.probes, per_sample=True))
+        assert float((out.per_sample - whole).abs().max()) <= 1e-12
+        assert out.spent.queries == ev.ledger.queries == len(request.probes)
+        assert out.calls == (len(request.probes) + max_chunk - 1) // max_chunk if adapter_cls is FunctionalAdapter \
+            and n_shards == 1 else out.calls >= 1
 
 
 def test_rge_shards_regenerate_directions():
@@ -94,9 +99,11 @@ def test_rge_shards_regenerate_directions():
     y = torch.randint(0, 3, (4,))
     params = {n: p.detach() for n, p in model.named_parameters()}
     est = bbzo.create_estimator("rge", q=6)
-    probes, _ = est.ask(params, est.init(params))
+    request, _ = est.ask(params, est.init(params))
     ev = FunctionalAdapter(model).bind(ce_loss, x, y)
-    assert torch.allclose(evaluate_sharded(ev, probes, 1), evaluate_sharded(ev, probes, 3), atol=1e-13, rtol=0)
+    one = SerialExecutor(1).evaluate(ev, request).losses
+    three = SerialExecutor(3).evaluate(ev, request).losses
+    assert torch.allclose(one, three, atol=1e-13, rtol=0) and float(one.std()) > 0
 
 
 def test_models_without_stages_use_torch_func_and_feature_reuse_true_explains():
@@ -109,12 +116,12 @@ def test_models_without_stages_use_torch_func_and_feature_reuse_true_explains():
             return self.a(x) + x
 
     with pytest.raises(ConfigError, match="bbzo_stages"):
-        bbzo.make_adapter(Free(), feature_reuse=True)
-    assert isinstance(bbzo.make_adapter(Free()), FunctionalAdapter)
+        make_adapter(Free(), feature_reuse=True)
+    assert isinstance(make_adapter(Free()), FunctionalAdapter)
     m = Free()
     x = torch.randn(4, 3, dtype=torch.float64)
     loss = lambda o, t: o.pow(2).sum(1)  # noqa: E731
-    assert rel_err(bbzo.estimate_grad(m, loss, x, None, bbzo.create_estimator("cge", mu=1e-6)),
+    assert rel_err(grad(m, loss, x, None, bbzo.create_estimator("cge", mu=1e-6)),
                    autograd_grads(m, x, None, loss)) < 1e-5
 
 
@@ -122,16 +129,16 @@ def test_bad_loss_shape_and_nan_loss_are_clear_errors():
     model = nn.Sequential(nn.Linear(3, 2)).double()
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(ShapeError, match="per-sample losses"):
-        bbzo.estimate_grad(model, lambda o, t: o.sum(), x, None, bbzo.create_estimator("cge"))
-    with pytest.raises(NonFiniteError, match="NaN/inf"):
-        bbzo.estimate_grad(model, lambda o, t: o.sum(1) * float("nan"), x, None, bbzo.create_estimator("cge"))
+        grad(model, lambda o, t: o.sum(), x, None, bbzo.create_estimator("cge"))
+    with pytest.raises(NonFiniteError, match="NaN/inf for 3 of 3 perturbed parameter sets"):
+        grad(model, lambda o, t: o.sum(1) * float("nan"), x, None, bbzo.create_estimator("cge", difference="central"))
 
 
 def test_eval_mode_is_respected_and_dropout_models_run():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
     loss = lambda o, t: o.pow(2).sum(1)  # noqa: E731
-    g = bbzo.estimate_grad(model, loss, x, None, bbzo.create_estimator("cge", mu=1e-6))
+    g = grad(model, loss, x, None, bbzo.create_estimator("cge", mu=1e-6))
     assert rel_err(g, autograd_grads(model, x, None, loss)) < 1e-5
     assert not model.training
 
@@ -146,8 +153,8 @@ def test_linear_shortcut_handles_strided_grouped_dilated_convs():
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     loss = lambda o, t: o.pow(2).sum(1)  # noqa: E731
     est = lambda: bbzo.create_estimator("cge", mu=1e-3)  # noqa: E731
-    assert _max_diff(bbzo.estimate_grad(model, loss, x, None, est(), feature_reuse=False),
-                     bbzo.estimate_grad(model, loss, x, None, est(), feature_reuse=True)) <= 1e-10
+    assert _max_diff(grad(model, loss, x, None, est(), feature_reuse=False),
+                     grad(model, loss, x, None, est(), feature_reuse=True)) <= 1e-10
 
 
 def test_float32_resnet_reuse_close_to_plain():
@@ -156,10 +163,10 @@ def test_float32_resnet_reuse_close_to_plain():
     y = torch.randint(0, 10, (3,))
     coords = {"layer2.1.conv2.weight": torch.arange(0, 9216, 997), "fc.bias": torch.arange(10)}
     est = lambda: bbzo.create_estimator("sparse_cge", coords=coords, mu=5e-3)  # noqa: E731
-    a = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est(), feature_reuse=False)
-    b = bbzo.estimate_grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est())
+    a = grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est(), feature_reuse=False)
+    b = grad(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, est())
     # float32 rounding of (f(x+mu)-f(x))/mu: of the order of eps32 * |f| / mu, the same for both paths
-    ref = bbzo.estimate_grad(model.double(), lambda o, t: F.cross_entropy(o, t, reduction="none"), x.double(), y,
+    ref = grad(model.double(), lambda o, t: F.cross_entropy(o, t, reduction="none"), x.double(), y,
                              est(), feature_reuse=False)
     scale = max(float(v.abs().max()) for v in ref.values())
     assert _max_diff(a, b) < 0.05 * scale
@@ -172,7 +179,7 @@ def test_cuda_matches_autograd(feature_reuse):
     model = cnn_bn64().cuda().train()
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64, device="cuda")
     y = torch.randint(0, 3, (6,), device="cuda")
-    g = bbzo.estimate_grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6), feature_reuse=feature_reuse)
+    g = grad(model, ce_loss, x, y, bbzo.create_estimator("cge", mu=1e-6), feature_reuse=feature_reuse)
     assert all(v.device.type == "cuda" for v in g.values())
     assert rel_err(g, autograd_grads(model, x, y, ce_loss)) < 1e-5
 
@@ -201,7 +208,6 @@ def test_block_probes_reuse_features_exactly():
         g = torch.Generator().manual_seed(len(n))
         probes = BlockProbes(names, names.index(n), torch.randn(3, numel, generator=g, dtype=torch.float64),
                              torch.tensor([1e-2, -1e-2, 3e-2], dtype=torch.float64))
-        a, b = staged.evaluate(probes), plain.evaluate(probes)
+        a, b = staged.probe_losses(probes), plain.probe_losses(probes)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-        assert float((a - staged.base_loss()).abs().max()) > 1e-6, n  # the probes did move the loss
-        assert torch.equal(torch.cat([probes.shard(0, 2).dirs, probes.shard(1, 2).dirs]), probes.dirs)
+        assert float((a.mean(1) - staged.base_losses().mean()).abs().max()) > 1e-6, n  # the probes did move the loss

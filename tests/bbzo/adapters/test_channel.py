@@ -22,7 +22,7 @@ def mse(o, t):
 def _probes(model, n, seed=0):
     params = {k: p.detach() for k, p in model.named_parameters()}
     est = bbzo.create_estimator("cge", mu=1e-3, difference="central")
-    probes, _ = est.ask(params, est.init(params))
+    probes = est.ask(params, est.init(params))[0].probes
     if n is not None and n < len(probes):
         probes = probes.select(torch.sort(torch.randperm(len(probes), generator=torch.Generator().manual_seed(seed))[:n]).values)
     return probes
@@ -31,8 +31,8 @@ def _probes(model, n, seed=0):
 def _compare(model, x, y, loss, n=None, max_chunk=1024, rtol=1e-12):
     probes = _probes(model, n)
     adapter = StagedAdapter(model, max_chunk=max_chunk)
-    a = adapter.bind(loss, x, y).evaluate(probes)
-    b = FunctionalAdapter(model).bind(loss, x, y).evaluate(probes)
+    a = adapter.bind(loss, x, y).probe_losses(probes)
+    b = FunctionalAdapter(model).bind(loss, x, y).probe_losses(probes)
     assert float((a - b).abs().max()) <= rtol * max(1.0, float(b.abs().max())), float((a - b).abs().max())
     assert float((a - a.mean()).abs().max()) > 1e-8  # the probes did move the losses
     return adapter
@@ -98,7 +98,7 @@ def test_mlp_and_channel_reuse_off_agree():
     probes = _probes(model, None)
     off = StagedAdapter(model, channel_reuse=False)
     on = StagedAdapter(model)
-    torch.testing.assert_close(on.bind(ce, x, y).evaluate(probes), off.bind(ce, x, y).evaluate(probes), rtol=0, atol=1e-13)
+    torch.testing.assert_close(on.bind(ce, x, y).probe_losses(probes), off.bind(ce, x, y).probe_losses(probes), rtol=0, atol=1e-13)
     assert not off.dense_from and on.dense_from
 
 
@@ -162,9 +162,9 @@ def test_a_fresh_adapter_and_a_used_one_give_bitwise_the_same_losses():
     y = torch.randint(0, 10, (12,))
     probes = _probes(model, None)
     used = StagedAdapter(model, max_chunk_bytes=1 << 20)
-    used.bind(ce, other, y).evaluate(probes)
-    a = used.bind(ce, x, y).evaluate(probes)
-    b = StagedAdapter(model, max_chunk_bytes=1 << 20).bind(ce, x, y).evaluate(probes)
+    used.bind(ce, other, y).probe_losses(probes)
+    a = used.bind(ce, x, y).probe_losses(probes)
+    b = StagedAdapter(model, max_chunk_bytes=1 << 20).bind(ce, x, y).probe_losses(probes)
     assert torch.equal(a, b)
 
 
@@ -197,5 +197,5 @@ def test_the_chunk_bound_holds_the_dense_downstreams_working_set_on_cpu():
     ev = StagedAdapter(model, max_chunk_bytes=bound).bind(ce, x, y)
     sizes, loss = [], ev._loss
     ev._loss = lambda out, k: (sizes.append(k), loss(out, k))[1]
-    ev.evaluate(probes)
+    ev.probe_losses(probes)
     assert max(sizes) == 3 and sum(sizes) == len(probes)

@@ -12,8 +12,9 @@ from torch import nn
 import bbzo
 from bbzo.data import TensorBatches
 from bbzo.errors import ConfigError
-from bbzo.sparsity import (DynamicSparsity, LayerRatios, compute_score, list_scores, prunable_params,
-                           ratios_from_scores, uniform_ratios)
+from bbzo.ledger import QueryLedger
+from bbzo.sparsity import (DynamicSparsity, LayerRatios, compute_score, dynamic_sparse_cge, list_scores,
+                           prunable_params, ratios_from_scores, sparse_cge_from_score, uniform_ratios)
 from bbzo.trainer import Trainer
 
 
@@ -117,12 +118,12 @@ def test_sampler_rejects_an_lpr_of_another_model():
 def _sparse_trainer(tmp_path, steps, run_dir):
     model = tiny_cnn()
     x, y = tiny_batch(64)
-    est = bbzo.create_estimator("sparse_cge", mu=1e-3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    est = dynamic_sparse_cge(_lpr_for(model, 0.8), params, mu=1e-3, resample_every=3, seed=5)  # DeepZero's recipe
+    sampler = est.schedule
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     tr = Trainer(model, ce, est, opt, TensorBatches(x, y, 16, seed=0), max_steps=steps, run_dir=run_dir,
                  checkpoint_every=1)
-    lpr = _lpr_for(model, 0.8)
-    sampler = DynamicSparsity(lpr, tr.adapter.trainable(), resample_every=3, seed=5).attach(tr)
     return tr, sampler, model
 
 
@@ -152,13 +153,26 @@ def test_trainer_uses_the_draw_of_each_step_and_resumes_exactly(tmp_path):
         assert torch.equal(p.detach(), final[n]), n
 
 
-def test_attach_needs_sparse_cge():
+def test_the_recipe_scores_once_caches_the_lpr_and_draws_its_counts(tmp_path):
+    """sparse_cge_from_score: score -> lpr.json -> dynamic Sparse-CGE; a resumed run reads the file, never rescoring."""
     model = tiny_cnn()
     x, y = tiny_batch()
-    tr = Trainer(model, ce, bbzo.create_estimator("cge"), torch.optim.SGD(model.parameters(), lr=0.1),
-                 TensorBatches(x, y, 8), max_steps=1)
-    with pytest.raises(ConfigError, match="sparse_cge"):
-        DynamicSparsity(_lpr_for(model), tr.adapter.trainable()).attach(tr)
+    ledger = QueryLedger()
+    est, lpr = sparse_cge_from_score("zo_grasp", model, ce, x, y, sparsity=0.8, seed=1, ledger=ledger, mu=1e-3,
+                                     resample_every=2, score_options={"q": 4, "mu": 5e-3, "not_an_option": 1},
+                                     cache=tmp_path / "lpr.json")
+    assert (tmp_path / "lpr.json").exists() and lpr.queries == ledger.queries == 2 * (4 + 1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    coords = est.coords(params, est.init(params))
+    for n, k in lpr.kept.items():
+        assert coords[n].numel() == k  # exactly the LPR's count per scored tensor
+    again, lpr2 = sparse_cge_from_score("zo_grasp", model, ce, x, y, sparsity=0.8, seed=1, ledger=ledger,
+                                        cache=tmp_path / "lpr.json", reuse=True)
+    assert lpr2.kept == lpr.kept and ledger.queries == 10  # read back: no new query
+    dense = dynamic_sparse_cge(uniform_ratios({n: p.numel() for n, p in params.items()}, 0.0), params)
+    assert dense.info.name == "cge"  # a plan that keeps every coordinate is plain CGE
+    hyb = dynamic_sparse_cge(lpr, params, surrogate=True)
+    assert hyb.info.name == "hybrid_cge" and hyb.query_cost(params) == est.query_cost(params)
 
 
 # ---------------------------------------------------------------------------- scores

@@ -8,6 +8,7 @@ import bbzo
 from bbzo.adapters import LoopAdapter
 from bbzo.errors import ConfigError, ShapeError
 from bbzo.oracle import FunctionOracle
+from bbzo.step import estimate
 
 
 def _problem():
@@ -29,7 +30,9 @@ def _problem():
         return rollout
 
     white = lambda s: torch.tanh(s @ a.T)  # the same map, differentiable (the FO reference)
-    return solver, model, x, y, make(solver.query), make(white)
+    nog = make(lambda s: solver.query(s.detach()))  # the stop-gradient surrogate: the solver's output a constant
+    rollout = bbzo.Rollout(make(solver.query), surrogate=nog)
+    return solver, model, x, y, rollout, make(white)
 
 
 def test_cge_through_rollout_matches_autograd():
@@ -38,7 +41,7 @@ def test_cge_through_rollout_matches_autograd():
     fo = torch.autograd.grad(loss, list(model.parameters()))
     est = bbzo.create_estimator("cge", mu=1e-6, difference="central")
     adapter = LoopAdapter(model, sets_per_call=7)
-    zo = bbzo.estimate(adapter, est, rollout, x, y)
+    zo = estimate(adapter, est, rollout, x, y)
     for (n, _), g in zip(model.named_parameters(), fo):
         assert torch.allclose(zo.grads[n], g, rtol=1e-6, atol=1e-8), n
     d = sum(p.numel() for p in model.parameters())
@@ -51,13 +54,36 @@ def test_cge_through_rollout_matches_autograd():
 def test_base_loss_is_the_plain_rollout():
     _, model, x, y, rollout, white_rollout = _problem()
     ev = LoopAdapter(model).bind(rollout, x, y)
-    assert torch.allclose(ev.base_loss(), white_rollout(model, x, y).mean().detach())
+    torch.testing.assert_close(ev.base_losses(), white_rollout(model, x, y).detach(), rtol=0, atol=1e-14)
+
+
+def test_the_surrogate_gradient_is_nog_and_its_forward_is_the_base_query():
+    """hybrid_cge on a rollout: the detached-solver gradient (NOG) off the drawn coordinates, finite differences on
+    them, and the surrogate's forward pass is the base query (Sparse-CGE's cost)."""
+    solver, model, x, y, rollout, white_rollout = _problem()
+    nog = torch.autograd.grad(rollout.surrogate(model, x, y).mean(), list(model.parameters()))
+    full = torch.autograd.grad(white_rollout(model, x, y).mean(), list(model.parameters()))
+    names = [n for n, _ in model.named_parameters()]
+    coords = {"0.weight": torch.tensor([0, 5, 11])}
+    est = bbzo.create_estimator("hybrid_cge", coords=coords, mu=1e-6, difference="central")
+    rows0 = solver.rows_used
+    res = estimate(LoopAdapter(model, sets_per_call=4), est, rollout, x, y)
+    assert res.queries == 2 * 3 + 1 and solver.rows_used - rows0 == (2 * 3 + 1) * 3 * 5
+    for n, g_nog, g_full in zip(names, nog, full):
+        g = res.grads[n].flatten()
+        drawn = torch.zeros(g.numel(), dtype=torch.bool)
+        if n in coords:
+            drawn[coords[n]] = True
+            torch.testing.assert_close(g[drawn], g_full.flatten()[drawn], rtol=1e-6, atol=1e-8)  # through the solver
+        torch.testing.assert_close(g[~drawn], g_nog.flatten()[~drawn], rtol=0, atol=1e-14)  # NOG, exactly
+    assert float((nog[0] - full[0]).abs().max()) > 1e-3  # the two gradients differ: the test can tell them apart
+    assert res.loss == pytest.approx(float(white_rollout(model, x, y).mean().detach()), rel=1e-12)
 
 
 def test_model_fn_must_see_every_row_and_rollout_must_be_per_sample():
     _, model, x, y, _, _ = _problem()
     est = bbzo.create_estimator("cge")
     with pytest.raises(ConfigError, match="all N = K\\*B"):
-        bbzo.estimate(LoopAdapter(model), est, lambda f, s, t: f(s[:1]).sum(1).repeat(s.shape[0]), x, y)
+        estimate(LoopAdapter(model), est, lambda f, s, t: f(s[:1]).sum(1).repeat(s.shape[0]), x, y)
     with pytest.raises(ShapeError, match="per-sample"):
-        bbzo.estimate(LoopAdapter(model), bbzo.create_estimator("cge"), lambda f, s, t: f(s).sum(), x, y)
+        estimate(LoopAdapter(model), bbzo.create_estimator("cge"), lambda f, s, t: f(s).sum(), x, y)

@@ -1,4 +1,4 @@
-"""The chain-rule estimators (oracle_cge / oracle_rge): finite differences in the oracle's input space only."""
+"""The chain-rule estimators (oracle_cge / oracle_rge): finite differences in the model's output space only."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 import bbzo
 from bbzo.errors import ConfigError
 from bbzo.ledger import QueryLedger
+from bbzo.step import estimate
+from bbzo.adapters import make_adapter
 
 W = torch.tensor([[0.7, -0.2], [0.1, 0.9], [-0.5, 0.3], [0.4, 0.4]], dtype=torch.float64)
 
@@ -53,35 +55,47 @@ def test_oracle_cge_equals_autograd_through_a_differentiable_oracle_in_float64(k
     ledger = QueryLedger()
     ledger.attach(oracle)
     est = bbzo.create_estimator("oracle_cge", mu=mu, difference=difference)
-    res = bbzo.estimate(bbzo.make_adapter(model), est, obj, x, y, ledger=ledger)
+    res = estimate(make_adapter(model), est, obj, x, y, ledger=ledger)
     assert rel(res.grads, truth) < tol, rel(res.grads, truth)
-    d_in = 4  # 3 outputs + 1 input/target column: each coordinate of the rows is perturbed for all rows at once
-    assert res.queries == ledger.queries == (d_in + 1 if difference == "forward" else 2 * d_in + 1)
-    assert ledger.calls(oracle) == 1 and ledger.rows(oracle) == res.queries * x.shape[0]  # one call, every probe
+    width = 3  # the model's 3 outputs: each is moved for every sample at once (the appended input/target is not)
+    assert res.queries == ledger.queries == (width + 1 if difference == "forward" else 2 * width)
+    # one call holds every probe (and the base its own): rows = queries x samples
+    assert ledger.calls(oracle) == (2 if difference == "forward" else 1) and ledger.rows(oracle) == res.queries * x.shape[0]
     # and an estimator scaled wrong would fail: the check resolves a 1% error
     assert rel({k: 1.01 * v for k, v in res.grads.items()}, truth) > 10 * tol
 
 
-def test_oracle_rge_is_unbiased_in_the_oracle_input_space():
+def test_oracle_rge_is_unbiased_in_the_output_space():
     model, x, y, obj, _, truth = setup("outputs+inputs")
     est = bbzo.create_estimator("oracle_rge", q=4, mu=1e-6)
-    adapter = bbzo.make_adapter(model)
+    adapter = make_adapter(model)
     draws = 400
-    acc = None
+    acc, state = None, None
     for _ in range(draws):
-        g = bbzo.estimate(adapter, est, obj, x, y).grads
+        res = estimate(adapter, est, obj, x, y, state=state)
+        g, state = res.grads, res.state
         acc = g if acc is None else {k: acc[k] + g[k] for k in g}
     mean = {k: v / draws for k, v in acc.items()}
     assert rel(mean, truth) < 0.1 and rel({k: 0.7 * v for k, v in mean.items()}, truth) > 0.1
 
 
-def test_chain_rule_estimators_refuse_objectives_without_an_oracle_split():
-    model = torch.nn.Linear(3, 2).double()
-    x = torch.randn(4, 3, dtype=torch.float64)
-    plain = lambda out, t: out.pow(2).sum(1)  # noqa: E731  (a rollout or a whole-model black box looks like this)
+def test_any_objective_works_and_a_rollout_is_refused():
+    """The black box is everything after the model's outputs: a plain loss function works as well (exact in float64);
+    a model inside a rollout has no outputs to perturb, and the estimators say so."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plain = lambda out, t: torch.sin(out).pow(2).sum(1) + out[:, 0] * out[:, 1]  # noqa: E731
+    with torch.enable_grad():
+        ref = torch.autograd.grad(plain(model(x), None).mean(), list(model.parameters()))
+    truth = dict(zip([n for n, _ in model.named_parameters()], ref))
+    g = estimate(make_adapter(model), bbzo.create_estimator("oracle_cge", mu=1e-5, difference="central"), plain, x,
+                 None).grads
+    assert rel(g, truth) < 1e-8
+    from bbzo.adapters import LoopAdapter
+
     for name in ("oracle_cge", "oracle_rge"):
-        with pytest.raises(ConfigError, match="model -> oracle -> loss split"):
-            bbzo.estimate(bbzo.make_adapter(model), bbzo.create_estimator(name), plain, x, None)
+        with pytest.raises(ConfigError, match="model -> black box split"):
+            estimate(LoopAdapter(model), bbzo.create_estimator(name), lambda f, s, t: f(s).sum(1), x, None)
 
 
 def test_oracle_cge_cost_does_not_depend_on_the_model_size():
@@ -91,5 +105,5 @@ def test_oracle_cge_cost_does_not_depend_on_the_model_size():
         y = torch.randn(5, 2, dtype=torch.float64)
         obj = bbzo.OracleObjective(bbzo.FunctionOracle(lambda r: smooth(torch.cat([r, r[:, :1]], 1))),
                                    lambda a, out, inp, t: (a - t).pow(2).sum(1), needs_inputs=False)
-        res = bbzo.estimate(bbzo.make_adapter(model), bbzo.create_estimator("oracle_cge", mu=1e-6), obj, x, y)
+        res = estimate(make_adapter(model), bbzo.create_estimator("oracle_cge", mu=1e-6), obj, x, y)
         assert res.queries == 3 + 1
