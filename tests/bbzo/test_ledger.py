@@ -8,8 +8,7 @@ import bbzo
 from bbzo import BudgetExceeded, ConfigError, FunctionOracle, OracleError
 from bbzo.ledger import QueryLedger
 from bbzo.objective import OracleObjective, as_objective
-from tests.helpers import SpyOracle, mlp64
-from tests.helpers import grad
+from tests.helpers import SpyOracle, grad, mlp64
 
 
 def test_rows_and_calls_are_counted_per_oracle_and_evaluation_is_apart():

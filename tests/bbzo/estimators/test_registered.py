@@ -8,10 +8,9 @@ import torch
 import bbzo
 from bbzo.errors import ConfigError
 from bbzo.ledger import QueryLedger
-from tests.helpers import SpyOracle, autograd_grads, mlp64, problems, rel_err
-from tests.helpers import grad
 from bbzo.step import estimate
 from bbzo.adapters import make_adapter
+from tests.helpers import SpyOracle, autograd_grads, grad, mlp64, problems, rel_err
 
 PROBLEMS = problems()
 
