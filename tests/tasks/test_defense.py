@@ -220,7 +220,7 @@ def test_pretrain_finetune_and_certify_through_the_cli_with_an_exact_query_ledge
     assert set(cert["certified_accuracy"]) == {"none", "mse", "zo"} and cert["images"] == 8
     assert cert["classifier_queries"]["zo"] == 8 * 45
     lines = (tmp_path / "cert" / "zo" / "certify.tsv").read_text().splitlines()
-    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\tseconds" and len(lines) == 9
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\tnA\tpA_lower\tseconds" and len(lines) == 9
     assert (tmp_path / "cert" / "certified_accuracy.png").stat().st_size > 1000
     assert "r = 0.25" in (tmp_path / "cert" / "results.md").read_text()
 
@@ -238,7 +238,9 @@ def test_finetune_resumes_bitwise(setup, tmp_path):
     assert r.exit_code == 0, r.output
     a = torch.load(tmp_path / "a" / "zo" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "zo" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["_extra_state"] == b["_extra_state"] == {"format": "bbzo-denoiser/1", "arch": "dncnn",
+                                                     "kwargs": {"depth": 4, "width": 8}}
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "_extra_state")
 
 
 def test_bad_inputs_get_clear_errors(setup, tmp_path):
@@ -250,7 +252,13 @@ def test_bad_inputs_get_clear_errors(setup, tmp_path):
     corrupt.write_bytes(b"garbage" * 20)
     r = runner.invoke(main, ["defense", "finetune", *common(root), "--denoiser", str(corrupt), "--steps", "1",
                              "--out", str(tmp_path / "y")])
+    assert r.exit_code != 0 and f"denoiser {corrupt} cannot be read" in r.output and "weights_only" not in r.output
+    other = tmp_path / "other.pt"
+    torch.save(DnCNN(5, 8).state_dict(), other)  # a file that records no architecture, of another depth
+    r = runner.invoke(main, ["defense", "finetune", *common(root), "--denoiser", str(other), "--steps", "1",
+                             "--out", str(tmp_path / "y2")])
     assert r.exit_code != 0 and "is not a DnCNN(depth=4, width=8) state dict" in r.output
+    assert "check --denoiser-arch/--depth/--width" in r.output
     r = runner.invoke(main, ["defense", "certify", *common(root), "--denoisers", "{zo: nowhere.pt}", "--out",
                              str(tmp_path / "z")])
     assert r.exit_code != 0 and "denoiser zo: nowhere.pt does not exist" in r.output
