@@ -168,8 +168,9 @@ class CertifySettings(DefenseBase):
         "Denoisers to certify, NAME: SOURCE, e.g. '{mse: runs/p/model.pt, zo: runs/f/zo/model.pt}'; a SOURCE is a "
         "model.pt (its architecture is recorded; older files use --depth/--width), a TorchScript / torch.export "
         "file, or module:attr. `none` (the classifier alone) is certified too unless --pipelines leaves it out."))
-    pipelines: tuple[str, ...] = setting((), help=(
-        "Which pipelines to certify, comma-separated, of none and the --denoisers names (default: all)."))
+    pipelines: tuple[str, ...] = setting((), runtime=True, help=(
+        "Which pipelines to certify, comma-separated, of none and the --denoisers names (default: all); "
+        "--resume may add one."))
     predict: bool = setting(False, help=(
         "Run Cohen et al.'s PREDICT (n samples; abstain unless the top-two binomial test has p <= alpha) instead of "
         "CERTIFY: the smoothed classifier's accuracy, without radii (predict.tsv)."))
