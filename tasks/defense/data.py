@@ -404,17 +404,22 @@ class NoisyBatches:
         self.steps_per_epoch = self.order.steps_per_epoch
         self._it: Optional[Iterator[Any]] = None
         self._next = -1
+        self._last: Optional[tuple[int, torch.Tensor]] = None
 
     def _images(self, step: int, idx: torch.Tensor) -> torch.Tensor:
         if self.split.in_memory:
             return self.split.rows_batch(self.rows[idx])  # type: ignore[attr-defined]
+        if self._last is not None and self._last[0] == step:  # asked twice (a score's batch, then step 0)
+            return self._last[1]
         if self._it is None or self._next != step:  # (re)start the prefetching loader at this step
             pin = self.device is not None and torch.device(self.device).type == "cuda"
             loader = _loader(self.split, self.rows, self.batch_size, self.workers, pin,
                              batch_sampler=_StepSampler(self.order, self.rows, step))
             self._it = iter(loader)
         self._next = step + 1
-        return next(self._it)[0]
+        x = next(self._it)[0]
+        self._last = (step, x)
+        return x
 
     def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.order.indices(step)

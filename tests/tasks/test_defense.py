@@ -556,3 +556,17 @@ def test_predict_through_the_cli_and_noise_that_does_not_depend_on_the_batch(set
     for row in rows[1:]:  # PREDICT abstains exactly when the top-two binomial test is not significant
         assert (float(row[6]) > 0.001) == (row[2] == "-1")
     assert "PREDICT accuracy" in (tmp_path / "p" / "results.md").read_text()
+
+
+def test_image_folder_batches_are_a_function_of_the_step_with_or_without_loader_workers(tmp_path):
+    from bbzo.tasks.defense.data import NoisyBatches, open_images
+
+    data = open_images(image_folder(tmp_path / "f", size=(20, 24), per_split=(12, 4)), image_size=16, subset=8)
+    assert data.train_rows.tolist() == sorted(data.train_rows.tolist()) and data.train_rows.numel() == 8
+    streamed = NoisyBatches(data.train, None, 3, 0.1, seed=3, rows=data.train_rows, workers=1)
+    direct = NoisyBatches(data.train, None, 3, 0.1, seed=3, rows=data.train_rows, workers=0)
+    for step in (0, 0, 1, 4, 5, 2, 2, 3):  # repeats and jumps (a score's batch, a resume) restart the prefetch
+        noisy, clean = streamed.get_batch(step)
+        assert torch.equal(noisy, direct.get_batch(step)[0])
+        rows = data.train_rows[streamed.order.indices(step)]
+        assert torch.equal(clean, torch.stack([data.train[int(i)][0] for i in rows]))
