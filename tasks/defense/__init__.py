@@ -28,7 +28,7 @@ import torch
 from bbzo import parallel
 from bbzo.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 from bbzo.config import as_plain
-from bbzo.errors import ConfigError
+from bbzo.errors import BbzoError, ConfigError
 from bbzo.run import BuildContext, Run
 from bbzo.task import Task, register_task
 
@@ -68,6 +68,14 @@ def check_setup(s: DefenseBase, run: Optional[Run], *, splits: tuple[str, ...], 
     covers the data's classes with the classifier's outputs). The data's class list is recorded in
     ``OUT/data.json``. Returns ``{data, net, class_map, denoisers, check_queries}``.
     """
+    for what, dev in (("--device", s.device), ("--noise-device", getattr(s, "noise_device", "") or "cpu")):
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise ConfigError(f"{what} {dev!r} is not a device; use cpu, cuda or cuda:N.") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{what} {dev}, but torch sees no CUDA device here; use --device cpu (or check "
+                              "CUDA_VISIBLE_DEVICES and the torch build).")
     net = None
     if classifier:
         from bbzo.oracles.classifier import load_classifier
@@ -262,6 +270,10 @@ def _certify_pipeline(s: CertifySettings, name: str, ctx: BuildContext) -> None:
         print(f"\n[certify] interrupted: {log.done} of {len(plan)} images of {name} are saved in {log.path}; rerun "
               "the same command with --resume to continue from the next image.", file=sys.stderr)
         raise
+    except BbzoError as e:  # the classifier or the denoiser failed: say what is kept
+        saved = (f" {log.done} of {len(plan)} images of {name} are saved in {log.path}; fix the cause and rerun "
+                 "with --resume to continue from the next image.")
+        raise type(e)(f"{e}{saved}" if str(e).endswith(".") else f"{e}.{saved}") from e
     finally:
         if bar is not None:
             bar.close()

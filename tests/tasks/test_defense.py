@@ -312,6 +312,9 @@ def test_bad_inputs_get_clear_errors(setup, tmp_path):
     r = runner.invoke(main, ["defense", "certify", *common(root), "--denoisers", "{zo: nowhere.pt}", "--out",
                              str(tmp_path / "z")])
     assert r.exit_code != 0 and "denoiser zo: nowhere.pt does not exist" in r.output
+    if not torch.cuda.is_available():
+        r = runner.invoke(main, ["defense", "certify", *common(root), "--device", "cuda", "--out", str(tmp_path / "gpu")])
+        assert r.exit_code != 0 and "torch sees no CUDA device" in r.output
     with pytest.raises(ConfigError, match="unknown method"):
         FinetuneSettings(method=("sgd",))
 
