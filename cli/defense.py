@@ -1,10 +1,14 @@
 """``bbzo defense``: the certified black-box defense (denoised smoothing with a query-only classifier).
 
-    bbzo defense pretrain --data imagenette_32px.npz --depth 17 --width 64 --out runs/def/pretrain
-    bbzo defense finetune --data imagenette_32px.npz --classifier resnet50 --weights rn50.pt \\
-        --denoiser runs/def/pretrain/model.pt --method zo,fo --out runs/def/finetune
-    bbzo defense certify --data imagenette_32px.npz --classifier resnet50 --weights rn50.pt \\
-        --denoisers '{mse: runs/def/pretrain/model.pt, zo: runs/def/finetune/zo/model.pt}' --out runs/def/cert
+    bbzo defense pretrain --data imagenette2/ --depth 17 --width 64 --device cuda --out runs/def/pretrain
+    bbzo defense finetune --data imagenette2/ --classifier resnet50 --weights rn50_in1k.pt --num-classes 1000 \\
+        --class-map imagenette --denoiser runs/def/pretrain/model.pt --method zo,fo --device cuda --out runs/def/finetune
+    bbzo defense certify --data imagenette2/ --classifier resnet50 --weights rn50_in1k.pt --num-classes 1000 \\
+        --class-map imagenette --denoisers '{mse: runs/def/pretrain/model.pt, zo: runs/def/finetune/zo/model.pt}' \\
+        --device cuda --out runs/def/cert          # Ctrl-C, then the same command with --resume, continues
+
+``--data`` is an ImageFolder root (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) or an ``.npz``; the
+denoiser files record their architecture, so only ``pretrain`` names it.
 
 The classifier is only ever queried (``fo`` -- FO-DS -- is the white-box reference and says so). Settings
 come from flags, ``--config`` (flat keys) and are declared in :mod:`bbzo.tasks.defense.settings`;

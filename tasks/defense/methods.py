@@ -14,14 +14,21 @@ DeepZero Eq. A2) with one noise draw per (image, step) shared by every query of 
 * ``zo-ds`` -- ZO-AE-DS's estimator without the autoencoder: RGE with ``q`` directions in the denoised
   image's space, then autograd through the denoiser (the chain-rule ``oracle_rge``). ``q + 1`` queries.
 
+The denoiser is any module (:mod:`.denoisers`). ``zo`` perturbs the layers named above through the staged
+adapter when the denoiser declares stages (DnCNN, an ``nn.Sequential``, any ``bbzo_stages``) and through the
+functional (``vmap``) adapter otherwise; "the last conv" of a denoiser without DnCNN's ``dncnn`` layers is its
+last Conv/Linear weight in registration order. With ``adapter_width > 0`` the denoiser is frozen and a small
+DnCNN after it is fine-tuned instead (:class:`~.denoisers.AdaptedDenoiser`; its last conv for ``layers=last``).
+
 The denoiser's BatchNorm stays in eval mode while fine-tuning (frozen statistics, so cached features and
 every query of a step see the same network).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,49 +44,74 @@ from bbzo.run import BuildContext, Training
 from bbzo.sparsity import LayerRatios, dynamic_sparse_cge, layer_ratios
 from bbzo.sparsity.scores.registry import prunable_params
 
-from .data import CifarData, NoisyBatches
+from .data import ImageData, NoisyBatches, iter_rows
+from .denoisers import AdaptedDenoiser, build_denoiser, can_finetune, frozen, load_denoiser_source, sha256, spec_of
 from .settings import DefenseBase, FinetuneSettings, PretrainSettings
 
 __all__ = ["make_oracle", "make_denoiser", "load_denoiser", "stability_targets", "noisy_accuracy", "psnr",
-           "build_pretrain", "build_finetune", "budget_ratios", "RESAMPLE_EPOCHS"]
+           "build_pretrain", "build_finetune", "budget_ratios", "RESAMPLE_EPOCHS", "finetuned_denoiser",
+           "last_weight"]
 
 RESAMPLE_EPOCHS = 5  # DeepZero's --mask-shuffle-interval
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
-def make_oracle(s: DefenseBase, name: str = "classifier", net: Any = None) -> ClassifierOracle:
-    """The query-only classifier of the settings (``net``: reuse an already loaded one)."""
+
+def make_oracle(s: DefenseBase, name: str = "classifier", net: Any = None,
+                classes: Optional[list[list[int]]] = None) -> ClassifierOracle:
+    """The query-only classifier of the settings (``net``: reuse an already loaded one; ``classes``: a class map)."""
     net = net if net is not None else load_classifier(s.classifier, s.weights, s.num_classes)
-    return ClassifierOracle(net, mean=s.mean, std=s.std, output=s.output, max_batch=s.max_batch, name=name).to(s.device)
+    return ClassifierOracle(net, mean=s.mean, std=s.std, output=s.output, max_batch=s.max_batch, name=name,
+                            classes=classes).to(s.device)
 
 
-def make_denoiser(s: DefenseBase) -> DnCNN:
+def make_denoiser(s: DefenseBase) -> nn.Module:
+    """An untrained denoiser of the settings' architecture (seeded), its spec recorded in its state dict."""
     torch.manual_seed(s.seed)
-    return DnCNN(s.depth, s.width).to(s.device)
+    return build_denoiser(s.denoiser_spec()).to(s.device)
 
 
-def load_denoiser(s: DefenseBase, path: Optional[Path]) -> DnCNN:
-    """A DnCNN of the settings' depth and width with the weights of ``path`` (a state dict)."""
+def load_denoiser(s: DefenseBase, path: Any) -> Any:
+    """The denoiser ``path`` names (a weights file, a compiled file or a reference), trainable, on the device.
+
+    A file that records its architecture is rebuilt from it; others use the flags (``--denoiser-arch``,
+    ``--depth``, ``--width``).
+    """
     if path is None:
         raise ConfigError("no denoiser given: pass --denoiser runs/.../model.pt (train one with `bbzo defense pretrain`).")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"denoiser {path} does not exist; train one with `bbzo defense pretrain`.")
-    model = make_denoiser(s)
-    try:
-        state = torch.load(path, map_location=s.device, weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    except Exception as e:  # noqa: BLE001 - corrupt, truncated, or another depth/width
-        raise ConfigError(f"{path} is not a DnCNN(depth={s.depth}, width={s.width}) state dict ({type(e).__name__}: "
-                          f"{str(e)[:200]}); check --depth/--width or retrain it.") from e
-    return model
+    return load_denoiser_source(str(path), s.denoiser_spec(), s.device)
+
+
+def finetuned_denoiser(s: FinetuneSettings) -> nn.Module:
+    """What ``finetune`` trains: the pretrained denoiser, or (``adapter_width > 0``) an adapter after it."""
+    base = load_denoiser(s, s.denoiser)
+    if s.adapter_width <= 0:
+        why = can_finetune(base)
+        if why is not None:
+            raise ConfigError(f"--denoiser {s.denoiser} is {why}: bbzo cannot perturb its weights. Fine-tune a small "
+                              "adapter after it (--adapter-width 16), or give the denoiser as module:attr.")
+        return base
+    source = str(s.denoiser)
+    path = Path(source)
+    base_spec = {"source": str(path.resolve()) if path.is_file() else source,
+                 "sha256": sha256(path) if path.is_file() else None, "spec": spec_of(base)}
+    torch.manual_seed(s.seed)
+    return AdaptedDenoiser(frozen(base), base_spec, depth=s.adapter_depth, width=s.adapter_width).to(s.device)
 
 
 @torch.no_grad()
-def stability_targets(oracle: ClassifierOracle, images: torch.Tensor, device: Any = "cpu", batch: int = 512
-                      ) -> torch.Tensor:
-    """``argmax f(x)`` of the clean images ``(N,)`` (one query per image, charged to the oracle's ledger)."""
-    return torch.cat([oracle.query(images[i:i + batch].to(device)).argmax(1).cpu()
-                      for i in range(0, images.shape[0], batch)])
+def stability_targets(oracle: ClassifierOracle, images: Any, device: Any = "cpu", batch: int = 512,
+                      rows: Optional[torch.Tensor] = None, workers: int = 0) -> torch.Tensor:
+    """``argmax f(x)`` of the clean images ``(N,)`` (one query per image, charged to the oracle's ledger).
+
+    ``images``: a ``(N, C, H, W)`` tensor, or an :class:`~.data.ImageSplit` read at ``rows`` (streamed).
+    """
+    if isinstance(images, torch.Tensor):
+        batches: Batches = ((images[i:i + batch], None) for i in range(0, images.shape[0], batch))
+    else:
+        batches = iter_rows(images, rows if rows is not None else torch.arange(len(images)), batch, workers=workers,
+                            device=device)
+    return torch.cat([oracle.query(x.to(device)).argmax(1).cpu() for x, _ in batches])
 
 
 def stability_loss(answers: torch.Tensor, outputs: Any, inputs: Any, targets: torch.Tensor, *, output: str = "logits"
@@ -88,34 +120,46 @@ def stability_loss(answers: torch.Tensor, outputs: Any, inputs: Any, targets: to
     return F.nll_loss(log_probs(answers, output), targets, reduction="none")
 
 
+def _batches(x: Any, y: Optional[torch.Tensor], batch: int) -> Batches:
+    """Tensors -> batches; anything else is taken to be batches already (``iter_rows``)."""
+    if isinstance(x, torch.Tensor):
+        return ((x[i:i + batch], y[i:i + batch] if y is not None else None) for i in range(0, x.shape[0], batch))
+    return x
+
+
 @torch.no_grad()
-def noisy_accuracy(denoiser: Optional[nn.Module], classify: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   y: torch.Tensor, sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
-    """Top-1 accuracy (%) of ``f(D(x + delta))`` with one fixed noise draw per image (a cheap proxy of certified accuracy)."""
+def noisy_accuracy(denoiser: Optional[nn.Module], classify: Callable[[torch.Tensor], torch.Tensor], x: Any,
+                   y: Optional[torch.Tensor], sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
+    """Top-1 accuracy (%) of ``f(D(x + delta))`` with one fixed noise draw per image (a cheap proxy of certified accuracy).
+
+    ``x``: ``(N, C, H, W)`` with labels ``y``, or batches ``(images, labels)`` of ``batch`` images (``y`` None).
+    """
     g = torch.Generator().manual_seed(seed + 424242)
-    hit = 0
+    hit = total = 0
     was = denoiser.training if denoiser is not None else False
     if denoiser is not None:
         denoiser.eval()
-    for i in range(0, x.shape[0], batch):
-        xb = x[i:i + batch]
+    for xb, yb in _batches(x, y, batch):
         z = (xb + sigma * torch.randn(xb.shape, generator=g)).to(device)
         z = denoiser(z) if denoiser is not None else z
-        hit += int((classify(z).argmax(1).cpu() == y[i:i + batch]).sum())
+        hit += int((classify(z).argmax(1).cpu() == yb).sum())
+        total += int(xb.shape[0])
     if denoiser is not None:
         denoiser.train(was)
-    return round(100.0 * hit / max(1, x.shape[0]), 3)
+    return round(100.0 * hit / max(1, total), 3)
 
 
 @torch.no_grad()
-def psnr(denoiser: nn.Module, x: torch.Tensor, sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
-    """Mean PSNR (dB, peak 1) of ``D(x + delta)`` against ``x`` in eval mode, one fixed noise draw."""
+def psnr(denoiser: nn.Module, x: Any, sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
+    """Mean PSNR (dB, peak 1) of ``D(x + delta)`` against ``x`` in eval mode, one fixed noise draw.
+
+    ``x``: ``(N, C, H, W)``, or batches ``(images, labels)`` of ``batch`` images.
+    """
     g = torch.Generator().manual_seed(seed + 424242)
     was = denoiser.training
     denoiser.eval()
     vals = []
-    for i in range(0, x.shape[0], batch):
-        xb = x[i:i + batch]
+    for xb, _ in _batches(x, None, batch):
         out = denoiser((xb + sigma * torch.randn(xb.shape, generator=g)).to(device)).cpu()
         mse = ((out - xb) ** 2).flatten(1).mean(1).clamp_min(1e-12)
         vals.append(-10.0 * torch.log10(mse))
@@ -133,25 +177,31 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((outputs - targets) ** 2).flatten(1).mean(1)
 
 
+def _test_batches(data: ImageData, s: DefenseBase, batch: int = 256) -> Batches:
+    return iter_rows(data.test, data.test_rows, batch, workers=s.loader_workers, device=s.device)
+
+
 def build_pretrain(s: PretrainSettings, name: str, ctx: BuildContext) -> Training:
     """MSE(D(x + delta), x) with Adam (first-order: the classifier is not involved)."""
-    data: CifarData = ctx.shared
+    data: ImageData = ctx.shared["data"]
     model = make_denoiser(s).train()
-    batches = NoisyBatches(data.train_x, None, s.batch, s.sigma, seed=s.seed, device=s.device)
+    assert data.train is not None and data.train_rows is not None
+    batches = NoisyBatches(data.train, None, s.batch, s.sigma, seed=s.seed, device=s.device, rows=data.train_rows,
+                           workers=s.loader_workers)
     spe = batches.steps_per_epoch
     steps = s.steps or s.epochs * spe
     opt = make_optimizer(model.parameters(), "adam", lr=s.lr, weight_decay=s.weight_decay)
-    test_x = data.test_x
 
     def evaluate(m: nn.Module) -> dict[str, Any]:
-        return {"test_psnr": psnr(m, test_x, s.sigma, s.seed, device=s.device)}
+        return {"test_psnr": psnr(m, _test_batches(data, s), s.sigma, s.seed, device=s.device)}
 
+    spec = spec_of(model)
     return Training(model=model, objective=FunctionObjective(_mse), estimator=bbzo.create_estimator("autograd"),
                     optimizer=opt, scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe))), data=batches,
                     steps=steps, evaluate=evaluate, eval_every=s.eval_every or spe, checkpoint_every=s.checkpoint_every,
                     desc="pretrain (MSE, autograd)", log_extra={"method": "mse"},
                     summary=lambda tr: {"steps_per_epoch": spe, "epochs": round(tr.step_count / spe, 3),
-                                        "depth": s.depth, "width": s.width, "sigma": s.sigma})
+                                        "depth": s.depth, "width": s.width, "sigma": s.sigma, "denoiser": spec})
 
 
 def budget_ratios(lpr: LayerRatios, sizes: dict[str, int], budget: int) -> LayerRatios:
@@ -173,15 +223,16 @@ def budget_ratios(lpr: LayerRatios, sizes: dict[str, int], budget: int) -> Layer
                        score=lpr.score, seed=lpr.seed, queries=lpr.queries, extra={"budget": budget})
 
 
-def _zo(s: FinetuneSettings, ctx: BuildContext, model: DnCNN, objective: Any, batches: NoisyBatches
-        ) -> tuple[Any, dict[str, Any]]:
+def _zo(s: FinetuneSettings, ctx: BuildContext, model: nn.Module, objective: Any, batches: NoisyBatches, last: str,
+        label: str) -> tuple[Any, dict[str, Any]]:
+    """DeepZero's recipe on the denoiser: ZO-GraSP ratios (``lpr.json``), a coordinate budget per step over the tuned
+    layers (``last``, or every scored one), masked CGE redrawn every ``resample_every`` steps."""
     x, y = batches.get_batch(0)
     for o in objective.oracles:  # the score's rows are the training's rows
         ctx.ledger.attach(o)
     lpr = layer_ratios("zo_grasp", model, objective, x, y, sparsity=s.grasp_sparsity, seed=s.seed, ledger=ctx.ledger,
                        include=prunable_params(model), score_options={"q": s.score_q, "mu": s.mu},
-                       model_name=f"dncnn{s.depth}x{s.width}", cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
-    last = f"dncnn.{len(model.dncnn) - 1}.weight"
+                       model_name=label, cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
     tuned = [last] if s.layers == "last" else [n for n in lpr.kept]
     for n, p in model.named_parameters():
         p.requires_grad_(n in tuned)
@@ -195,20 +246,43 @@ def _zo(s: FinetuneSettings, ctx: BuildContext, model: DnCNN, objective: Any, ba
                  "coords_per_step": plan.total_kept, "resample_every": every}
 
 
+def last_weight(model: nn.Module) -> str:
+    """The weight of ``model``'s last Conv/Linear layer in registration order (its "last layer")."""
+    names = prunable_params(model)
+    return names[-1]
+
+
+def _zo_for(s: FinetuneSettings, ctx: BuildContext, model: nn.Module, objective: Any, batches: NoisyBatches
+            ) -> tuple[Any, dict[str, Any]]:
+    """DeepZero's recipe on this denoiser: DnCNN's layout (ours, Salman's, an adapter) tunes ``dncnn``'s last conv,
+    any other denoiser its last Conv/Linear weight (:func:`last_weight`)."""
+    if not isinstance(getattr(model, "dncnn", None), nn.Sequential):
+        return _zo(s, ctx, model, objective, batches, last_weight(model), type(model).__name__)
+    spec = spec_of(model) or {}
+    kw = spec.get("kwargs", {})
+    if spec.get("arch") in ("dncnn", "adapter") and (kw.get("depth"), kw.get("width")) != (s.depth, s.width):
+        s = dataclasses.replace(s, depth=int(kw["depth"]), width=int(kw["width"]))  # the LPR file's model label
+    return _zo(s, ctx, model, objective, batches, f"dncnn.{len(model.dncnn) - 1}.weight", f"dncnn{s.depth}x{s.width}")
+
+
 def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Training:
     shared = ctx.shared
-    data: CifarData = shared["data"]
-    model = load_denoiser(s, s.denoiser).eval()
-    oracle = make_oracle(s, name="classifier", net=shared["net"])
-    batches = NoisyBatches(data.train_x, shared["targets"], s.batch, s.sigma, seed=s.seed, device=s.device)
+    data: ImageData = shared["data"]
+    model = finetuned_denoiser(s).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    oracle = make_oracle(s, name="classifier", net=shared["net"], classes=shared["class_map"])
+    assert data.train is not None
+    batches = NoisyBatches(data.train, shared["targets"], s.batch, s.sigma, seed=s.seed, device=s.device,
+                           rows=data.train_rows, workers=s.loader_workers)
     spe = batches.steps_per_epoch
     steps = s.steps or s.epochs * spe
     loss = lambda a, o, i, t: stability_loss(a, o, i, t, output=s.output)  # noqa: E731
     objective: Any = OracleObjective(oracle, loss, needs_inputs=False)
-    extra: dict[str, Any] = {"label_queries": shared["label_queries"]}
+    extra: dict[str, Any] = {"label_queries": shared["label_queries"], "denoiser": spec_of(model)}
     oracles: list[Any] = [oracle]  # fo queries it only to evaluate
     if name == "zo":
-        est, more = _zo(s, ctx, model, objective, batches)
+        est, more = _zo_for(s, ctx, model, objective, batches)
         extra.update(more)
     elif name == "zo-ds":
         est = bbzo.create_estimator("oracle_rge", q=s.q, mu=s.mu, seed=s.seed)
@@ -220,13 +294,13 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
         mean, std = oracle.mean, oracle.std
 
         def white_box(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(net((outputs - mean) / std), targets, reduction="none")
+            return F.cross_entropy(oracle.map_logits(net((outputs - mean) / std)), targets, reduction="none")
         objective, est = FunctionObjective(white_box), bbzo.create_estimator("autograd")
     opt = make_optimizer(model.parameters(), "adam", lr=float(s.method_lr.get(name, s.lr)))
-    test_x, test_y = data.test_x, data.test_y
 
     def evaluate(m: nn.Module) -> dict[str, Any]:  # in the ledger's uncharged evaluation scope
-        return {"noisy_acc": noisy_accuracy(m, oracle.query, test_x, test_y, s.sigma, s.seed, device=s.device)}
+        return {"noisy_acc": noisy_accuracy(m, oracle.query, _test_batches(data, s), None, s.sigma, s.seed,
+                                            device=s.device)}
 
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     q = est.query_cost(trainable) if est.info.zeroth_order else 0

@@ -10,7 +10,7 @@ from bbzo.listeners import save_figure
 from .certify import ABSTAIN, accuracy_interval
 from .settings import METHOD_NAMES
 
-__all__ = ["PAPER_TABLE2", "certified_table", "finetune_table", "plot_certified"]
+__all__ = ["PAPER_TABLE2", "certified_table", "finetune_table", "plot_certified", "predicted_table"]
 
 #: DeepZero Table 2 (ImageNet-10, ResNet-50 black box, DnCNN, 1,152 queries per gradient), certified accuracy %
 PAPER_TABLE2 = {"fo": {"0": 89.33, "0.25": 81.67, "0.5": 68.87, "0.75": 49.80},
@@ -32,6 +32,15 @@ def certified_table(results: Mapping[str, Mapping[str, float]], count: int, *, p
             label = {"fo": "paper: FO-DS", "zo": "paper: DeepZero", "zo-ae-ds": "paper: ZO-AE-DS"}[name]
             lines.append(f"| {label} (ImageNet-10, 224 px) | " + " | ".join(
                 f"{acc[r]:.2f}" if r in acc else "-" for r in radii) + " | |")
+    return "\n".join(lines)
+
+
+def predicted_table(results: Mapping[str, Mapping[str, float]], count: int) -> str:
+    """Markdown: PREDICT's accuracy and abstention rate (%) per pipeline, with the accuracy's 95% interval."""
+    lines = [f"| method | PREDICT accuracy [%] | abstain [%] | 95% CI ({count} images) |", "|---|---|---|---|"]
+    for name, r in results.items():
+        low, high = accuracy_interval(r["accuracy"], count)
+        lines.append(f"| {METHOD_NAMES.get(name, name)} | {r['accuracy']:.2f} | {r['abstain']:.2f} | {low:.1f} - {high:.1f} |")
     return "\n".join(lines)
 
 

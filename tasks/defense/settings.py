@@ -1,6 +1,6 @@
 """The settings of the defense commands, declared once: ``pretrain``, ``finetune``, ``certify``.
 
-Defaults follow DeepZero App. G and ../shared/research/defense.md: sigma 0.25 in [0, 1] pixel units, DnCNN
+Defaults follow DeepZero App. G (and docs/results/defense.md): sigma 0.25 in [0, 1] pixel units, DnCNN
 depth 17 / width 64, MSE pretraining with Adam; fine-tuning minimises CE(f(D(x + delta)), argmax f(x)) with
 Adam at lr 1e-5 divided by 10 every 4 epochs, mu 5e-3, a budget of 1,152 coordinates per ZO gradient (of
 the last layer's 1,728, redrawn every 5 epochs; the paper's ZO-GraSP at 95% sparsity keeps almost only the
@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 
 from bbzo.config import setting
 from bbzo.errors import ConfigError
-from bbzo.oracles.classifier import IMAGENET_MEAN, IMAGENET_STD
+from bbzo.oracles.classifier import IMAGENET_MEAN, IMAGENET_STD, is_reference
 from bbzo.task import RunSettings
 
 __all__ = ["DefenseBase", "PretrainSettings", "FinetuneSettings", "CertifySettings", "METHODS", "METHOD_NAMES"]
@@ -30,17 +30,36 @@ class DefenseBase(RunSettings):
     """What every defense command needs: the images, the noise, the denoiser's shape, and the black box."""
 
     data: Optional[Path] = setting(None, kind="path", runtime=True, help=(
-        "Images: an .npz with x_train/y_train/x_val/y_val (e.g. ../shared/data/imagenette_32px.npz) or "
-        "train_x/train_y/test_x/test_y, or a cifar-10-batches-py folder."))
+        "Images: an ImageFolder root (DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, as ImageNet ships), an "
+        ".npz with x_train/y_train/x_val/y_val (e.g. ../shared/data/imagenette_32px.npz) or train_x/train_y/"
+        "test_x/test_y, or a cifar-10-batches-py folder."))
+    image_size: int = setting(0, help=(
+        "Image folders: resize the shorter side to image_size / crop_pct and centre-crop image_size (0: 224, the "
+        "standard Resize(256) + CenterCrop(224)). Array files are used at their stored size."))
+    crop_pct: float = setting(0.875, help="Image folders: the centre crop's share of the resized image (timm's crop_pct).")
+    loader_workers: int = setting(2, runtime=True, help=(
+        "DataLoader processes that decode image-folder images while the device works (0: in this process)."))
     classifier: str = setting("resnet50", help=(
-        "The black box: a torchvision model name (resnet50), timm:NAME, a TorchScript file, or module:attr."))
-    weights: Optional[Path] = setting(None, kind="path", help="The classifier's state dict (.pt / .safetensors).")
+        "The black box: a torchvision model name (resnet50), timm:NAME, a TorchScript / torch.export file, or "
+        "module:attr / file.py:attr (an nn.Module, its class, or a batched function)."))
+    weights: Optional[Path] = setting(None, kind="path", help=(
+        "The classifier's state dict (.pt / .safetensors) for an architecture or module; not for TorchScript files."))
     num_classes: int = setting(10, help="Classifier outputs (for architectures built by name).")
+    class_map: Optional[str] = setting(None, help=(
+        "Which classifier outputs answer which data class: imagenette (the built-in Imagenette -> ImageNet-1k "
+        "map), or a YAML/JSON file {data class: index or [indices]}. Needed when the classifier's class count "
+        "differs from the data's (a 1000-class model on a 10-class set)."))
     mean: tuple[float, ...] = setting(IMAGENET_MEAN, help="The classifier's input normalization mean (per channel).")
     std: tuple[float, ...] = setting(IMAGENET_STD, help="The classifier's input normalization std (per channel).")
     output: str = setting("logits", choices=("logits", "probs"), help="What the black box answers.")
     max_batch: int = setting(512, runtime=True, help="Images per classifier call (memory bound).")
     sigma: float = setting(0.25, help="Gaussian noise level in [0, 1] pixel units (train and certify).")
+    denoiser_arch: str = setting("dncnn", help=(
+        "The denoiser's architecture, for files that do not record one (bbzo's model.pt files record theirs): "
+        "dncnn (--depth, --width), or module:attr / file.py:attr (an nn.Module, its class, or a builder taking "
+        "--denoiser-kwargs)."))
+    denoiser_kwargs: dict = setting(kind="mapping", default_factory=dict, help=(
+        "Keyword arguments of a module:attr denoiser's class or builder, e.g. '{channels: 3, width: 32}'."))
     depth: int = setting(17, help="DnCNN depth (Salman et al.: 17).")
     width: int = setting(64, help="DnCNN width (Salman et al.: 64).")
     subset: int = setting(0, help="Train on a class-balanced random subset of this many images (0: all).")
@@ -48,11 +67,25 @@ class DefenseBase(RunSettings):
     seed: int = setting(0, help="Seed of the batch order, the noise, the sparse draws and the init.")
     device: str = setting("cpu", runtime=True, help="cpu, cuda, cuda:1, ...")
 
+    def denoiser_spec(self) -> dict[str, Any]:
+        """The architecture the flags name (used for weights files that record none)."""
+        from .denoisers import dncnn_spec, reference_spec
+        if self.denoiser_arch == "dncnn":
+            if self.denoiser_kwargs:
+                raise ConfigError("--denoiser-kwargs apply to a module:attr denoiser; a DnCNN takes --depth and --width.")
+            return dncnn_spec(self.depth, self.width)
+        return reference_spec(self.denoiser_arch, self.denoiser_kwargs)
+
     def __post_init__(self) -> None:
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be > 0, got {self.sigma}.")
         if self.depth < 2 or self.width < 1 or self.num_classes < 2 or self.max_batch < 1:
             raise ConfigError("need depth >= 2, width >= 1, num_classes >= 2, max_batch >= 1.")
+        if self.image_size < 0 or self.loader_workers < 0 or not 0 < self.crop_pct <= 1:
+            raise ConfigError("need image_size >= 0, loader_workers >= 0 and 0 < crop_pct <= 1.")
+        if self.denoiser_arch != "dncnn" and not is_reference(self.denoiser_arch):
+            raise ConfigError(f"--denoiser-arch {self.denoiser_arch!r}: use dncnn, module:attr or file.py:attr (a "
+                              "TorchScript / torch.export file is itself a denoiser: pass it as --denoiser).")
 
 
 @dataclass
@@ -78,7 +111,12 @@ class FinetuneSettings(DefenseBase):
 
     preset: str = setting("paper", choices=("paper",), compare=False, help="Base settings (paper: DeepZero App. G).")
     denoiser: Optional[Path] = setting(None, kind="path", help=(
-        "The MSE-pretrained denoiser (model.pt of `bbzo defense pretrain`, or Salman et al.'s state dict)."))
+        "The MSE-pretrained denoiser: model.pt of `bbzo defense pretrain` (it records its architecture), Salman et "
+        "al.'s state dict (--depth/--width), a module:attr, or a TorchScript / torch.export file (with --adapter-width)."))
+    adapter_width: int = setting(0, help=(
+        "Fine-tune a small DnCNN adapter after the frozen denoiser instead of the denoiser itself (0: no adapter): "
+        "the mode for compiled files and large pretrained denoisers. Its last conv starts at zero (identity)."))
+    adapter_depth: int = setting(2, help="The adapter's depth (2: conv 3->W, ReLU, conv W->3).")
     method: tuple[str, ...] = setting(("zo",), runtime=True, help=(
         "Methods, comma-separated: zo (DeepZero: Sparse-CGE on the fine-tuned layers, queries only), fo (FO-DS: "
         "white-box gradients through the classifier, the upper reference), zo-ds (RGE on the denoised image, "
@@ -116,6 +154,10 @@ class FinetuneSettings(DefenseBase):
             raise ConfigError(f"method_lr: {bad_lr[0]!r} is not a method of {METHODS} with a rate > 0.")
         if not 0 <= self.grasp_sparsity < 1:
             raise ConfigError(f"grasp_sparsity must be in [0, 1), got {self.grasp_sparsity}.")
+        if self.adapter_width < 0 or self.adapter_depth < 2:
+            raise ConfigError("need adapter_width >= 0 (0: no adapter) and adapter_depth >= 2.")
+        if self.denoiser is not None:
+            _check_source("--denoiser", self.denoiser)
 
 
 @dataclass
@@ -123,23 +165,52 @@ class CertifySettings(DefenseBase):
     """``bbzo defense certify``: Cohen et al.'s CERTIFY of f(D(x + delta)) for each named denoiser."""
 
     denoisers: dict = setting(kind="mapping", default_factory=dict, help=(
-        "Denoisers to certify, NAME: model.pt, e.g. '{mse: runs/p/model.pt, zo: runs/f/zo/model.pt}'; "
-        "`none` (no denoiser) is always certified."))
+        "Denoisers to certify, NAME: SOURCE, e.g. '{mse: runs/p/model.pt, zo: runs/f/zo/model.pt}'; a SOURCE is a "
+        "model.pt (its architecture is recorded; older files use --depth/--width), a TorchScript / torch.export "
+        "file, or module:attr. `none` (the classifier alone) is certified too unless --pipelines leaves it out."))
+    pipelines: tuple[str, ...] = setting((), runtime=True, help=(
+        "Which pipelines to certify, comma-separated, of none and the --denoisers names (default: all); "
+        "--resume may add one."))
+    predict: bool = setting(False, help=(
+        "Run Cohen et al.'s PREDICT (n samples; abstain unless the top-two binomial test has p <= alpha) instead of "
+        "CERTIFY: the smoothed classifier's accuracy, without radii (predict.tsv)."))
     n0: int = setting(100, help="Samples that pick the top class.")
     n: int = setting(10000, help="Samples that bound its probability (the largest certifiable radius grows with n).")
     alpha: float = setting(0.001, help="Failure probability of each certificate.")
-    batch: int = setting(500, runtime=True, help="Noise samples per pipeline call.")
+    batch: int = setting(500, runtime=True, help="Noise samples per pipeline call (does not change any result).")
+    noise_device: str = setting("", runtime=True, help=(
+        "Where the noise is drawn: '' (the --device: on the GPU, nothing crosses the bus), or cpu (copied over: the "
+        "same samples as a CPU run, to compare devices). A resumed run keeps the device its noise started on."))
     skip: int = setting(1, help="Certify every SKIP-th test image (Cohen: every 100th ImageNet image).")
     radii: tuple[float, ...] = setting((0.0, 0.25, 0.5, 0.75), help="Radii of the certified-accuracy table.")
-    out: Path = setting(Path("runs/defense/certify"), kind="path", runtime=True, help="Run folder; OUT/NAME/certify.tsv.")
+    out: Path = setting(Path("runs/defense/certify"), kind="path", runtime=True, help=(
+        "Run folder; OUT/NAME/certify.tsv, appended per image (--resume continues it)."))
+
+    def names(self) -> list[str]:
+        """The pipelines this run certifies, in order."""
+        every = ["none", *self.denoisers]
+        return [n for n in every if n in self.pipelines] if self.pipelines else every
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n0 < 1 or self.n < 1 or not 0 < self.alpha < 1 or self.skip < 1 or self.batch < 1:
             raise ConfigError("need n0, n, skip, batch >= 1 and 0 < alpha < 1.")
-        for name, path in self.denoisers.items():
+        for name, source in self.denoisers.items():
             if name == "none":
-                raise ConfigError("`none` is always certified; do not name a denoiser `none`.")
-            if not Path(str(path)).is_file():
-                raise ConfigError(f"denoiser {name}: {path} does not exist (train it with `bbzo defense pretrain` "
-                                  "or `bbzo defense finetune`).")
+                raise ConfigError("`none` names the classifier alone; do not name a denoiser `none`.")
+            _check_source(f"denoiser {name}", source)
+        unknown = [p for p in self.pipelines if p != "none" and p not in self.denoisers]
+        if unknown:
+            raise ConfigError(f"--pipelines {unknown[0]!r} is neither none nor a --denoisers name "
+                              f"({', '.join(self.denoisers) or 'none given'}).")
+        if self.noise_device not in ("", "cpu") and not self.noise_device.startswith("cuda"):
+            raise ConfigError(f"--noise-device must be '' (the --device), cpu or cuda[:N], got {self.noise_device!r}.")
+
+
+def _check_source(what: str, source: Any) -> None:
+    """A denoiser source must be a file or a reference (checked before anything runs)."""
+    text = str(source)
+    if Path(text).is_file() or is_reference(text):
+        return
+    raise ConfigError(f"{what}: {text} does not exist (train it with `bbzo defense pretrain` or `bbzo defense "
+                      "finetune`, or name a TorchScript / torch.export file or a module:attr).")

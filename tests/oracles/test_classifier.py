@@ -106,3 +106,40 @@ def test_an_exported_program_loads(tmp_path):
     torch.export.save(torch.export.export(net, (x,)), str(path))
     with torch.no_grad():
         assert torch.allclose(load_classifier(str(path))(x), net(x))
+
+
+def test_a_file_reference_a_compiled_file_with_weights_and_long_errors(tmp_path):
+    net = Small().eval()
+    x = torch.rand(2, 3, 8, 8)
+    code = tmp_path / "my_clf.py"
+    code.write_text("import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n"
+                    "        self.fc = nn.Linear(4, 5)\n\n    def forward(self, x):\n"
+                    "        return self.fc(self.conv(x).mean((2, 3)))\n\n"
+                    "class Broken(nn.Module):\n    def __init__(self):\n        raise ValueError('x' * 300 + ' the end')\n")
+    weights = tmp_path / "w.pt"
+    torch.save(net.state_dict(), weights)
+    loaded = load_classifier(f"{code}:Net", weights)  # file.py:attr, as --oracle takes it
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x))
+    ts = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(net, x), str(ts))
+    with pytest.raises(ConfigError, match="holds its own weights; drop --weights"):
+        load_classifier(str(ts), weights)  # was: "torchvision has no model '.../traced.pt'"
+    with pytest.raises(ConfigError, match="It looks like a state dict: name the architecture and pass the file as --weights"):
+        load_classifier(str(weights))
+    with pytest.raises(ConfigError) as err:  # the user's message arrives whole (it used to be cut at 200 characters)
+        load_classifier(f"{code}:Broken")
+    assert "x" * 300 + " the end" in str(err.value)
+
+
+def test_a_class_map_answers_the_mapped_classes_with_their_summed_probability():
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0], [0.5, -2.0, 0.0, 4.0]])
+    o = ClassifierOracle(lambda z: logits[: z.shape[0]], mean=(0.0,) * 3, std=(1.0,) * 3, classes=[[1], [0, 2]])
+    out = o.query(torch.zeros(2, 3, 2, 2))
+    assert torch.allclose(out[:, 0], logits[:, 1])
+    assert torch.allclose(out[:, 1], torch.logsumexp(logits[:, [0, 2]], 1))
+    p = torch.softmax(logits, 1)  # the answer is the classifier restricted to the mapped outputs
+    assert torch.allclose(torch.softmax(out, 1)[:, 1], (p[:, 0] + p[:, 2]) / (p[:, 0] + p[:, 1] + p[:, 2]))
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        ClassifierOracle(lambda z: z, classes=[[3]])
