@@ -34,6 +34,7 @@ from .estimators.base import Estimator
 from .estimators.transforms import clip_by_global_norm
 from .failures import FailurePolicy
 from .ledger import QueryLedger
+from .oracle import common_random_numbers, step_seed
 from .parallel.context import is_writer
 from .parallel.executor import Executor, SerialExecutor, default_executor
 
@@ -73,6 +74,8 @@ class Trainer:
             :class:`~bbzo.adapters.LoopAdapter`, whose objective is a rollout).
         failures: What to do with rows the oracle cannot answer (:class:`~bbzo.failures.FailurePolicy`;
             default: stop). ``penalize`` / ``skip`` make the ledger's oracles answer them with NaN.
+        crn_seed: Common random numbers: every oracle query of step ``t`` is handed ``step_seed(crn_seed, t)``
+            (oracles that take a seed; :func:`bbzo.oracle.common_random_numbers`). None: no seed is handed on.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Trainer:
         adapter: Optional[Adapter] = None,
         failures: Optional[FailurePolicy] = None,
         executor: Optional[Executor] = None,
+        crn_seed: Optional[int] = None,
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
@@ -117,6 +121,7 @@ class Trainer:
             raise ConfigError("the adapter wraps a different model than the one the trainer trains.")
         self.adapter = adapter or make_adapter(model, feature_reuse=feature_reuse, **(adapter_kw or {}))
         self.failures = failures if failures is not None else FailurePolicy()
+        self.crn_seed = crn_seed
         if self.failures.tolerant:
             for o in self.ledger.oracles():
                 o.allow_nonfinite = True
@@ -169,8 +174,9 @@ class Trainer:
             info = self.estimator.step_info(params, self.estimator.ensure_state(params))
             queries_before = self.ledger.queries
             self.failures.new_step()
-            res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, executor=self.executor,
-                           ledger=self.ledger, failures=self.failures)
+            with common_random_numbers(None if self.crn_seed is None else step_seed(self.crn_seed, self.step_count + 1)):
+                res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, executor=self.executor,
+                               ledger=self.ledger, failures=self.failures)
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
             # step's start: rows spent inside the failed step are spent again on resume), then re-raise
