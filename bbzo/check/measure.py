@@ -70,7 +70,8 @@ def _compare(subject: Subject, seed: Optional[int], generator: torch.Generator) 
         mixed_idx = torch.cat([perm, extra])  # the same rows, shuffled, with duplicates after them
         mixed = subject.query(mixed_idx)[:b][torch.argsort(perm)]
         alone = subject.query(idx[:1])
-    scale = float(first.double().abs().max()) if first.numel() else 0.0
+    fin = first.double()[torch.isfinite(first.double())]
+    scale = float(fin.abs().max()) if fin.numel() else 0.0
     return {"repeat_max_diff": _max_diff(first, again), "composition_max_diff": max(_max_diff(first, mixed),
                                                                                       _max_diff(first[:1], alone)),
             "answer_scale": scale, "answers": first}
@@ -154,17 +155,22 @@ def noise_floor(space: Space, coords: Sequence[int], repeats: int = 5, seed: Opt
             lines.append({"coord": int(c), "label": space.label(c), "level": lvl, "inform": inform, "spacing": used})
     found = [ln["level"] for ln in lines if ln["inform"] == 1]
     along = float(np.median(found)) if found else 0.0
-    sampling = float(np.median(repeat_sd)) if repeat_sd.size else 0.0
-    level = float(loss.mean())
+    sampling = _nanmedian(repeat_sd)  # rows the oracle cannot answer (NaN) are left out, here and below
+    level = float(np.nanmean(loss.numpy())) if np.isfinite(loss.numpy()).any() else float("nan")
     loss_dtype = getattr(space, "loss_dtype", torch.float64)
-    per_out = base.mean(0).abs().numpy() if space.per_sample else np.abs(base.mean(0).numpy())
-    resolution = torch.finfo(loss_dtype).eps * per_out  # (S,): one ulp of each output in its dtype
-    noise = max(along, sampling, float(np.median(resolution)))
+    resolution = torch.finfo(loss_dtype).eps * np.abs(base.mean(0).numpy())  # (S,): one ulp of each output
+    noise = max(along, sampling, _nanmedian(resolution))
     return {"loss": level, "loss_repeats": loss.tolist(), "loss_dtype": str(loss_dtype).replace("torch.", ""),
             "sampling_sd": sampling, "sampling_sd_per_sample": repeat_sd.tolist() if space.per_sample else None,
-            "roundoff": along, "ecnoise": lines, "resolution": float(np.median(resolution)), "noise": noise,
+            "roundoff": along, "ecnoise": lines, "resolution": _nanmedian(resolution), "noise": noise,
             "relative": noise / abs(level) if level else float("inf"),
-            "noise_per_output": np.maximum(np.maximum(repeat_sd, along), resolution).tolist()}
+            "noise_per_output": np.nan_to_num(np.maximum(np.maximum(repeat_sd, along), resolution), nan=noise).tolist()}
+
+
+def _nanmedian(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else 0.0
 
 
 # ---------------------------------------------------------------------------- the finite-difference step

@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import BbzoError
 from .fd import mu_grid
-from .measure import CHECK_SEED, cost, determinism, input_range, noise_floor, step_sweep
+from .measure import CHECK_SEED, allow_failures, cost, determinism, input_range, noise_floor, step_sweep
 from .spaces import Subject
 
 __all__ = ["check", "FORMAT", "ROUNDOFF_ULPS"]
@@ -160,65 +161,99 @@ def check(subject: Subject, *, coords: int = 8, mus: Optional[Sequence[float]] =
         report["seconds"][name] = round(report["seconds"].get(name, 0.0) + time.perf_counter() - t0, 3)
         bar.update(1)
 
+    def guarded(name: str, fn: Any) -> Any:
+        """Run one measurement; a black box that raises (or a failed section) is recorded, the others go on."""
+        try:
+            return fn()
+        except BbzoError as e:
+            report.setdefault("errors", {})[name] = str(e).split(" | ")[0][:400]
+            return None
+
     try:
-        det = None
-        if "determinism" in sections:
-            t0 = section("determinism")
-            det = determinism(subject, seed)
-            report["determinism"] = det
-            done("determinism", t0)
-        noisy = det is not None and not det["deterministic"] and \
-            max(det["repeat_ulps"], det["composition_ulps"]) > ROUNDOFF_ULPS
-        crn = subject.oracle.accepts_seed and noisy  # look at the oracle both as it is and with common random numbers
-        coords_of = {sp.name: sp.sample(coords, g) for sp in subject.spaces}
-        report["noise"], report["step"] = {}, {}
-        for sp in subject.spaces:
-            noise = None
-            if "noise" in sections:
-                t0 = section(f"noise ({sp.name})")
-                noise = {"plain": noise_floor(sp, coords_of[sp.name], repeats)}
-                if crn:
-                    noise["crn"] = noise_floor(sp, coords_of[sp.name], repeats, seed=CHECK_SEED)
-                report["noise"][sp.name] = noise
-                done("noise", t0)
-            if "step" in sections:
-                t0 = section(f"step ({sp.name})")
-                grid = list(mus) if mus else mu_grid(include=[sp.mu] if sp.mu else ())
-                if sp.mu and sp.mu not in grid:
-                    grid = sorted(set(grid) | {sp.mu})
-                eps = noise["plain"]["noise_per_output"] if noise else 0.0
-                res = {"plain": step_sweep(sp, coords_of[sp.name], grid, eps)}
-                if crn:
-                    eps_c = noise["crn"]["noise_per_output"] if noise else 0.0
-                    res["crn"] = step_sweep(sp, coords_of[sp.name], grid, eps_c, seed=CHECK_SEED)
-                report["step"][sp.name] = res
-                done("step", t0)
-        cost_res = None
-        if "cost" in sections:
-            t0 = section("cost")
-            step_rows = min(max([q for _, q, _ in subject.estimators] or [1]), subject.sets_per_call or 10 ** 9) * subject.batch
-            top = 16384  # beyond a step's rows too: where batching stops paying (a slow call ends the curve)
-            grid_sizes = sizes or sorted({1, *[4 ** i for i in range(1, 8) if 4 ** i <= top], top})
-            cost_res = cost(subject, grid_sizes, copies=copies if subject.spawn else 1, step_rows=step_rows,
-                            progress=lambda s: bar.set_postfix_str(f"cost: {s}"))
-            report["cost"] = cost_res
-            done("cost", t0)
-        report["estimators"] = _estimator_table(subject, cost_res)
-        if "range" in sections:
-            t0 = section("input range")
-            label = subject.spaces[-1].label if subject.spaces and subject.spaces[-1].name == "oracle inputs" else None
-            report["input_range"] = input_range(subject, per_scale=explore, box=box, seed=seed, label=label,
-                                                scales=(0.01, 0.1, 0.3, 1.0, 3.0) if explore else ())
-            done("input range", t0)
+        # rows the oracle cannot answer come back as NaN (and show in the input range) instead of ending the check
+        with allow_failures(subject.oracle):
+            _measure(subject, report, sections, guarded, section, done, bar, g, coords=coords, mus=mus,
+                     repeats=repeats, seed=seed, sizes=sizes, explore=explore, box=box, copies=copies)
     finally:
         bar.close()
     report["findings"] = findings(report)
     return report
 
 
+def _measure(subject: Subject, report: dict[str, Any], sections: Sequence[str], guarded: Any, section: Any,
+             done: Any, bar: Any, g: torch.Generator, *, coords: int, mus: Optional[Sequence[float]], repeats: int,
+             seed: int, sizes: Optional[Sequence[int]], explore: int, box: Optional[tuple[float, float]],
+             copies: int) -> None:
+    det = None
+    if "determinism" in sections:
+        t0 = section("determinism")
+        det = guarded("determinism", lambda: determinism(subject, seed))
+        if det is not None:
+            report["determinism"] = det
+        done("determinism", t0)
+    noisy = det is not None and not det["deterministic"] and \
+        max(det["repeat_ulps"], det["composition_ulps"]) > ROUNDOFF_ULPS
+    crn = subject.oracle.accepts_seed and noisy  # look at the oracle both as it is and with common random numbers
+    coords_of = {sp.name: sp.sample(coords, g) for sp in subject.spaces}
+    report["noise"], report["step"] = {}, {}
+    for sp in subject.spaces:
+        noise = None
+        if "noise" in sections:
+            t0 = section(f"noise ({sp.name})")
+            plain = guarded(f"noise ({sp.name})", lambda: noise_floor(sp, coords_of[sp.name], repeats))
+            if plain is not None:
+                noise = {"plain": plain}
+                if crn:
+                    seeded = guarded(f"noise ({sp.name}, one seed)",
+                                     lambda: noise_floor(sp, coords_of[sp.name], repeats, seed=CHECK_SEED))
+                    if seeded is not None:
+                        noise["crn"] = seeded
+                report["noise"][sp.name] = noise
+            done("noise", t0)
+        if "step" in sections:
+            t0 = section(f"step ({sp.name})")
+            grid = list(mus) if mus else mu_grid(include=[sp.mu] if sp.mu else ())
+            if sp.mu and sp.mu not in grid:
+                grid = sorted(set(grid) | {sp.mu})
+            eps = noise["plain"]["noise_per_output"] if noise else 0.0
+            res = guarded(f"step ({sp.name})", lambda: {"plain": step_sweep(sp, coords_of[sp.name], grid, eps)})
+            if res is not None:
+                if crn:
+                    eps_c = noise["crn"]["noise_per_output"] if noise and "crn" in noise else 0.0
+                    seeded = guarded(f"step ({sp.name}, one seed)",
+                                     lambda: step_sweep(sp, coords_of[sp.name], grid, eps_c, seed=CHECK_SEED))
+                    if seeded is not None:
+                        res["crn"] = seeded
+                report["step"][sp.name] = res
+            done("step", t0)
+    cost_res = None
+    if "cost" in sections:
+        t0 = section("cost")
+        step_rows = min(max([q for _, q, _ in subject.estimators] or [1]), subject.sets_per_call or 10 ** 9) * subject.batch
+        top = 16384  # beyond a step's rows too: where batching stops paying (a slow call ends the curve)
+        grid_sizes = sizes or sorted({1, *[4 ** i for i in range(1, 8) if 4 ** i <= top], top})
+        cost_res = guarded("cost", lambda: cost(subject, grid_sizes, copies=copies if subject.spawn else 1,
+                                                step_rows=step_rows,
+                                                progress=lambda s: bar.set_postfix_str(f"cost: {s}")))
+        if cost_res is not None:
+            report["cost"] = cost_res
+        done("cost", t0)
+    report["estimators"] = _estimator_table(subject, cost_res)
+    if "range" in sections:
+        t0 = section("input range")
+        label = subject.spaces[-1].label if subject.spaces and subject.spaces[-1].name == "oracle inputs" else None
+        rng = guarded("input range", lambda: input_range(subject, per_scale=explore, box=box, seed=seed, label=label,
+                                                          scales=(0.01, 0.1, 0.3, 1.0, 3.0) if explore else ()))
+        if rng is not None:
+            report["input_range"] = rng
+        done("input range", t0)
+
+
 def findings(report: dict[str, Any]) -> list[dict[str, str]]:
     """What the numbers mean: one line per topic, ``ok`` / ``info`` / ``warn``."""
     out: list[dict[str, str]] = []
+    for name, err in report.get("errors", {}).items():
+        out.append({"level": "warn", "topic": name, "text": f"could not be measured: {err}"})
     det = report.get("determinism")
     if det is not None:
         out += _determinism_findings(det)
@@ -253,7 +288,7 @@ def findings(report: dict[str, Any]) -> list[dict[str, str]]:
             out.append({"level": "info", "topic": "estimator", "text": f"oracle_cge needs {names['oracle_cge']['queries']} "
                         f"queries per step, cge {names['cge']['queries']}: the model is white-box, so only the oracle "
                         "needs finite differences (--estimator oracle_cge)."})
-        elif cheapest["estimator"] != "cge":
+        elif cheapest["estimator"] != "cge" and len(est) > 1:
             out.append({"level": "info", "topic": "estimator", "text": f"cheapest per step: {cheapest['estimator']} "
                         f"({cheapest['queries']} queries; {cheapest['note']})."})
     rng = report.get("input_range")

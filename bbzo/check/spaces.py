@@ -50,8 +50,8 @@ def tile(tree: Any, k: int) -> Any:
     return tree
 
 
-def _chunks(k: int, rows_per_point: int) -> list[slice]:
-    size = max(1, ROWS_PER_CALL // max(1, rows_per_point))
+def _chunks(k: int, rows_per_point: int, max_rows: int = ROWS_PER_CALL) -> list[slice]:
+    size = max(1, max_rows // max(1, rows_per_point))
     return [slice(s, min(k, s + size)) for s in range(0, k, size)]
 
 
@@ -73,6 +73,9 @@ class Space:
     dtype: torch.dtype = torch.float32
     mu: Optional[float] = None
     per_sample: bool = False
+    #: oracle rows per call at most (the points of an evaluation are cut into calls of this many rows): set it to
+    #: what training sends per call (ZO-SOL: sets_per_call x batch), so jit traces and padding match
+    max_rows: int = ROWS_PER_CALL
     #: the dtype the losses come in (set by :meth:`evaluate`): a loss is only resolved to one ulp of it
     loss_dtype: torch.dtype = torch.float64
 
@@ -172,7 +175,7 @@ class ParameterSpace(Space):
         self.model.eval()
         try:
             parts = []
-            for sl in _chunks(len(coords), self.batch):
+            for sl in _chunks(len(coords), self.batch, self.max_rows):
                 cs, ss = list(coords)[sl], list(steps)[sl]
                 k = len(cs)
                 out = self.outputs(cs, ss)
@@ -201,7 +204,7 @@ class RolloutSpace(ParameterSpace):
         b = self.batch
         try:
             parts = []
-            for sl in _chunks(len(coords), b):
+            for sl in _chunks(len(coords), b, self.max_rows):
                 cs, ss = list(coords)[sl], list(steps)[sl]
                 k = len(cs)
                 sets = []
@@ -257,7 +260,7 @@ class _MovedRows(Space):
 
     def evaluate(self, coords: Sequence[int], steps: Sequence[float]) -> torch.Tensor:
         parts = []
-        for sl in _chunks(len(coords), self.batch):
+        for sl in _chunks(len(coords), self.batch, self.max_rows):
             cs, ss = list(coords)[sl], list(steps)[sl]
             with torch.no_grad():
                 per = self.losses(self.moved(cs, ss), len(cs))

@@ -77,7 +77,7 @@ def make_data(n: int = 2048, seed: int = 0):
     import torch
 
     rng = np.random.default_rng(seed)
-    wanted = torch.from_numpy(expected(rng.uniform(0.05, 0.95, size=(n, 2)))).float()
+    wanted = torch.from_numpy(expected(rng.uniform(0.05, 0.95, size=(n, 2)), paths=512)).float()
     return wanted, wanted.clone()
 
 
