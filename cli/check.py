@@ -26,11 +26,12 @@ from bbzo.check import OutputSpace, ParameterSpace, RolloutSpace, RowSpace, Subj
     plot_report, write_json
 from bbzo.errors import ConfigError
 from bbzo.tasks.custom import TrainSettings
+from bbzo.tasks.defense import FinetuneSettings
 from bbzo.tasks.sol import SolSettings
 
 from .options import CommaList, config_option, resolve_command, settings_options
 
-__all__ = ["check_cmd", "custom_subject", "sol_subject", "estimator_costs"]
+__all__ = ["check_cmd", "custom_subject", "sol_subject", "defense_subject", "estimator_costs"]
 
 #: `bbzo train` settings that decide what is checked (the others -- lr, steps, ... -- may be in the config and are ignored)
 TRAIN_KEYS = ("oracle", "oracle_cmd", "oracle_kwargs", "oracle_array", "oracle_input", "oracle_timeout",
@@ -39,6 +40,12 @@ TRAIN_KEYS = ("oracle", "oracle_cmd", "oracle_kwargs", "oracle_array", "oracle_i
 SOL_KEYS = ("preset", "train_re", "test_re", "nx", "ny", "factor", "warmup", "frames", "poke", "data_dir", "corrector",
             "unroll", "batch", "init", "sparsity", "mu", "sets_per_call", "backend", "seed", "device", "no_progress",
             "no_plots")
+DEFENSE_KEYS = ("data", "classifier", "weights", "num_classes", "mean", "std", "output", "max_batch", "sigma", "depth",
+                "width", "subset", "denoiser", "layers", "budget", "q", "mu", "batch", "seed", "device", "no_progress",
+                "no_plots")
+#: the defense's check is sized for a CPU: a DnCNN forward per perturbed parameter set and image
+DEFENSE_DEFAULTS = {"batch": 4}
+DEFENSE_MUS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PARAM_ESTIMATORS = ("cge", "sparse_cge", "rge")
 OUTPUT_ESTIMATORS = ("oracle_cge", "oracle_rge")
 SPARSE_KEEP = 0.1  # sparse_cge's row in the cost table: 10% of the coordinates (DeepZero's 90% gradient sparsity)
@@ -222,8 +229,58 @@ def sol_subject(s: Any, *, weights: Optional[Path] = None, progress: bool = True
                                  "normalised squared error to the next reference frame"})
 
 
+def defense_subject(s: Any) -> Subject:
+    """The certified defense's subject (:class:`~bbzo.tasks.defense.FinetuneSettings`): the query-only classifier
+    (``--classifier``, ``--weights``), the denoiser in front of it (``--denoiser``; a fresh DnCNN otherwise) with the
+    layers DeepZero fine-tunes trainable, on the first noisy minibatch; the loss is the stability loss against
+    ``argmax f(x)``."""
+    from bbzo.objective import OracleObjective
+    from bbzo.tasks.defense import NoisyBatches, load_denoiser, load_images, make_denoiser, make_oracle
+    from bbzo.tasks.defense.methods import stability_loss
+
+    data = load_images(s.data, s.subset or max(64, 4 * s.batch), 0, s.seed)
+    oracle = make_oracle(s, name="classifier(check)")
+    try:
+        model = (load_denoiser(s, s.denoiser) if s.denoiser else make_denoiser(s)).eval()
+        last = f"dncnn.{len(model.dncnn) - 1}.weight"
+        if s.layers == "last":  # DeepZero fine-tunes the last convolution only
+            for n, p in model.named_parameters():
+                p.requires_grad_(n == last)
+        xb, clean = NoisyBatches(data.train_x, None, min(s.batch, data.train_x.shape[0]), s.sigma, seed=s.seed,
+                                 device=s.device).get_batch(0)
+        with torch.no_grad():
+            targets = oracle.query(clean).argmax(1)  # argmax f(x): the stability targets
+            denoised = model(xb)
+        objective = OracleObjective(oracle, lambda a, o, i, t: stability_loss(a, o, i, t, output=s.output),
+                                    needs_inputs=False)
+    except BaseException:
+        oracle.close()
+        raise
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    d = sum(p.numel() for p in params.values())
+    width = int(denoised[0].numel())
+    costs = [("sparse_cge", min(s.budget, d) + 1, f"zo: {min(s.budget, d)} coordinates of the tuned layers"),
+             ("cge", d + 1, f"every one of the {d} tuned coordinates"),
+             ("oracle_rge", s.q + 1, f"zo-ds: q = {s.q} directions on the denoised image"),
+             ("oracle_cge", width + 1, f"one per pixel value of the denoised image ({width})")]
+    spaces = [ParameterSpace(model, objective, xb, targets, mu=s.mu, needs_inputs=False),
+              OutputSpace(denoised, objective, xb, targets, mu=s.mu, needs_inputs=False)]
+    for sp in spaces:
+        sp.max_rows = s.max_batch
+    return Subject(oracle, denoised, spaces=spaces, estimators=costs,
+                   label=f"{oracle.name} ({s.classifier}), DnCNN {s.depth}x{s.width} in front ({d:,} tuned parameters, "
+                         f"{s.denoiser or 'fresh'}), batch {xb.shape[0]}, "
+                         f"sigma {s.sigma:g}, mu {s.mu:g}",
+                   info={"oracle_kind": "classifier (in process)", "classifier": s.classifier,
+                         "classifier_weights": str(s.weights) if s.weights else None, "params": int(d),
+                         "model_outputs": width, "mu": s.mu, "sigma": s.sigma, "layers": s.layers})
+
+
 # ---------------------------------------------------------------------------- the command
-def _check_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def _check_options(f: Optional[Callable[..., Any]] = None, *, weights: bool = True) -> Any:
+    """The options every ``bbzo check`` command has (``weights=False``: the task has its own ``--weights``)."""
+    if f is None:
+        return lambda g: _check_options(g, weights=weights)
     opts = [
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/check"),
                      show_default=True, help="Folder for check.json and check.png."),
@@ -239,12 +296,13 @@ def _check_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Also explore uniform rows in [LO, HI]; for an oracle alone, the rows it is checked at."),
         click.option("--copies", type=int, default=2, show_default=True,
                      help="--oracle-cmd: copies of the program for the --oracle-workers measurement (1: skip it)."),
-        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Check at these parameters (a state dict, e.g. a run's model.pt / corrector.pt) instead of the "
-                          "initial ones."),
         click.option("--sections", type=CommaList(choices=("determinism", "noise", "step", "cost", "range")),
                      default=None, help="Only these measurements (default all): determinism,noise,step,cost,range."),
     ]
+    if weights:
+        opts.append(click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                                 help="Check at these parameters (a state dict, e.g. a run's model.pt / corrector.pt) "
+                                      "instead of the initial ones."))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -325,3 +383,26 @@ def check_sol(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     _box(kw)
     subject = sol_subject(s, weights=kw.get("weights"), progress=not s.no_progress)
     _run(subject, s, kw)
+
+
+@check_cmd.command("defense")
+@config_option
+@settings_options(FinetuneSettings, only=DEFENSE_KEYS)
+@_check_options(weights=False)
+@click.pass_context
+def check_defense(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
+    """The certified defense: the query-only classifier with the denoiser in front (DeepZero's zo fine-tuning).
+
+    Sized for a CPU by default (--batch 4, --coords 4, one step per decade from 1e-7 to 1e-1): every perturbed
+    parameter set is a DnCNN forward per image.
+
+    \b
+    bbzo check defense --data ../shared/data/imagenette_32px.npz --weights classifier.pt --denoiser runs/p/model.pt
+    """
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    s, _src = resolve_command(ctx, FinetuneSettings, command="finetune", defaults=DEFENSE_DEFAULTS)
+    _box(kw)
+    if ctx.get_parameter_source("coords") is click.core.ParameterSource.DEFAULT:
+        kw["coords"] = 4
+    kw["mus"] = kw.get("mus") or sorted(set(DEFENSE_MUS) | {s.mu})
+    _run(defense_subject(s), s, kw)

@@ -88,3 +88,28 @@ def test_check_sol_on_a_tiny_grid_sweeps_the_corrector_in_the_loop_and_the_solve
     assert set(rep["step"]) == {"parameters", "oracle inputs"}
     assert rep["step"]["parameters"]["plain"]["configured"]["mu"] == 1e-4
     assert rep["subject"]["corrector"] == "tiny" and rep["input_range"]["groups"][0]["failed"] == 0
+
+
+def test_check_defense_looks_at_the_classifier_through_the_denoisers_last_layer(tmp_path):
+    import numpy as np
+    import torch
+
+    from tests.tasks.test_defense import TinyNet, images
+
+    tx, ty = images(32, 0)
+    vx, vy = images(8, 1)
+    np.savez(tmp_path / "toy.npz", x_train=tx, y_train=ty, x_val=vx, y_val=vy)
+    torch.manual_seed(0)
+    torch.save(TinyNet().state_dict(), tmp_path / "clf.pt")
+    r = invoke("defense", "--data", tmp_path / "toy.npz", "--classifier", "tests.tasks.test_defense:TinyNet", "--weights",
+               tmp_path / "clf.pt", "--num-classes", 4, "--depth", 3, "--width", 4, "--batch", 2, "--out",
+               tmp_path / "chk", "--no-progress", "--no-plots", "--repeats", 2, "--explore", 2,
+               "--sections", "determinism,noise,step")
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path / "chk")
+    assert rep["subject"]["params"] == 4 * 3 * 9  # the last conv of DnCNN(3, 4): 4 -> 3 channels, 3 x 3
+    assert rep["step"]["parameters"]["plain"]["configured"]["mu"] == 5e-3
+    assert rep["step"]["model outputs"]["plain"]["configured"]["mu"] == 5e-3  # zo-ds steps on the denoised image
+    assert len(rep["step"]["parameters"]["plain"]["coords"]) == 4  # the CPU-sized default
+    est = {e["estimator"]: e["queries"] for e in rep["estimators"]}
+    assert est["sparse_cge"] == 4 * 3 * 9 + 1 and est["oracle_rge"] == 193
