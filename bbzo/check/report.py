@@ -192,5 +192,7 @@ def plot_report(report: dict[str, Any], path: Union[str, Path]) -> Optional[Path
         b.legend(fontsize=7)
     else:
         b.axis("off")
-    fig.suptitle(f"bbzo check: {report['subject']['label']}"[:140], fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(f"bbzo check: {report['subject']['label']}", 150)[:2]), fontsize=8)
     return save_figure(fig, path)
