@@ -119,12 +119,15 @@ def custom_subject(s: Any, *, sources: Optional[dict[str, str]] = None, weights:
             mu_given = sources is not None and sources.get("mu", "default") != "default"
             x = _rows_for_bare(oracle, rows, box, d_in, s.batch, s.seed)
             space = RowSpace(oracle, x, mu=s.mu if mu_given else None)
-            return Subject(oracle, x, spaces=[space], spawn=spawn, estimators=[
+            return Subject(oracle, x, spaces=[space], spawn=spawn, copies=s.oracle_workers if s.oracle_cmd else 1,
+                           estimators=[
                 ("oracle_cge", int(x[0].numel()) + 1, "one query per input value (with a white-box model in front)")],
                 label=f"{oracle.name} ({kind} oracle alone, {x.shape[0]} rows of {int(x[0].numel())} values; a random "
                       "projection of its answers is differentiated)",
                 info={"oracle_kind": kind, "rows_from": rows or f"uniform in {box}"})
-        return _model_subject(s, oracle, kind, spawn, weights)
+        subject = _model_subject(s, oracle, kind, spawn, weights)
+        subject.copies = s.oracle_workers if s.oracle_cmd else 1
+        return subject
     except BaseException:
         oracle.close()
         raise

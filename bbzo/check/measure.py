@@ -232,7 +232,8 @@ def cost(subject: Subject, sizes: Sequence[int], max_call_s: float = 2.0, copies
     stop growing after a call that takes more than ``max_call_s``, or once two sizes in a row gained less than
     10% and ``step_rows`` (a training step's rows) are covered. ``saturates_at`` is the smallest size that
     reaches 80% of the best rows/s: beyond it, batching stops paying. With ``subject.spawn``, the same is
-    measured at the largest size (or ``step_rows``) with ``copies`` copies of the program.
+    measured at the largest size (or ``step_rows``) with ``copies`` copies of the program (or, when the oracle
+    already runs ``subject.copies > 1`` copies, with one copy, to compare).
     """
     oracle = subject.oracle
     curve = []
@@ -261,18 +262,21 @@ def cost(subject: Subject, sizes: Sequence[int], max_call_s: float = 2.0, copies
     if subject.spawn is not None and copies > 1:
         n = min(step_rows or curve[-1]["rows"], curve[-1]["rows"])
         n = max(n, 64)
+        if subject.copies > 1:  # the oracle already runs several copies (--oracle-workers): compare with one
+            copies = subject.copies
         if progress:
             progress(f"{copies} copies, {n} rows per call")
-        one = _time_call(_tiled_query(oracle, subject, n))
-        many = subject.spawn(copies)
+        own = _time_call(_tiled_query(oracle, subject, n))
+        other = subject.spawn(1 if subject.copies > 1 else copies)
         try:
-            call = _tiled_query(many, subject, n)
+            call = _tiled_query(other, subject, n)
             call()
             t = _time_call(call)
         finally:
-            many.close()
-        out["copies"] = {"copies": copies, "rows": n, "rows_per_s_1": n / one, "rows_per_s_n": n / t,
-                         "speedup": one / t}
+            other.close()
+        one, many = (t, own) if subject.copies > 1 else (own, t)
+        out["copies"] = {"copies": copies, "rows": n, "rows_per_s_1": n / one, "rows_per_s_n": n / many,
+                         "speedup": one / many}
     return out
 
 

@@ -354,6 +354,7 @@ class Subject:
         estimators: ``[(name, queries per step, note)]`` for the cost table.
         spawn: ``spawn(copies) -> Oracle``: a fresh oracle with that many copies of the program (external
             programs only), to measure ``--oracle-workers``; None where copies do not apply.
+        copies: How many copies of the program ``oracle`` itself runs (``--oracle-workers``).
         calls_per_query: Oracle calls one evaluation makes one after the other (a rollout: its unrolled steps).
         sets_per_call: Perturbed parameter sets that share one oracle call in training (None: all of a step's).
         info: Anything else worth recording in ``check.json`` (settings, model size).
@@ -366,6 +367,7 @@ class Subject:
     label: str = ""
     estimators: list[tuple[str, int, str]] = field(default_factory=list)
     spawn: Optional[Callable[[int], Oracle]] = None
+    copies: int = 1
     calls_per_query: int = 1
     sets_per_call: Optional[int] = None
     info: dict[str, Any] = field(default_factory=dict)

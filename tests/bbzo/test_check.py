@@ -251,6 +251,8 @@ def test_cost_sees_a_fixed_overhead_per_call_and_measures_copies():
     rate = {c["rows"]: c["rows_per_s"] for c in res["curve"]}
     assert rate[256] > 20 * rate[1] and res["saturates_at"] == 256
     assert spawned == [2] and res["copies"]["rows"] == 256 and res["copies"]["speedup"] > 0
+    res = cost(Subject(o, x, spawn=spawn, copies=3), [1, 16], copies=2)  # it already runs 3: compared with 1
+    assert spawned == [2, 1] and res["copies"]["copies"] == 3
 
 
 # ---------------------------------------------------------------------------- the whole check and its outputs
