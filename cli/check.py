@@ -311,12 +311,16 @@ def _check_options(f: Optional[Callable[..., Any]] = None, *, weights: bool = Tr
     return f
 
 
-def _finish(report: dict[str, Any], out: Path, plots: bool) -> None:
+def _finish(report: dict[str, Any], out: Path, plots: bool, s: Any, sources: dict[str, str]) -> None:
+    from bbzo.config import as_plain, write_config
     from bbzo.provenance import provenance
 
     report["provenance"] = provenance()
     report["command"] = " ".join(["bbzo", *sys.argv[1:]])
+    report["config"] = as_plain(s)
     path = write_json(report, out / "check.json")
+    write_config(out, as_plain(s), sources, header="The settings bbzo check read (the options of the command it checks; "
+                 "--config with this file checks the same thing again).")
     png = plot_report(report, out / "check.png") if plots else None
     click.echo(format_report(report))
     click.echo(f"\nwritten: {path}" + (f", {png}" if png else ""))
@@ -331,7 +335,7 @@ def _box(kw: dict[str, Any]) -> Optional[tuple[float, float]]:
     return float(box[0]), float(box[1])
 
 
-def _run(subject: Subject, s: Any, kw: dict[str, Any]) -> None:
+def _run(subject: Subject, s: Any, sources: dict[str, str], kw: dict[str, Any]) -> None:
     try:
         report = check(subject, coords=kw["coords"], mus=kw.get("mus"), repeats=kw["repeats"], seed=s.seed,
                        explore=kw["explore"], box=_box(kw), copies=kw["copies"],
@@ -339,7 +343,7 @@ def _run(subject: Subject, s: Any, kw: dict[str, Any]) -> None:
                        sections=kw.get("sections") or ("determinism", "noise", "step", "cost", "range"))
     finally:
         subject.oracle.close()
-    _finish(report, kw["out"], not s.no_plots)
+    _finish(report, kw["out"], not s.no_plots, s, sources)
 
 
 @click.group("check", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -366,7 +370,7 @@ def check_cmd(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     s, sources = resolve_command(ctx, TrainSettings, command="train")
     subject = custom_subject(s, sources=sources, weights=kw.get("weights"), rows=kw.get("rows"), box=_box(kw),
                              d_in=kw.get("d_in"))
-    _run(subject, s, kw)
+    _run(subject, s, sources, kw)
 
 
 @check_cmd.command("sol")
@@ -382,10 +386,10 @@ def check_sol(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     bbzo check sol --preset small --weights runs/sol-small/zo/corrector.pt
     """
     torch.set_num_threads(1)
-    s, _src = resolve_command(ctx, SolSettings, command="sol")
+    s, sources = resolve_command(ctx, SolSettings, command="sol")
     _box(kw)
     subject = sol_subject(s, weights=kw.get("weights"), progress=not s.no_progress)
-    _run(subject, s, kw)
+    _run(subject, s, sources, kw)
 
 
 @check_cmd.command("defense")
@@ -403,9 +407,9 @@ def check_defense(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     bbzo check defense --data ../shared/data/imagenette_32px.npz --weights classifier.pt --denoiser runs/p/model.pt
     """
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    s, _src = resolve_command(ctx, FinetuneSettings, command="finetune", defaults=DEFENSE_DEFAULTS)
+    s, sources = resolve_command(ctx, FinetuneSettings, command="finetune", defaults=DEFENSE_DEFAULTS)
     _box(kw)
     if ctx.get_parameter_source("coords") is click.core.ParameterSource.DEFAULT:
         kw["coords"] = 4
     kw["mus"] = kw.get("mus") or sorted(set(DEFENSE_MUS) | {s.mu})
-    _run(defense_subject(s), s, kw)
+    _run(defense_subject(s), s, sources, kw)

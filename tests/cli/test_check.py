@@ -40,6 +40,7 @@ def test_check_of_the_heater_config_prints_the_table_and_writes_json_and_plot(tm
     assert est["cge"] == 83 and est["oracle_cge"] == 3 and est["sparse_cge"] == 10
     assert rep["cost"]["copies"]["copies"] == 2 and rep["input_range"]["failed"] == 0
     assert rep["provenance"]["commit"] and (tmp_path / "check.png").stat().st_size > 10_000
+    assert "oracle_cmd: [examples/custom_simulator/heater.sh]  # from config" in (tmp_path / "config.resolved.yaml").read_text()
 
 
 def test_check_of_the_stochastic_heater_finds_the_noise_and_the_seed(tmp_path):
