@@ -14,7 +14,14 @@ bookkeeping every black box needs, so subclasses only implement :meth:`Oracle._q
   names the oracle, the call (``call #50 (step 25, 1088 rows)``) and where it was raised;
 * has its rows and calls counted by a :class:`~bbzo.ledger.QueryLedger` (a private one, until a run
   attaches its own), which enforces the budgets *before* the call that would exceed them;
-* ``close()`` (and ``with oracle: ...``) releases what it holds, e.g. an external program.
+* ``close()`` (and ``with oracle: ...``) releases what it holds, e.g. an external program;
+* hands a **common-random-numbers seed** to black boxes that take one: inside
+  ``with common_random_numbers(seed):`` every query passes ``seed=`` to a ``_query`` (or a
+  :class:`FunctionOracle`'s function) that has a ``seed`` parameter. A stochastic simulator that draws its
+  random numbers from that seed, the same way for every row, answers the base and every perturbed
+  parameter set of a training step from one random stream, so a finite difference measures the change
+  of the parameters and not the change of the noise. The trainer derives the seed of step ``t`` from
+  the run's seed (:func:`step_seed`): different steps use different streams, and a resumed run the same.
 """
 
 from __future__ import annotations
@@ -35,7 +42,51 @@ from torch import nn
 from .errors import BbzoError, ConfigError, OracleError
 from .ledger import QueryLedger
 
-__all__ = ["Oracle", "FunctionOracle", "ModuleOracle", "where_raised", "answering_failures_with_nan"]
+__all__ = ["Oracle", "FunctionOracle", "ModuleOracle", "where_raised", "answering_failures_with_nan",
+           "common_random_numbers", "current_seed", "step_seed", "SEED_LIMIT"]
+
+#: Seeds handed to oracles are integers in ``[0, SEED_LIMIT)``: they fit a C ``int``, awk's ``srand`` and
+#: numpy's generators alike (the external protocol sends them as decimal text).
+SEED_LIMIT = 2 ** 31
+_SEED: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("bbzo_crn_seed", default=None)
+
+
+def _valid_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ConfigError(f"a common-random-numbers seed must be an integer in [0, 2**31), got {seed!r}; derive one "
+                          "per step with bbzo.oracle.step_seed(run_seed, step), or take seed % 2**31.")
+    return int(seed)
+
+
+@contextlib.contextmanager
+def common_random_numbers(seed: Optional[int]) -> Iterator[Optional[int]]:
+    """Every oracle query in this block (this thread or task) is handed ``seed=seed``, if it takes one.
+
+    ``seed=None`` changes nothing, so a caller can write ``with common_random_numbers(seed if crn else None):``.
+    Blocks nest; the inner seed wins. The seed follows ``contextvars``: a thread started inside the block does not
+    see it unless it runs in a copy of the context (``contextvars.copy_context().run``), as
+    :class:`~bbzo.oracles.process.ProcessPool` does.
+    """
+    token = _SEED.set(_SEED.get() if seed is None else _valid_seed(seed))
+    try:
+        yield _SEED.get()
+    finally:
+        _SEED.reset(token)
+
+
+def current_seed() -> Optional[int]:
+    """The seed of the innermost :func:`common_random_numbers` block, or None outside one."""
+    return _SEED.get()
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The common-random-numbers seed of training step ``step`` of a run seeded ``seed``, in ``[0, 2**31)``.
+
+    A hash (numpy's ``SeedSequence``) of ``(seed, step)``: every evaluation of one step shares it, neighbouring
+    steps get unrelated streams, and it is a pure function of the pair, so a resumed run hands the oracle the
+    same seeds as an uninterrupted one.
+    """
+    return int(np.random.SeedSequence([int(seed), int(step), 0xC2A]).generate_state(1, np.uint32)[0]) % SEED_LIMIT
 
 _FAILURES_AS_NAN: contextvars.ContextVar[bool] = contextvars.ContextVar("bbzo_failures_as_nan", default=False)
 
@@ -157,9 +208,11 @@ class Oracle(ABC):
             raise OracleError(f"{self.name} takes no per-row conditions, got {len(conditions)}; call query(inputs).")
         self.ledger.check_call(self, n)
         call = self.call_label(n)
+        seed = current_seed()
+        extra = {"seed": seed} if seed is not None and self.accepts_seed else {}
         with torch.no_grad():
             try:
-                out = self._query_in_batches(inputs, conditions)
+                out = self._query_in_batches(inputs, conditions, extra)
             except BbzoError:
                 raise
             except Exception as e:  # the black box's own code failed: one clear line, the cause chained
@@ -177,18 +230,24 @@ class Oracle(ABC):
             "evaluation, " if self.ledger.in_evaluation else "")
         return f"call #{acc.calls + acc.eval_calls + 1} ({where}{n} rows)"
 
-    def _query_in_batches(self, inputs: torch.Tensor, conditions: Sequence[torch.Tensor]) -> Any:
-        n = int(inputs.shape[0])
+    def _query_in_batches(self, inputs: torch.Tensor, conditions: Sequence[torch.Tensor],
+                          extra: Optional[dict[str, Any]] = None) -> Any:
+        n, extra = int(inputs.shape[0]), extra or {}
         if self.max_batch is None or n <= self.max_batch:
-            return self._query(inputs, *conditions)
+            return self._query(inputs, *conditions, **extra)
         parts = []
-        for s in range(0, n, self.max_batch):
-            part = self._query(inputs[s:s + self.max_batch], *(c[s:s + self.max_batch] for c in conditions))
+        for s in range(0, n, self.max_batch):  # one seed for every part: a row's answer must not depend on the split
+            part = self._query(inputs[s:s + self.max_batch], *(c[s:s + self.max_batch] for c in conditions), **extra)
             parts.append(self._validate(part, min(self.max_batch, n - s), inputs))
         return torch.cat(parts)
 
     def _takes_conditions(self, k: int) -> bool:
         return _max_conditions(type(self)) >= k
+
+    @property
+    def accepts_seed(self) -> bool:
+        """Whether this black box takes a common-random-numbers seed (its ``_query`` has a ``seed`` parameter)."""
+        return _takes_seed(type(self)._query)
 
     def _validate(self, out: Any, n: int, inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(out, np.ndarray):
@@ -241,18 +300,29 @@ class Oracle(ABC):
 
 @functools.lru_cache(maxsize=None)
 def _max_conditions(cls: type) -> float:
-    """How many per-row conditions ``cls._query`` accepts after ``inputs`` (inf for ``*args``)."""
-    params = list(inspect.signature(cls._query).parameters.values())[2:]  # self, inputs
+    """How many per-row conditions ``cls._query`` accepts after ``inputs`` (inf for ``*args``; ``seed`` is not one)."""
+    params = [p for p in list(inspect.signature(cls._query).parameters.values())[2:] if p.name != "seed"]  # self, inputs
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return float("inf")
     return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+
+
+def _takes_seed(fn: Any) -> bool:
+    """Whether ``fn`` has a parameter named ``seed`` that can be passed by keyword."""
+    try:
+        p = inspect.signature(fn).parameters.get("seed")
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 class FunctionOracle(Oracle):
     """Wrap a plain batched function ``fn(inputs) -> outputs`` (torch or numpy) as an :class:`Oracle`.
 
     Args:
-        fn: Batched callable. Receives a torch tensor, or a numpy array if ``numpy=True``.
+        fn: Batched callable. Receives a torch tensor, or a numpy array if ``numpy=True``. If it has a
+            ``seed`` parameter, it is called ``fn(inputs, seed=s)`` inside a :func:`common_random_numbers`
+            block (and ``fn(inputs)`` outside one).
         numpy: Hand ``fn`` a numpy array (on CPU) and turn its answer back into a tensor on the
             inputs' device and dtype. A numpy function cannot leak a gradient.
     """
@@ -263,14 +333,19 @@ class FunctionOracle(Oracle):
         self.fn = fn
         self.numpy = numpy
 
-    def _query(self, inputs: torch.Tensor) -> torch.Tensor:
+    @property
+    def accepts_seed(self) -> bool:
+        return _takes_seed(self.fn)
+
+    def _query(self, inputs: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        kw = {"seed": seed} if seed is not None else {}
         if self.numpy:
-            out = self.fn(inputs.detach().cpu().numpy())
+            out = self.fn(inputs.detach().cpu().numpy(), **kw)
             out = torch.as_tensor(np.asarray(out))
             if out.is_floating_point():
                 out = out.to(device=inputs.device, dtype=inputs.dtype)
             return out
-        return self.fn(inputs)
+        return self.fn(inputs, **kw)
 
 
 class ModuleOracle(Oracle):

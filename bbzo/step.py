@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .failures import FailurePolicy
 from .ledger import QueryLedger
 from .messages import Evaluation, Grads, Request, Told
-from .oracle import answering_failures_with_nan
+from .oracle import answering_failures_with_nan, common_random_numbers
 from .parallel.executor import SerialExecutor
 from .probes import OutputProbes
 
@@ -61,7 +61,7 @@ def query_cost(estimator: Any, params: Mapping[str, torch.Tensor], state: Any, p
 
 def estimate(adapter: Any, estimator: Any, objective: Any, inputs: Any, targets: Any, *, state: Any = None,
              ledger: Optional[QueryLedger] = None, policy: Any = None, executor: Any = None,
-             params: Optional[Mapping[str, torch.Tensor]] = None) -> StepResult:
+             params: Optional[Mapping[str, torch.Tensor]] = None, seed: Optional[int] = None) -> StepResult:
     """One estimate on the minibatch ``(inputs, targets)`` (see the module docstring for the pipeline).
 
     Args:
@@ -73,6 +73,8 @@ def estimate(adapter: Any, estimator: Any, objective: Any, inputs: Any, targets:
         executor: Who evaluates (:mod:`bbzo.parallel`; default: this process).
         params: The values the estimator asks and tells with (default: the adapter's trainable parameters);
             e.g. float64 copies, to get the gradient in float64.
+        seed: Common random numbers: every oracle query of the step (base and probes, on every rank) is handed this
+            seed (:func:`bbzo.oracle.common_random_numbers`); None hands none.
 
     Returns:
         A :class:`StepResult`; ``grads`` covers every trainable parameter (zero where nothing was estimated).
@@ -92,7 +94,7 @@ def estimate(adapter: Any, estimator: Any, objective: Any, inputs: Any, targets:
     if isinstance(request.probes, OutputProbes) and not request.per_sample:
         request = replace(request, per_sample=True)
     start = ledger.state_dict()
-    with answering_failures_with_nan(policy.tolerant):
+    with answering_failures_with_nan(policy.tolerant), common_random_numbers(seed):
         evaluation = executor.evaluate(evaluator, request)
     ledger.settle(start, evaluation.spent)
     told = policy.resolve(evaluation, request)

@@ -37,6 +37,7 @@ from .estimators.base import Estimator
 from .estimators.transforms import chain, clip_by_global_norm
 from .failures import FailurePolicy
 from .ledger import QueryLedger
+from .oracle import step_seed
 from .parallel.context import is_writer
 from .parallel.executor import Executor, SerialExecutor, default_executor
 from .step import estimate, query_cost
@@ -77,6 +78,8 @@ class Trainer:
             :class:`~bbzo.adapters.LoopAdapter`, whose objective is a rollout).
         failures: What to do with rows the oracle cannot answer (:class:`~bbzo.failures.FailurePolicy`;
             default: stop).
+        crn_seed: Common random numbers: every oracle query of step ``t`` is handed ``step_seed(crn_seed, t)``
+            (oracles that take a seed; :func:`bbzo.oracle.common_random_numbers`). None: no seed is handed on.
 
     Attributes:
         estimator_state: The estimator's state for the next step (a value; checkpointed).
@@ -106,6 +109,7 @@ class Trainer:
         adapter: Optional[Adapter] = None,
         failures: Optional[FailurePolicy] = None,
         executor: Optional[Executor] = None,
+        crn_seed: Optional[int] = None,
     ) -> None:
         if max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {max_steps}.")
@@ -127,6 +131,7 @@ class Trainer:
         self.failures = failures if failures is not None else FailurePolicy()
         self.failure_totals = {"failed_rows": 0, "dropped_samples": 0, "penalized_rows": 0}
         self.estimator_state: Any = None
+        self.crn_seed = crn_seed
         self.before_step: list[Hook] = []
         self.after_step: list[Hook] = []
         self.on_log: list[Hook] = []
@@ -185,7 +190,8 @@ class Trainer:
             info = self.estimator.step_info(params, state)
             queries_before = self.ledger.queries
             res = estimate(self.adapter, self.estimator, self.objective, inputs, targets, state=state,
-                           executor=self.executor, ledger=self.ledger, policy=self.failures)
+                           executor=self.executor, ledger=self.ledger, policy=self.failures,
+                           seed=None if self.crn_seed is None else step_seed(self.crn_seed, self.step_count + 1))
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
             # step's start: rows spent inside the failed step are spent again on resume), then re-raise

@@ -8,6 +8,7 @@ import sys
 import click
 
 import bbzo
+from bbzo.cli.check import check_cmd
 from bbzo.cli.cifar import cifar
 from bbzo.cli.defense import defense
 from bbzo.cli.prune import prune
@@ -64,6 +65,7 @@ def main() -> None:
 main.add_command(task_command(get_task("projectile"), "demo",
                               help="Train a launch policy through a black-box projectile simulator (data generated here)."))
 main.add_command(train)
+main.add_command(check_cmd)
 main.add_command(prune)
 main.add_command(sol)
 main.add_command(cifar)

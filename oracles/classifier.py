@@ -108,8 +108,8 @@ def load_weights(module: nn.Module, path: Union[str, Path]) -> nn.Module:
 
 
 def _from_reference(ref: str) -> Any:
-    """``module:attr`` or ``file.py:attr`` (:func:`bbzo.userspec.load_object`): a module, a class, or a function."""
-    from bbzo.userspec import load_object
+    """``module:attr`` or ``file.py:attr`` (:func:`bbzo.references.load_object`): a module, a class, or a function."""
+    from bbzo.references import load_object
 
     obj = load_object(ref)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
@@ -130,7 +130,7 @@ def is_model_file(spec: str) -> bool:
 
 
 def is_reference(spec: str) -> bool:
-    from bbzo.userspec import is_reference as _is_ref
+    from bbzo.references import is_reference as _is_ref
     return not spec.startswith("timm:") and _is_ref(spec) and not Path(spec).is_file()
 
 

@@ -122,6 +122,10 @@ class TrainSettings(RunSettings):
     steps: int = setting(200, runtime=True, help="Training steps.")
     batch: int = setting(32, help="Samples per minibatch; the oracle sees batch x queries-per-step rows per step.")
     seed: int = setting(0, help="Seed of the model init, data split, shuffling and RGE directions.")
+    crn: bool = setting(False, help=(
+        "Common random numbers: hand the oracle one seed per training step (the base and every probe of a step share "
+        "it; derived from --seed and the step, so --resume is exact). For stochastic simulators that take a seed "
+        "(docs/check.md)."))
     device: str = setting("cpu", runtime=True, help="cpu, cuda, cuda:1, ...")
     # ---- budget, outputs, resuming
     max_queries: Optional[int] = setting(None, runtime=True, help=(
@@ -344,6 +348,9 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
     try:
         objective = make_objective(oracle, s.loss, parts)
         width = _check_width(s, model, oracle, data, parts)
+        if s.crn and not oracle.accepts_seed:
+            raise ConfigError(f"--crn hands the oracle a seed per step, but {oracle.name} takes none: give its function a "
+                              "'seed' parameter (or its program the protocol's seed capability), or drop --crn.")
         policy = FailurePolicy(s.on_oracle_error, s.oracle_error_penalty)
         params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         est = _make_estimator(s, params, width)
@@ -366,7 +373,7 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
         evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y, tolerate_failures=policy.tolerant),
         eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every, weights="model.pt",
         desc=f"{s.estimator} ({q_step} q/step)", log_extra={"estimator": s.estimator},
-        trainer_kw={"failures": policy},
+        trainer_kw={"failures": policy, "crn_seed": s.seed if s.crn else None},
         summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0),
                             "oracle_restart_log": list(getattr(oracle, "restart_log", [])),
                             **tr.failure_totals})

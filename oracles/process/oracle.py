@@ -24,7 +24,8 @@ from bbzo.errors import ConfigError, OracleError
 from bbzo.oracle import Oracle
 
 from .pipe import Program
-from .protocol import Reported, Transport, encode_query, parse_handshake, parse_reply, progress_text
+from .protocol import (Reported, Transport, encode_query, handshake_capabilities, parse_handshake, parse_reply,
+                       progress_text)
 
 __all__ = ["ProcessOracle"]
 
@@ -46,6 +47,8 @@ class ProcessOracle(Oracle):
 
     Attributes:
         d_in, d_out, format: What the program declared in its handshake.
+        capabilities: The optional protocol features it declared (``{"seed"}``: it takes a common-random-numbers
+            seed, so :attr:`accepts_seed`).
         restarts_used: How many times the program was restarted after a failure.
     """
 
@@ -86,6 +89,7 @@ class ProcessOracle(Oracle):
         self.restart_log: list[str] = []
         self.d_in = self.d_out = 0
         self.format = ""
+        self.capabilities: frozenset[str] = frozenset()
         try:
             self._start()
         except Transport as e:
@@ -110,10 +114,20 @@ class ProcessOracle(Oracle):
             previous = (self.d_in, self.d_out, self.format) if self.format else None
             self.d_in, self.d_out, self.format = parse_handshake(line, prefix=self.program.prefix(),
                                                                  tail=self.program.stderr_tail(), previous=previous)
+            caps = handshake_capabilities(line)
+            if previous is not None and caps != self.capabilities:
+                raise Transport(f"{self.program.prefix()} restarted with a different handshake {line!r} (capabilities "
+                                f"{' '.join(sorted(caps)) or 'none'}, were {' '.join(sorted(self.capabilities)) or 'none'}).")
         except Transport:
             self.program.kill()
             raise
+        self.capabilities = caps
         self.input_shape, self.output_shape = (self.d_in,), (self.d_out,)
+
+    @property
+    def accepts_seed(self) -> bool:
+        """Whether the program declared the ``seed`` capability in its handshake (protocol 1.2)."""
+        return "seed" in self.capabilities
 
     def _prefix(self, call: str, sent: bool = True) -> str:
         """``oracle program `cmd` (pid 12), call #50 (step 25, 1088 rows; request 51 to this process)``."""
@@ -144,7 +158,7 @@ class ProcessOracle(Oracle):
             pass
 
     # ------------------------------------------------------------------ one query
-    def _query(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _query(self, inputs: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
         n = int(inputs.shape[0])
         call = self.call_label(n)
         arr = inputs.detach().reshape(n, -1).to("cpu", torch.float64).numpy()
@@ -157,7 +171,7 @@ class ProcessOracle(Oracle):
             try:
                 if self.program.proc is None:
                     self._start()
-                out = self.program.exchange(encode_query(arr, self.format),
+                out = self.program.exchange(encode_query(arr, self.format, seed if self.accepts_seed else None),
                                             lambda buf: parse_reply(buf, n, self.d_out, self.format), self.timeout,
                                             lambda buf: progress_text(buf, n, self.d_out, self.format),
                                             min_lines=n + 1 if self.format == "text" else 1)
@@ -192,4 +206,5 @@ class ProcessOracle(Oracle):
 
     def __repr__(self) -> str:
         return (f"ProcessOracle({self.argv!r}, d_in={self.d_in}, d_out={self.d_out}, format={self.format!r}, "
+                f"capabilities={sorted(self.capabilities)}, "
                 f"rows_used={self.rows_used}, calls_used={self.calls_used}, restarts_used={self.restarts_used})")

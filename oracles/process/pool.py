@@ -9,6 +9,7 @@ restarts and stderr, so faults and restarts work per copy; the pool's ledger cou
 
 from __future__ import annotations
 
+import contextvars
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence, Union
@@ -65,13 +66,21 @@ class ProcessPool(Oracle):
     def restart_log(self) -> list[str]:
         return [line for c in self.copies for line in c.restart_log]
 
-    def _query(self, inputs: torch.Tensor) -> torch.Tensor:
+    @property
+    def accepts_seed(self) -> bool:
+        """Whether the program declared the ``seed`` capability (every copy runs the same program)."""
+        return self.copies[0].accepts_seed
+
+    def _query(self, inputs: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        # the copies read the common-random-numbers seed of the calling context themselves (``seed`` is that seed):
+        # each thread runs its part in a copy of this context, so every copy gets the same seed
         n = int(inputs.shape[0])
         parts = min(self.workers, max(1, n // max(1, self.min_rows)))
         if parts == 1 or self._threads is None:
             return self.copies[0].query(inputs)
         bounds = [(n * i) // parts for i in range(parts + 1)]
-        jobs = [self._threads.submit(self.copies[i].query, inputs[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+        jobs = [self._threads.submit(contextvars.copy_context().run, self.copies[i].query, inputs[bounds[i]:bounds[i + 1]])
+                for i in range(parts)]
         answers, failure = [], None
         for i, job in enumerate(jobs):
             try:

@@ -1,13 +1,22 @@
 """The bbzo oracle protocol, version 1: a pure codec (no processes), spelled out in ``docs/custom_simulators.md``::
 
-    program -> bbzo   bbzo-oracle 1 <d_in> <d_out> <format>\\n     handshake, once, at start
-    bbzo -> program   query <n> <d_in>\\n  + payload of n x d_in     one request per call
-    program -> bbzo   ok <n> <d_out>\\n    + payload of n x d_out    its answer
-                      error <message>\\n                              or: this call failed
-    bbzo -> program   quit\\n  (then stdin is closed)                 on close
+    program -> bbzo   bbzo-oracle 1 <d_in> <d_out> <format> [seed]\\n   handshake, once, at start
+    bbzo -> program   query <n> <d_in> [seed=<s>]\\n + n x d_in values   one request per call
+    program -> bbzo   ok <n> <d_out> [failed=<i>,<j>]\\n + n x d_out     its answer
+                      error <message>\\n                                  or: this call failed
+    bbzo -> program   quit\\n  (then stdin is closed)                     on close
 
 ``<format>`` is ``text`` (one row per line, values separated by spaces; easy in awk or a shell),
 ``f32le`` or ``f64le`` (raw little-endian float32 / float64, row-major, no separators).
+
+Revisions of version 1 (each optional, so a program written for an earlier one works unchanged):
+
+* 1.0 -- the handshake, ``query``, ``ok``, ``error``, ``quit``;
+* 1.1 -- ``failed=<rows>`` in a reply header: rows the program could not answer;
+* 1.2 -- the ``seed`` capability: a program that ends its handshake with the word ``seed`` receives
+  ``seed=<s>`` (a decimal integer in ``[0, 2**31)``) in the header of every query made with common random
+  numbers, and must then answer each row from that seed alone (the same answer for the same row and seed,
+  whatever the other rows of the call). Programs that do not declare it never see the field.
 """
 
 from __future__ import annotations
@@ -16,10 +25,15 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["PROTOCOL_VERSION", "FORMATS", "MAX_LINE", "Transport", "Reported", "parse_handshake", "encode_query",
-           "parse_reply", "parse_text_rows", "progress_text", "first_bytes"]
+__all__ = ["PROTOCOL_VERSION", "PROTOCOL_REVISION", "CAPABILITIES", "FORMATS", "MAX_LINE", "Transport", "Reported",
+           "parse_handshake", "handshake_capabilities", "encode_query", "parse_reply", "parse_text_rows", "progress_text",
+           "first_bytes"]
 
 PROTOCOL_VERSION = 1
+#: The newest revision of version 1 this bbzo speaks (the module docstring lists them): "1.2".
+PROTOCOL_REVISION = 2
+#: Words a program may append to its handshake to opt in to an optional feature.
+CAPABILITIES = {"seed": "1.2: takes a common-random-numbers seed per query ('query <n> <d_in> seed=<s>')"}
 FORMATS: dict[str, Optional[np.dtype]] = {"text": None, "f32le": np.dtype("<f4"), "f64le": np.dtype("<f8")}
 MAX_LINE = 4096  # a header longer than this is garbage
 
@@ -48,15 +62,20 @@ def parse_handshake(line: str, *, prefix: str, tail: str = "",
     ``prefix`` names the program in messages, ``tail`` quotes its last stderr lines; ``previous`` is the
     handshake of the run so far (a restarted program must declare the same).
     """
-    expected = f"'bbzo-oracle {PROTOCOL_VERSION} <d_in> <d_out> <format>' with format one of {', '.join(FORMATS)}"
+    expected = (f"'bbzo-oracle {PROTOCOL_VERSION} <d_in> <d_out> <format> [capability ...]' with format one of "
+                f"{', '.join(FORMATS)} and capabilities from {', '.join(CAPABILITIES)}")
     parts = line.split()
     if not parts or parts[0] != "bbzo-oracle":
         raise Transport(f"{prefix} is not a bbzo oracle: its first line was {line[:120]!r}, expected {expected}.{tail}")
     if len(parts) >= 2 and parts[1] != str(PROTOCOL_VERSION):
         raise Transport(f"{prefix} speaks bbzo oracle protocol version {parts[1]!r}; this bbzo speaks "
                         f"version {PROTOCOL_VERSION}.")
-    if len(parts) != 5:
+    if len(parts) < 5:
         raise Transport(f"{prefix}: malformed handshake {line[:120]!r}, expected {expected}.")
+    unknown = [w for w in parts[5:] if w not in CAPABILITIES]
+    if unknown:
+        raise Transport(f"{prefix}: handshake {line[:120]!r} declares the unknown capability {unknown[0]!r}; this bbzo "
+                        f"(protocol 1.{PROTOCOL_REVISION}) knows {', '.join(CAPABILITIES)}. Drop the word, or update bbzo.")
     try:
         d_in, d_out = int(parts[2]), int(parts[3])
     except ValueError:
@@ -71,10 +90,16 @@ def parse_handshake(line: str, *, prefix: str, tail: str = "",
     return d_in, d_out, parts[4]
 
 
-def encode_query(arr: np.ndarray, fmt: str) -> bytes:
-    """One request: ``query <n> <d>\\n`` and ``arr`` ``(n, d)`` in the program's format."""
+def handshake_capabilities(line: str) -> frozenset[str]:
+    """The optional capabilities a (valid, see :func:`parse_handshake`) handshake line declares, e.g. ``{'seed'}``."""
+    return frozenset(line.split()[5:])
+
+
+def encode_query(arr: np.ndarray, fmt: str, seed: Optional[int] = None) -> bytes:
+    """One request: ``query <n> <d>\\n`` (``query <n> <d> seed=<s>\\n`` with a seed) and ``arr`` ``(n, d)`` in the
+    program's format. Send a seed only to a program that declared the ``seed`` capability."""
     n, d = arr.shape
-    header = f"query {n} {d}\n".encode()
+    header = (f"query {n} {d}\n" if seed is None else f"query {n} {d} seed={int(seed)}\n").encode()
     dtype = FORMATS[fmt]
     if dtype is None:
         # repr: the shortest text that reads back as the same float64; one format string for all rows

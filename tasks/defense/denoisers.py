@@ -57,7 +57,7 @@ def dncnn_spec(depth: int, width: int) -> dict[str, Any]:
 
 def _absolute_reference(ref: str) -> str:
     """``file.py:attr`` with the file's absolute path (a later command may run elsewhere); modules unchanged."""
-    from bbzo.userspec import split_reference
+    from bbzo.references import split_reference
     module, attr = split_reference(ref)
     if module.endswith(".py") or "/" in module:
         return f"{Path(module).expanduser().resolve()}:{attr}"
@@ -187,7 +187,7 @@ class AdaptedDenoiser(DnCNN):
 
 # ------------------------------------------------------------------------------------- building and loading
 def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
-    from bbzo.userspec import call_user, check_kwargs, load_object
+    from bbzo.references import call_user, check_kwargs, load_object
 
     obj = load_object(ref)
     if isinstance(obj, nn.Module):

@@ -92,3 +92,66 @@ def test_conditions_reach_only_oracles_that_take_them():
         Scaled().query(x, torch.ones(3, requires_grad=True))
     with pytest.raises(OracleError, match="takes no per-row conditions"):
         FunctionOracle(lambda t: t).query(x, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- common random numbers
+def test_a_common_random_numbers_block_hands_its_seed_to_oracles_that_take_one():
+    from bbzo.oracle import Oracle, common_random_numbers, current_seed
+
+    seen = []
+
+    def noisy(x, seed=None):
+        seen.append(seed)
+        return x + (0.0 if seed is None else seed)
+
+    takes = FunctionOracle(noisy, numpy=True)
+    ignores = FunctionOracle(lambda x: x * 2, numpy=True)
+
+    class Split(Oracle):  # a subclass with a seed parameter and a max_batch: every part gets the same seed
+        def __init__(self):
+            super().__init__(max_batch=2)
+
+        def _query(self, inputs, seed=None):
+            seen.append(("split", seed))
+            return inputs
+
+    assert takes.accepts_seed and not ignores.accepts_seed and Split().accepts_seed
+    assert not SpyOracle(2, 2).accepts_seed
+    x = torch.zeros(5, 1, dtype=torch.float64)
+    assert torch.equal(takes.query(x), x) and seen == [None]
+    with common_random_numbers(7) as s:
+        assert s == 7 and current_seed() == 7
+        assert torch.equal(takes.query(x), x + 7)
+        assert torch.equal(ignores.query(x), x)  # a function without `seed` is called as before
+        with common_random_numbers(None):  # None changes nothing
+            assert current_seed() == 7
+            with common_random_numbers(9):  # the inner block wins
+                takes.query(x)
+        Split().query(x)
+    assert current_seed() is None
+    assert seen == [None, 7, 9, ("split", 7), ("split", 7), ("split", 7)]
+
+
+def test_seed_parameter_is_not_a_condition_and_bad_seeds_are_refused():
+    from bbzo.errors import ConfigError
+    from bbzo.oracle import Oracle, common_random_numbers
+
+    class Plain(Oracle):
+        def _query(self, inputs, seed=None):
+            return inputs
+
+    with pytest.raises(OracleError, match="takes no per-row conditions"):
+        Plain().query(torch.zeros(3, 1), torch.zeros(3))
+    for bad in (-1, 2 ** 31, 1.5, True):
+        with pytest.raises(ConfigError, match=r"integer in \[0, 2\*\*31\)"):
+            with common_random_numbers(bad):
+                pass
+
+
+def test_step_seeds_differ_between_steps_and_runs_and_are_pure():
+    from bbzo.oracle import SEED_LIMIT, step_seed
+
+    seeds = [step_seed(0, t) for t in range(1, 2001)]
+    assert len(set(seeds)) == 2000 and all(0 <= s < SEED_LIMIT for s in seeds)
+    assert step_seed(0, 5) == step_seed(0, 5) != step_seed(1, 5)
+    assert step_seed(0, 1) == 502393375  # pinned: a resumed run must hand the oracle the same seeds

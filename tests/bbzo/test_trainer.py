@@ -204,3 +204,39 @@ def test_failure_mid_run_keeps_last_completed_state(tmp_path):
     assert ck["step"] == done
     for k, v in model.state_dict().items():
         assert torch.equal(ck["model"][k], v)
+
+
+def test_common_random_numbers_give_every_query_of_a_step_its_seed_and_resume_exactly(tmp_path):
+    """``crn_seed``: base and probes of step t see step_seed(crn_seed, t); a resumed run sees the same seeds."""
+    from bbzo.oracle import FunctionOracle, step_seed
+
+    def run(folder, steps, resume=False, crn_seed=11):
+        seen = []
+
+        def noisy(x, seed=None):  # a stochastic black box: seeded noise, the same draw for every row
+            seen.append(seed)
+            g = torch.Generator().manual_seed(seed if seed is not None else len(seen))
+            return x + 0.1 * torch.randn(1, x.shape[1], generator=g, dtype=x.dtype)
+
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        oracle = FunctionOracle(noisy)
+        obj = bbzo.OracleObjective(oracle, lambda a, out, inp, t: (a - t).pow(2).mean(1))
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+        tr = Trainer(model, obj, bbzo.create_estimator("cge", mu=1e-3), torch.optim.SGD(model.parameters(), lr=0.1),
+                     TensorBatches(x, y, 8, seed=3), max_steps=4, oracle=oracle, run_dir=folder, checkpoint_every=2,
+                     crn_seed=crn_seed)
+        if resume:
+            tr.resume()
+        tr.run(steps=steps)
+        return model, seen
+
+    full, seen = run(tmp_path / "a", 4)
+    assert seen == [step_seed(11, t) for t in range(1, 5) for _ in range(2)]  # base call + probe call per step
+    run(tmp_path / "b", 2)  # stops after step 2 (checkpointed) ...
+    resumed, seen_b = run(tmp_path / "b", 2, resume=True)  # ... and a new process goes on
+    assert seen_b == seen[4:]
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+    _, seen_off = run(tmp_path / "c", 1, crn_seed=None)
+    assert seen_off == [None, None]

@@ -224,3 +224,47 @@ def test_a_pool_splits_rows_across_copies_in_order_and_faults_stay_per_copy(tmp_
                      startup_timeout=20, min_rows=1) as pool:
         with pytest.raises(OracleError, match=r"x2, rows 0\.\.4 of 10: .*solver did not converge"):
             pool.query(x[:10])
+
+
+# ---------------------------------------------------------------------------- protocol 1.2: the seed capability
+HEATER_MC = ROOT / "examples" / "stochastic_simulator" / "heater_mc.py"
+
+
+def test_handshake_capabilities_and_the_seed_field_of_a_query():
+    from bbzo.oracles.process.protocol import Transport, encode_query, handshake_capabilities, parse_handshake
+
+    assert parse_handshake("bbzo-oracle 1 2 3 text seed", prefix="p") == (2, 3, "text")
+    assert handshake_capabilities("bbzo-oracle 1 2 3 text seed") == {"seed"}
+    assert handshake_capabilities("bbzo-oracle 1 2 3 text") == frozenset()
+    with pytest.raises(Transport, match="unknown capability 'fast'.*knows seed"):
+        parse_handshake("bbzo-oracle 1 2 3 text fast", prefix="p")
+    arr = np.array([[1.0, 2.0]])
+    assert encode_query(arr, "text") == b"query 1 2\n1.0 2.0\n"  # revision 1.0 requests are unchanged
+    assert encode_query(arr, "text", seed=17) == b"query 1 2 seed=17\n1.0 2.0\n"
+    assert encode_query(arr, "f64le", seed=0).startswith(b"query 1 2 seed=0\n")
+
+
+def test_a_seeded_program_gets_the_seed_and_an_old_program_never_sees_the_field():
+    from bbzo.oracle import common_random_numbers
+    from bbzo.oracles.process import ProcessPool
+
+    x = torch.rand(40, 2, dtype=torch.float64)
+    with ProcessOracle([sys.executable, str(HEATER_MC), "0"], timeout=20, startup_timeout=20) as o:
+        assert o.capabilities == {"seed"} and o.accepts_seed
+        with common_random_numbers(5):
+            a, b = o.query(x), o.query(x[7:12])  # the same seed: every row the same answer, whatever the call
+            c = o.query(x.flip(0)).flip(0)
+        with common_random_numbers(6):
+            d = o.query(x)
+        e, f = o.query(x), o.query(x)  # no seed: every row draws its own weather
+    assert torch.equal(a[7:12], b) and torch.equal(a, c)
+    assert (a - d).abs().max() > 0.05 and (e - f).abs().max() > 0.05
+    with ProcessPool([sys.executable, str(HEATER_MC), "0"], workers=2, min_rows=4, timeout=20, startup_timeout=20) as pool:
+        assert pool.accepts_seed
+        with common_random_numbers(5):  # both copies get the seed (their threads run in copies of this context)
+            assert torch.equal(pool.query(x), a) and all(cp.calls_used == 1 for cp in pool.copies)
+    with fake() as old:  # a revision-1.0 program (its handshake has no capabilities) answers under CRN as before
+        assert not old.accepts_seed
+        with common_random_numbers(5):
+            y = old.query(x)
+    assert torch.equal(y[:, 0], x[:, 0] + x[:, 1])
