@@ -24,7 +24,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "atomic_write_bytes",
+__all__ = ["load_weights", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "atomic_write_bytes",
            "previous_path", "CHECKPOINT_NAME", "RecoveredCheckpointWarning"]
 
 FORMAT = 1
@@ -119,6 +119,25 @@ def _read(path: Path, map_location: Any) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bbzo checkpoint (format {FORMAT}).")
     return payload
+
+
+def load_weights(path: Union[str, Path], map_location: Any = "cpu", what: str = "weights") -> Any:
+    """``torch.load(path, weights_only=True)`` with an error that says what to do, never "set weights_only=False".
+
+    Raises :class:`CheckpointError` for a missing, truncated or foreign file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no {what} at {path}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds Python objects that are not tensors, numbers or containers, so it is not "
+                              f"{what} written by bbzo (bbzo never runs code from a file). Save plain tensors "
+                              "(torch.save(model.state_dict(), path)) or use safetensors.") from None
+    except Exception as e:  # truncated / corrupt / not a torch file
+        raise CheckpointError(f"{what} file {path} is truncated, corrupt or not a torch file ({type(e).__name__}). "
+                              "Restore a copy, or produce it again.") from None
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", allow_previous: bool = True) -> dict[str, Any]:

@@ -83,7 +83,9 @@ class CoordinateProbes:
         return [(self.names[p], rows) for p, rows in self.groups()]
 
     def touched_bytes(self, params: Mapping[str, torch.Tensor]) -> int:
-        return max(_nbytes(params[self.names[p]]) for p in torch.unique(self.pidx).tolist())
+        """Bytes of the largest tensor a probe of this batch *may* move (any of ``names``): the same for every
+        sub-batch, so a sub-batch is chunked as the whole batch is (bitwise-equal shards)."""
+        return max(_nbytes(params[n]) for n in self.names)
 
     def stack(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(K, *shape)`` copies of each parameter the K probes touch, each with its one coordinate moved."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load_weights
 from .errors import BbzoError, ConfigError, ShapeError
 from .oracle import FunctionOracle, Oracle, where_raised
 
@@ -208,14 +209,17 @@ def load_data(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[torch
             elif suffix == ".npy":
                 x, y = np.load(path, allow_pickle=False), None
             elif suffix in (".pt", ".pth"):
-                x, y = _split_pair(torch.load(path, map_location="cpu", weights_only=True), str(path))
+                x, y = _split_pair(load_weights(path, what="data"), str(path))
             else:
                 raise ConfigError(f"data file {str(path)!r}: unknown type {suffix!r}; use .npz (arrays 'inputs' and "
                                   "'targets'), .pt (a dict of tensors) or a module:callable reference.")
         except BbzoError:
             raise
-        except Exception as e:
-            raise ConfigError(f"data file {str(path)!r} cannot be read ({type(e).__name__}: {str(e)[:200]}).") from e
+        except Exception as e:  # numpy's own hints (allow_pickle=True) would be the wrong advice
+            what = {".npz": "an .npz archive (numpy.savez)", ".npy": "an .npy array (numpy.save)"}.get(suffix, "readable")
+            raise ConfigError(f"data file {str(path)!r} is not {what} ({type(e).__name__}). Write it with "
+                              "numpy.savez(path, inputs=..., targets=...), or pass a module:function that returns "
+                              "(inputs, targets).") from None
         source = str(path)
     elif is_reference(spec) and not spec.endswith((".npz", ".pt", ".pth", ".npy")):
         fn = load_object(spec)
@@ -231,6 +235,11 @@ def load_data(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[torch
                           "returns (inputs, targets).")
     x = _to_tensor(x, "inputs")
     y = _to_tensor(y, "targets") if y is not None else None
+    for name, t in (("inputs", x), ("targets", y)):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten()
+            raise ConfigError(f"data {source}: the {name} hold NaN/inf in {bad.numel()} rows (first: row {int(bad[0])}). "
+                              f"Drop or repair those rows before training (a black box would only fail on them later).")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ShapeError(f"data {source}: inputs must have a batch dimension with at least one row, got shape {tuple(x.shape)}.")
     if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):

@@ -13,7 +13,15 @@
   raise ``--max-queries``.
 * **Nothing is lost.** Checkpoints are atomic and the previous one is kept as a recovery copy; a failed
   run still writes ``results.json`` with its status, the error and how far each training got; wall time
-  is cumulative across resumes.
+  is cumulative across resumes. An invocation that trains no step (a set-up error, a refused ``--resume``)
+  leaves the folder as it found it: no claim on a new folder, nothing overwritten in an old one.
+* **One run per folder.** ``run.lock`` is held for the run's life (:mod:`bbzo.runlock`); a second command on
+  the same ``--out`` is refused with the holder's PID and command.
+* **Signals save.** SIGTERM and Ctrl-C abandon the step in progress; the last completed step is in the
+  checkpoint, ``results.json`` says ``interrupted``, and one line names the step saved and the command that
+  continues the run (:mod:`bbzo.signals`).
+* **Ranks agree.** Before the first step every rank of a distributed run compares its fingerprint (settings,
+  data, checkpoint step and weights, versions) with rank 0's; any difference stops every rank with one line.
 * **Every run shows itself.** A progress bar, ``metrics.jsonl`` per training, ``loss.png`` (training loss
   against steps and against queries), ``results.json`` and the task's ``results.md`` table.
 
@@ -33,11 +41,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, previous_path
+from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint, previous_path
 from .config import RESOLVED_NAME, as_plain, differing, from_plain, runtime_keys, write_config
 from .data import BatchSource
 from .errors import BbzoError, ConfigError
 from .jsonio import write_json
+from .runlock import RunLock
+from .signals import SIGNAL_NAMES, Interrupted, install as install_signals
 from .estimators.base import Estimator
 from .ledger import QueryLedger
 from . import parallel
@@ -146,6 +156,9 @@ class Run:
         self.summaries: dict[str, dict[str, Any]] = {}
         self.single = False
         self.started = time.perf_counter()
+        self.progressed = False  # whether this invocation completed a training step
+        self._before: dict[str, Optional[bytes]] = {}  # run-level files as they were before this invocation
+        self.lock = RunLock(self.folder, self.command)
 
     # ------------------------------------------------------------------ folder policy
     def training_folder(self, name: str) -> Path:
@@ -191,7 +204,16 @@ class Run:
         cls = type(self.settings)
         self.single = list(trainings) == [""]
         self.folder.mkdir(parents=True, exist_ok=True)
+        if parallel.is_writer():
+            self.lock.acquire()
+            if self.lock.stale:
+                info = self.lock.stale
+                print(f"note: {self.lock.path} was left by PID {info.get('pid')} ({info.get('command', '?')}, started "
+                      f"{info.get('started', '?')}), which is no longer running; this run takes the folder over.",
+                      file=sys.stderr)
         record = self._read_record()
+        self._before = {f: ((self.folder / f).read_bytes() if (self.folder / f).exists() else None)
+                        for f in (RUN_FILE, RESOLVED_NAME, *RUN_OUTPUTS)}
         new = as_plain(self.settings)
         history: list[dict[str, Any]] = []
         if record is not None and record.get("task") not in (self.task.name, *self.task.aliases) and not self.overwrite:
@@ -210,7 +232,7 @@ class Run:
                     f"{self.folder} holds a run with other settings (differs in: {', '.join(diff)}: {changes}). "
                     f"Settings that may change on --resume: {allowed}. Use another --out, the same settings, "
                     "or --overwrite to start over.")
-            if not self.resume and self.task.on_existing == "refuse" and any(self._has_checkpoint(n) for n in trainings):
+            if not self.resume and any(self._has_checkpoint(n) for n in trainings):
                 raise ConfigError(f"{self.folder} already holds a run ({CHECKPOINT_NAME}). Pass --resume to continue "
                                   "it, --overwrite to start over, or another --out.")
             self.previous = old
@@ -300,20 +322,29 @@ class Run:
                     f"used, and the next step costs {trainer.query_cost()}. Raise --max-queries to continue.")
         else:
             trainer.elapsed += setup_s
+        if parallel.world_size() > 1:
+            parallel.agree(self._fingerprint(name, trainer, spec))
+        start_step = trainer.step_count
         try:
             trainer.run()
-        except BbzoError as e:
+        except (BbzoError, KeyboardInterrupt) as e:
             bar.close()
-            done = trainer.step_count
-            ckpt = trainer.checkpoint_path
-            saved = (f" The last completed step ({done}) is saved in {ckpt}; fix the cause and rerun with --resume "
-                     "to continue." if done > 0 else " No step had completed; nothing was saved.")
-            self.summaries[name] = {"method": name, "status": "failed", "steps": done, "error": str(e),
+            self.progressed = self.progressed or trainer.step_count > start_step
+            interrupted = isinstance(e, KeyboardInterrupt)
+            self.summaries[name] = {"method": name, "status": "interrupted" if interrupted else "failed",
+                                    "steps": trainer.step_count, "error": str(e) or type(e).__name__,
                                     "queries": ledger.queries, "oracle_rows": ledger.rows(), "elapsed_s": trainer.elapsed}
             _write_json(folder / "train.json", self.summaries[name])
-            raise type(e)(f"{e}{saved}" if str(e).endswith(".") else f"{e}.{saved}") from e
+            saved = self._saved(trainer)
+            if interrupted:
+                signum = e.signum if isinstance(e, Interrupted) else 2
+                raise Interrupted(signum, f"{SIGNAL_NAMES.get(signum, 'a signal')} stopped the run during step "
+                                          f"{trainer.step_count + 1}.{saved}") from e
+            hint = " Fix the cause and rerun with --resume to continue." if "is saved in" in saved else ""
+            raise type(e)(f"{e}{saved}{hint}" if str(e).endswith(".") else f"{e}.{saved}{hint}") from e
         finally:
             bar.close()
+        self.progressed = self.progressed or trainer.step_count > start_step
         final = None
         if spec.evaluate is not None:
             with ledger.evaluation():
@@ -338,6 +369,53 @@ class Run:
         self.summaries[name] = summary
         return summary
 
+    def resume_command(self) -> str:
+        """The command that continues this run: the same one, with ``--resume`` and without ``--overwrite``."""
+        words = [w for w in self.command.split() if w != "--overwrite"]
+        return " ".join(words + ([] if "--resume" in words else ["--resume"]))
+
+    def _saved(self, trainer: Trainer) -> str:
+        """What the checkpoint on disk holds, read back (a sentence that is true whatever happened)."""
+        if not parallel.is_writer():
+            return f" Rank {parallel.rank()} writes no checkpoint; rank 0 reports what is saved."
+        path = trainer.checkpoint_path
+        step = None
+        if path is not None and (path.exists() or previous_path(path).exists()):
+            try:
+                step = int(load_checkpoint(path, map_location="cpu")["step"])
+            except (BbzoError, KeyError, OSError, ValueError):
+                step = None
+        if step is None:
+            return " No step had completed; nothing was saved."
+        return f" The checkpoint {path} holds step {step}; continue with: {self.resume_command()}"
+
+    def _fingerprint(self, name: str, trainer: Trainer, spec: Training) -> dict[str, str]:
+        """What every rank of a distributed run must agree on before the first step (values short and comparable)."""
+        import hashlib
+
+        def digest(obj: Any) -> str:
+            h = hashlib.sha256()
+            for leaf in (obj if isinstance(obj, (list, tuple)) else [obj]):
+                if isinstance(leaf, torch.Tensor):
+                    h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
+                elif isinstance(leaf, dict):
+                    for k in sorted(leaf):
+                        h.update(str(k).encode())
+                        h.update(digest(leaf[k]).encode())
+                elif leaf is not None:
+                    h.update(repr(leaf).encode())
+            return h.hexdigest()[:16]
+
+        local = {"out", "no_progress", "no_plots", "workers", "worker_timeout"}  # may differ per node
+        settings = {k: v for k, v in sorted(as_plain(self.settings).items()) if k not in local}
+        inputs, targets = spec.data.get_batch(trainer.step_count)
+        prov = provenance()
+        return {"training": name, "settings": digest(json.dumps(settings, sort_keys=True, default=str)),
+                "checkpoint step": str(trainer.step_count), "weights": digest(dict(trainer.model.state_dict())),
+                "data (this step's batch)": digest([inputs, targets] if not isinstance(inputs, tuple)
+                                                   else [*inputs, targets]),
+                "bbzo": str(prov["versions"].get("bbzo")), "torch": str(prov["versions"].get("torch"))}
+
     # ------------------------------------------------------------------ the end
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
         """Write ``results.json`` (and ``results.md`` from ``results["table"]``) and the loss plot."""
@@ -359,14 +437,34 @@ class Run:
         return {**results, "plots": plots}
 
     def fail(self, error: BaseException) -> None:
-        """Record a failed run: ``results.json`` with its status, the error and how far each training got."""
+        """Record a failed run: ``results.json`` with its status, the error and how far each training got.
+
+        An invocation that completed no step leaves the run-level files as it found them instead (a set-up error
+        claims no folder, a refused ``--resume`` overwrites nothing)."""
+        if not parallel.is_writer():
+            return
         try:
+            if not self.progressed:
+                self._restore()
+                return
             _write_json(self.folder / "results.json", {
                 "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "error": f"{type(error).__name__}: {error}", "task": self.task.name,
                 "trainings": {n or self.task.name: s for n, s in self.summaries.items()}})
         except OSError:  # the folder itself is the problem: the error already says what happened
             pass
+
+    def _restore(self) -> None:
+        for name, data in self._before.items():
+            path = self.folder / name
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif not path.exists() or path.read_bytes() != data:
+                atomic_write_bytes(path, lambda f, d=data: f.write(d))
+
+    def close(self) -> None:
+        """Release the folder (the end of the invocation, whatever happened)."""
+        self.lock.release()
 
 
 def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None, *,
@@ -383,6 +481,7 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
     """
     if task.threads is not None:
         torch.set_num_threads(task.threads)
+    check_device(getattr(settings, "device", "cpu"))
     ctx = parallel.setup(getattr(settings, "worker_timeout", parallel.DEFAULT_WORKER_TIMEOUT),
                          device=getattr(settings, "device", "cpu"))
     if ctx is None and getattr(settings, "workers", 1) > 1:
@@ -394,8 +493,9 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
         raise ConfigError(f"task {task.name}: nothing to train (no trainings given).")
     run = Run(Path(settings.out), task, settings, sources, resume=settings.resume, overwrite=settings.overwrite,
               progress=not settings.no_progress, plots=not getattr(settings, "no_plots", False), command=command)
-    run.open(names)
+    restore_signals = install_signals()
     try:
+        run.open(names)
         if task.prepare is not None:
             run.shared = task.prepare(settings, run)
         for n in names:
@@ -405,4 +505,25 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
         return run.finish(task.evaluate(settings, run, run.summaries))
     except BaseException as e:
         run.fail(e)
+        if isinstance(e, OSError):
+            raise ConfigError(f"could not read or write {getattr(e, 'filename', None) or run.folder}: "
+                              f"{e.strerror or e}. Free space or fix the permissions of {run.folder}, then rerun the "
+                              "same command" + (" with --resume" if run.progressed else "") + "; the last checkpoint "
+                              "on disk is intact (it is only ever replaced atomically).") from e
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(2, f"SIGINT stopped the run.{' The last completed step is saved; continue with: ' + run.resume_command() if run.progressed else ' No step had completed.'}") from e
         raise
+    finally:
+        run.close()
+        restore_signals()
+
+
+def check_device(device: Any) -> None:
+    """A clear error for a device this machine does not have (before anything is loaded)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible here (torch.cuda.is_available() is False). "
+                          "Use --device cpu, or check the GPU driver and CUDA_VISIBLE_DEVICES.")

@@ -53,9 +53,6 @@ class Task:
     """An application of the engine (see the module docstring).
 
     Args:
-        on_existing: What a run folder that holds a finished or interrupted run of the same settings
-            does without ``--resume``: ``"restart"`` (train again from scratch) or ``"refuse"`` (ask for
-            ``--resume`` or ``--overwrite``: protects long runs).
         training_files: Files of a training folder, besides the standard ones, that a fresh start removes.
         threads: torch threads for the whole run (``None``: leave torch's choice).
         aliases: Former names (run folders written under them are still this task's).
@@ -68,14 +65,9 @@ class Task:
     build: Callable[[Any, str, "BuildContext"], Optional["Training"]]
     evaluate: Optional[Callable[[Any, "Run", dict[str, dict[str, Any]]], dict[str, Any]]] = None
     prepare: Optional[Callable[[Any, "Run"], Any]] = None
-    on_existing: str = "restart"
     training_files: tuple[str, ...] = ()
     threads: Optional[int] = None
     aliases: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.on_existing not in ("restart", "refuse"):
-            raise ConfigError(f"task {self.name}: on_existing must be 'restart' or 'refuse', got {self.on_existing!r}.")
 
 
 _TASKS: dict[str, Task] = {}

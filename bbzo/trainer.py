@@ -40,6 +40,7 @@ from .ledger import QueryLedger
 from .oracle import step_seed
 from .parallel.context import is_writer
 from .parallel.executor import Executor, SerialExecutor, default_executor
+from .signals import deferred
 from .step import estimate, query_cost
 
 __all__ = ["Trainer"]
@@ -196,10 +197,24 @@ class Trainer:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
             # step's start: rows spent inside the failed step are spent again on resume), then re-raise
             if self.run_dir is not None and self.step_count > 0:
-                self.save_checkpoint(rng=rng_at_start, ledger_state=ledger_at_start)
+                with deferred():
+                    self.save_checkpoint(rng=rng_at_start, ledger_state=ledger_at_start)
             raise
         finally:
             self.ledger.step = None
+        with deferred():  # applied, logged and saved whole: a signal waits for the end of the step
+            self._apply(res, info, queries_before, t0)
+            for h in self.after_step:
+                h(self, self.status)
+            if self.step_count % self.log_every == 0 or self.done:
+                for h in self.on_log:
+                    h(self, self.status)
+            if self.run_dir is not None and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+                self.save_checkpoint()
+        return self.status
+
+    def _apply(self, res: Any, info: dict[str, Any], queries_before: int, t0: float) -> None:
+        """Apply a step's estimate: optimizer, scheduler, counters, status (never cut in the middle)."""
         self.estimator_state = res.state
         for k in self.failure_totals:
             self.failure_totals[k] += int(getattr(res, k))
@@ -231,22 +246,21 @@ class Trainer:
         if self.failures.tolerant:
             self.status.update(failed_rows=res.failed_rows, dropped_samples=res.dropped_samples,
                                penalized_rows=res.penalized_rows)
-        for h in self.after_step:
-            h(self, self.status)
-        if self.step_count % self.log_every == 0 or self.done:
-            for h in self.on_log:
-                h(self, self.status)
-        if self.run_dir is not None and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
-            self.save_checkpoint()
-        return self.status
 
     def run(self, steps: Optional[int] = None) -> dict[str, Any]:
         """Run ``steps`` more steps (default: until ``max_steps`` or a stop); saves a final checkpoint."""
         end = self.max_steps if steps is None else min(self.max_steps, self.step_count + steps)
-        while self.step_count < end and self.stop_reason is None:
-            self.step()
+        try:
+            while self.step_count < end and self.stop_reason is None:
+                self.step()
+        except KeyboardInterrupt:  # a signal between steps (or in a hook): keep the last completed step
+            if self.run_dir is not None and self.step_count > 0 and self._saved_step != self.step_count:
+                with deferred():
+                    self.save_checkpoint()
+            raise
         if self.run_dir is not None and self.step_count > 0 and self._saved_step != self.step_count:
-            self.save_checkpoint()
+            with deferred():
+                self.save_checkpoint()
         return self.status
 
     # ------------------------------------------------------------------ checkpoints

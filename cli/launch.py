@@ -19,7 +19,11 @@ def relaunch_if_needed(settings: Any) -> None:
     m = int(getattr(settings, "workers", 1) or 1)
     if m <= 1 or under_launcher():
         return
-    code = launch_workers(m, sys.argv[1:])
+    code, signum = launch_workers(m, sys.argv[1:])
+    if signum:
+        click.echo(f"interrupted: every one of the {m} workers has stopped; rank 0's line above says which step its "
+                   "checkpoint holds. Continue with the same command and --resume (any --workers).", err=True)
+        sys.exit(128 + signum)
     if code != 0:
         click.echo(f"error: the run with {m} workers failed (launcher exit code {code}); the first error above names "
                    "the rank and step. Fix the cause, then rerun the same command with --resume (any --workers).",

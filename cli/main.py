@@ -54,6 +54,10 @@ class _Group(click.Group):
         except BbzoError as e:
             click.echo(format_error(str(e)), err=True)
             sys.exit(2)
+        except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: one line saying what is saved (bbzo.signals)
+            text = str(e) or "interrupted (SIGINT)."
+            click.echo(format_error(text).replace("error:", "interrupted:", 1), err=True)
+            sys.exit(getattr(e, "exit_code", 130))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

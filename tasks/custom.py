@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import bbzo
+from bbzo.checkpoint import load_weights
 from bbzo.config import setting
 from bbzo.data import TensorBatches
 from bbzo.errors import BbzoError, ConfigError, ShapeError
@@ -53,7 +54,7 @@ class TrainSettings(RunSettings):
     oracle: Optional[str] = setting(None, metavar="REF", replaces=("oracle_cmd",), help=(
         "The black box in Python: 'pkg.module:attr' or 'path/file.py:attr' naming an Oracle subclass or instance, or "
         "a plain batched function rows -> rows (wrapped in a FunctionOracle). Give this or --oracle-cmd."))
-    oracle_cmd: Optional[list[str]] = setting(None, kind="argv", replaces=("oracle",), help=(
+    oracle_cmd: Optional[list[str]] = setting(None, kind="argv", replaces=("oracle",), runtime=True, help=(
         "The black box as an external program speaking the bbzo oracle protocol (docs/custom_simulators.md), e.g. "
         "'awk -f sim.awk' or './sim --fast'. Split like a shell command line but never run through a shell; in a "
         "config file also a YAML list."))
@@ -147,6 +148,12 @@ class TrainSettings(RunSettings):
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}.")
         if self.max_queries is not None and self.max_queries < 1:
             raise ConfigError(f"--max-queries must be >= 1, got {self.max_queries}.")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if not self.mu > 0:
+            raise ConfigError(f"--mu must be > 0, got {self.mu}.")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0 (a seed of numpy's and torch's generators), got {self.seed}.")
 
 
 # ---------------------------------------------------------------------------- the objective
@@ -407,10 +414,11 @@ def evaluate_run(folder: Path, data: str, data_kwargs: Optional[dict[str, Any]] 
     dev = torch.device(s.device)
     torch.manual_seed(s.seed)
     model = build_model(s.model, s.model_kwargs).to(dev)  # type: ignore[arg-type]
+    state = load_weights(weights, map_location=dev, what="trained weights")
     try:
-        model.load_state_dict(torch.load(weights, map_location=dev, weights_only=True))
-    except Exception as e:
-        raise ConfigError(f"{weights} does not fit the run's model ({type(e).__name__}: {str(e)[:200]}).") from None
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{weights} does not fit the run's model ({type(e).__name__}: {e}).") from None
     x, y = load_data(data, data_kwargs or {})
     pdtype = next((p.dtype for p in model.parameters()), torch.get_default_dtype())
     x = (x.to(pdtype) if x.is_floating_point() else x).to(dev)
@@ -424,5 +432,5 @@ def evaluate_run(folder: Path, data: str, data_kwargs: Optional[dict[str, Any]] 
 
 
 TASK = register_task(Task(name="train", aliases=("custom",), settings=TrainSettings, trainings=lambda s: [""], build=build,
-                          evaluate=evaluate, on_existing="refuse", training_files=("model.pt", "oracle.stderr.log"),
+                          evaluate=evaluate, training_files=("model.pt", "oracle.stderr.log"),
                           description="train your model through your simulator (a Python oracle or any program)"))

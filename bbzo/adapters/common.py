@@ -151,7 +151,7 @@ def output_probe_losses(loss: Callable[[torch.Tensor, int], torch.Tensor], outpu
     """``(M, B)`` per-sample losses at ``outputs`` ``(B, ...)`` moved by each of the ``M`` output probes.
 
     ``loss(moved (K, B, ...), K) -> (K, B)`` scores ``K`` moved copies at once (charging them); the copies are
-    evaluated in chunks that fit ``max_chunk_bytes``.
+    evaluated in chunks of ``3 x outputs + extra_bytes`` per copy that fit ``max_chunk_bytes``.
     """
     b = outputs.shape[0]
     flat = outputs.reshape(b, -1)
@@ -261,9 +261,27 @@ class Evaluator(ABC):
             grads = torch.autograd.grad(total, list(live.values()), allow_unused=True, retain_graph=True)
         return {n: (g.detach() if g is not None else torch.zeros_like(p)) for (n, p), g in zip(live.items(), grads)}
 
-    def shard_quantum(self, probes: Probes) -> Optional[int]:
-        """Probes per batched call when every probe costs the same (a distributed run deals whole calls), else None."""
-        return None
+    def chunks(self, probes: Probes) -> list[tuple[int, torch.Tensor]]:
+        """The batched calls that evaluate ``probes``, in order: ``[(cost class, probe rows), ...]``.
+
+        Evaluating any sub-batch made of whole chunks gives each of its probes the same numbers as evaluating all of
+        ``probes``: a chunk is evaluated as one call whatever else is evaluated with it. The distributed executor
+        deals whole chunks (round-robin within each cost class), so a distributed step equals a serial one bitwise.
+        """
+        m = len(probes)
+        if isinstance(probes, OutputProbes):
+            k = self._output_chunk()
+        else:
+            k = self._chunk_size(probes)
+        return [(0, rows) for rows in torch.arange(m).split(max(1, k))]
+
+    def _chunk_size(self, probes: Probes) -> int:
+        return self.max_chunk
+
+    def _output_chunk(self) -> int:
+        out = self._model_outputs()
+        per_set = max(1, 3 * out.numel() * out.element_size() + tree_bytes(self.inputs) + tree_bytes(self.targets))
+        return chunk_size(per_set, self.max_chunk_bytes, self.max_chunk)
 
     # -------------------------------------------------------------- for the adapters
     def _charge(self, k: int) -> None:

@@ -40,11 +40,8 @@ class FunctionalEvaluator(Evaluator):
         """Parameter sets per batched call."""
         return chunk_size(self._per_set_bytes(touched_bytes), self.max_chunk_bytes, self.max_chunk)
 
-    def shard_quantum(self, probes: Probes) -> Optional[int]:
-        """Probes per batched call: a distributed run deals whole calls to ranks, so each rank's calls hold
-        the same probes as a serial run's (a batched black box may depend on its batch: bitwise equality)."""
-        if not hasattr(probes, "touched_bytes"):
-            return None  # output probes: the model is not run per probe
+    def _chunk_size(self, probes: Probes) -> int:
+        """Parameter sets per batched call (the same for any sub-batch of a step's probes)."""
         return self._chunk(probes.touched_bytes(self.params))
 
     def _run(self, stacked: dict[str, torch.Tensor]) -> Any:
@@ -59,12 +56,9 @@ class FunctionalEvaluator(Evaluator):
         return self._loss(out, k)
 
     def _probe_losses(self, probes: Probes) -> torch.Tensor:
-        m = len(probes)
-        losses = torch.empty(m, self.batch, dtype=torch.float64)
-        k = self._chunk(probes.touched_bytes(self.params))
-        for start in range(0, m, k):
-            chunk = probes.slice(start, min(m, start + k))
-            losses[start:start + len(chunk)] = self._run(chunk.stack(self.params))
+        losses = torch.empty(len(probes), self.batch, dtype=torch.float64)
+        for _, rows in self.chunks(probes):
+            losses[rows] = self._run(probes.select(rows).stack(self.params))
         return losses
 
 

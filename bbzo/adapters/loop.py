@@ -64,7 +64,7 @@ class LoopEvaluator(FunctionalEvaluator):
                           "sparse_cge / rge.")
 
     def _chunk(self, touched_bytes: int) -> int:
-        return self.adapter.sets_per_call
+        return self.adapter.sets_per_call  # fixed: a jit-compiled black box traces once
 
     def _run(self, stacked: dict[str, torch.Tensor]) -> torch.Tensor:
         k = next(iter(stacked.values())).shape[0]

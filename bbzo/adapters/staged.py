@@ -115,7 +115,7 @@ class StagedEvaluator(Evaluator):
                        if (f := fused_runner(self.stages[j], self.stages[j + 1])) is not None}
         self._first_only = [first_only(st) for st in self.stages]
         self._acts: Optional[list[Any]] = None
-        self._fallback: Optional[Evaluator] = None
+        self._fallback_ev: Optional[Evaluator] = None
         self._shortcuts: dict[int, torch.Tensor] = {}
         self._unfolds: dict[int, Optional[torch.Tensor]] = {}
         self._dense_sets = dense_sets(tree_flatten(self.inputs)[0][0].device)
@@ -281,8 +281,7 @@ class StagedEvaluator(Evaluator):
 
     def _run_channel(self, i: int, rep: Any, k: int) -> Any:
         """From stage ``i``'s channel representation to the model output ``(B, K, ...)``."""
-        rep, j, dense_from = self._advance(i, rep, k)
-        self.adapter.record_dense_from(i, dense_from)
+        rep, j, _ = self._advance(i, rep, k)  # where it densifies was learnt before the first chunk
         return self._run_downstream(j - 1, densify(rep, k), k)
 
     def _chunk_bytes(self, i: int) -> int:
@@ -294,44 +293,53 @@ class StagedEvaluator(Evaluator):
         sparse = [tree_bytes(a) // max(1, _channels(a)) for a in self.acts[i + 1:j + 1]] or [0]
         return max(self._dense_sets * max(dense), 8 * max(sparse))
 
-    def _probe_losses(self, probes: Probes) -> torch.Tensor:
-        groups = probes.tensor_groups()
-        if groups is None:  # every probe moves several stages: no reuse
-            return self._fallback_losses(probes)
-        m = len(probes)
-        losses = torch.empty(m, self.batch, dtype=torch.float64)
+    def chunks(self, probes: Probes) -> list[tuple[int, torch.Tensor]]:
+        """The batched calls, per stage (cost class = the start stage; -1: the generic evaluator's calls).
+
+        A stage's probes are chunked from its first one in probe order with the stage's fixed size, so a sub-batch
+        made of whole chunks is chunked the same way (see :meth:`Evaluator.chunks`)."""
+        groups = probes.tensor_groups() if hasattr(probes, "tensor_groups") else None
+        if groups is None:  # every probe moves several stages (or the outputs): no reuse
+            return [(-1, rows) for _, rows in self._fallback().chunks(probes)]
         by_stage: dict[int, list[torch.Tensor]] = {}
         outside: list[torch.Tensor] = []
         for name, rows in groups:
             owner = self.adapter.stage_of.get(name)
             (outside if owner is None else by_stage.setdefault(owner[0], [])).append(rows)
+        out: list[tuple[int, torch.Tensor]] = []
         if outside:
             rows = torch.sort(torch.cat(outside)).values
-            losses[rows] = self._fallback_losses(probes.select(rows))
+            out += [(-1, rows[r]) for _, r in self._fallback().chunks(probes.select(rows))]
         for i in sorted(by_stage):
             rows = torch.sort(torch.cat(by_stage[i])).values
-            sub = probes.select(rows)
             if self.adapter.channel_reuse and i not in self.adapter.dense_from:
-                self._learn_dense_from(i, sub)
-            start = 0
-            while start < len(sub):
-                k = chunk_size(self._chunk_bytes(i), self.max_chunk_bytes, self.max_chunk)
-                chunk = sub.slice(start, min(len(sub), start + k))
-                rep = self._channel_rep(i, chunk)
-                if rep is not None:
-                    out = self._run_channel(i, rep, len(chunk))
-                else:
-                    out = self._run_downstream(i, self._perturbed_stage(i, chunk), len(chunk))
-                out = tree_map(lambda t: t.movedim(1, 0), out)  # (K, B, ...) for the loss
-                losses[rows[start:start + len(chunk)]] = self._loss(out, len(chunk))
-                start += len(chunk)
+                self._learn_dense_from(i, probes.select(rows))
+            k = chunk_size(self._chunk_bytes(i), self.max_chunk_bytes, self.max_chunk)
+            out += [(i, part) for part in rows.split(k)]
+        return out
+
+    def _probe_losses(self, probes: Probes) -> torch.Tensor:
+        losses = torch.empty(len(probes), self.batch, dtype=torch.float64)
+        for i, rows in self.chunks(probes):
+            chunk = probes.select(rows)
+            if i < 0:
+                fallback = self._fallback()
+                calls = fallback.calls
+                losses[rows] = fallback.probe_losses(chunk)
+                self.calls += fallback.calls - calls  # this evaluator's calls include the ones it delegated
+                continue
+            rep = self._channel_rep(i, chunk)
+            if rep is not None:
+                out = self._run_channel(i, rep, len(chunk))
+            else:
+                out = self._run_downstream(i, self._perturbed_stage(i, chunk), len(chunk))
+            out = tree_map(lambda t: t.movedim(1, 0), out)  # (K, B, ...) for the loss
+            losses[rows] = self._loss(out, len(chunk))
         return losses
 
-    def _fallback_losses(self, probes: Probes) -> torch.Tensor:
-        """Probes that move several stages (or tensors outside every stage): the generic ``torch.func`` evaluator."""
-        if self._fallback is None:
-            self._fallback = self.adapter.fallback.bind(self.objective, self.inputs, self.targets, ledger=self.ledger)
-        c = self._fallback.calls
-        out = self._fallback.probe_losses(probes)
-        self.calls += self._fallback.calls - c
-        return out
+    def _fallback(self) -> Evaluator:
+        """The generic ``torch.func`` evaluator for probes that move several stages or tensors outside every stage."""
+        if self._fallback_ev is None:
+            self._fallback_ev = self.adapter.fallback.bind(self.objective, self.inputs, self.targets,
+                                                           ledger=self.ledger)
+        return self._fallback_ev

@@ -6,11 +6,11 @@
 * :mod:`.launch` -- ``--workers M``: the same run under ``torch.distributed.run`` with M local processes.
 """
 
-from .context import (DEFAULT_WORKER_TIMEOUT, DistContext, current, is_writer, plan_devices, rank, setup, shutdown,
-                      world_size)
+from .context import (DEFAULT_WORKER_TIMEOUT, DistContext, agree, current, is_writer, plan_devices, rank, setup,
+                      shutdown, world_size)
 from . import codec
-from .executor import DistributedExecutor, Executor, SerialExecutor, as_executor, assign_shards, default_executor
+from .executor import DistributedExecutor, Executor, SerialExecutor, as_executor, deal, default_executor
 
-__all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "rank", "world_size", "shutdown",
+__all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "rank", "world_size", "shutdown", "agree",
            "DEFAULT_WORKER_TIMEOUT",
-           "Executor", "SerialExecutor", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
+           "Executor", "SerialExecutor", "DistributedExecutor", "deal", "as_executor", "default_executor"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..signals import install as install_signals
 
 __all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "world_size", "rank", "under_launcher",
-           "shutdown",
+           "shutdown", "agree",
            "DEFAULT_WORKER_TIMEOUT"]
 
 #: Seconds a collective waits for the slowest rank before the run stops (``--worker-timeout``).
@@ -119,7 +119,7 @@ def setup(timeout: float = DEFAULT_WORKER_TIMEOUT, device: Any = "cpu") -> Optio
     store.set_timeout(datetime.timedelta(seconds=float(timeout)))
     _CONTEXT = DistContext(rank=rank_, world=world, local_rank=local, timeout=float(timeout), backend=backend,
                            store=store)
-    _install_sigterm()
+    install_signals()  # a rank stopped by the launcher (another rank failed, or the run was interrupted) saves too
     atexit.register(shutdown)
     return _CONTEXT
 
@@ -150,39 +150,22 @@ def shutdown() -> None:
     _CONTEXT = None
 
 
-# ---------------------------------------------------------------------- SIGTERM
-# When one rank fails, the launcher stops the others with SIGTERM. A rank that is inside a collective
-# or already reporting the failure finishes its own clear error first (see executor.py); elsewhere
-# SIGTERM ends the rank as usual (KeyboardInterrupt-like, so the trainer keeps its last checkpoint).
-_PROTECT = {"depth": 0, "pending": False}
+def agree(values: dict[str, str]) -> None:
+    """Every rank's ``values`` equal rank 0's, or every rank stops with one line naming the rank and the key.
 
-
-class Terminated(BaseException):
-    """The launcher stopped this rank (another rank failed)."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    if _PROTECT["depth"] > 0:
-        _PROTECT["pending"] = True
+    A distributed run must be one run: the same settings, the same data, the same checkpoint on every node
+    (a resumed run reads it from each node's ``--out``: shared storage, or the same file copied).
+    """
+    ctx = current()
+    if ctx is None or ctx.world == 1:
         return
-    raise Terminated("stopped by the launcher (SIGTERM): another rank of the run failed; see its error.")
-
-
-def _install_sigterm() -> None:
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        pass
-
-
-class protect_sigterm:
-    """Defer SIGTERM while a collective (or the error report after it) is in progress."""
-
-    def __enter__(self) -> None:
-        _PROTECT["depth"] += 1
-
-    def __exit__(self, *exc: Any) -> None:
-        _PROTECT["depth"] -= 1
-        if _PROTECT["depth"] == 0 and _PROTECT["pending"] and exc[0] is None:
-            _PROTECT["pending"] = False
-            raise Terminated("stopped by the launcher (SIGTERM): another rank of the run failed; see its error.")
+    gathered: list[Any] = [None] * ctx.world
+    dist.all_gather_object(gathered, dict(values))
+    ref = gathered[0]
+    for r, theirs in enumerate(gathered[1:], start=1):
+        for key in ref:
+            if theirs.get(key) != ref[key]:
+                raise ConfigError(
+                    f"rank {r} does not agree with rank 0 on {key} ({theirs.get(key)} vs {ref[key]}): every node must "
+                    "run the same command on the same data, and a resumed run needs the same checkpoint on every node "
+                    "(shared storage, see docs/parallel.md). Nothing was trained; fix it and rerun.")

@@ -11,11 +11,12 @@ minibatch's evaluator (:mod:`bbzo.adapters`) and returning one :class:`~bbzo.mes
   white-box gradient (evaluated once, by rank 0), what each rank spent (queries, oracle rows and calls) and
   its status. There is no master: every rank then runs the same ``tell`` and the same optimizer step.
 
-**Shards are balanced by cost without a cost table.** With feature reuse a coordinate's cost depends on
-its tensor (an early-layer coordinate re-runs most of the network, a late one almost nothing), so each
-rank gets an equal share of *every* tensor's probes (:func:`assign_shards`), contiguous inside the tensor
-(the channel path keeps its runs of consecutive coordinates). Whatever each tensor costs, every shard then
-costs ``1/M`` of the step, up to one probe per tensor; the odd probes are dealt round-robin.
+**Shards are whole batched calls, balanced by cost without a cost table.** The evaluator says which batched
+calls (chunks) a serial evaluation makes (:meth:`bbzo.adapters.Evaluator.chunks`); ranks get whole chunks
+(:func:`deal`), so every call holds the probes it holds in a serial run and a distributed step equals the serial
+one **bitwise** (with the same threads per process). With feature reuse a coordinate's cost depends on its start
+stage (an early-layer coordinate re-runs most of the network, a late one almost nothing), so the chunks of each
+stage are dealt in turn: every shard costs ``1/M`` of the step, up to one chunk per stage.
 
 **Faults.** A rank whose evaluation raises reports the error in the gather, and every rank raises it
 (same type, naming the rank and step). A rank that died or hangs makes the gather fail within the
@@ -26,7 +27,7 @@ before the gather, so the others name the missing rank(s) in a :class:`~bbzo.err
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,9 +38,10 @@ from ..ledger import Account, Spent
 from ..probes import OutputProbes, Probes
 from ..messages import Evaluation, Request
 from . import codec
-from .context import DistContext, current, protect_sigterm
+from ..signals import deferred
+from .context import DistContext, current
 
-__all__ = ["Executor", "SerialExecutor", "DistributedExecutor", "assign_shards", "as_executor", "default_executor"]
+__all__ = ["Executor", "SerialExecutor", "DistributedExecutor", "deal", "as_executor", "default_executor"]
 
 
 class Executor:
@@ -68,7 +70,7 @@ def _direct(evaluator: Any, request: Request) -> tuple[Optional[dict], Optional[
 
 class SerialExecutor(Executor):
     """Everything in this process; ``n_shards`` > 1 evaluates the probes in the shards a distributed run of
-    that many ranks would deal (:func:`assign_shards`), one after the other (the same numbers)."""
+    that many ranks would deal (:func:`deal`), one after the other (the same numbers, bitwise)."""
 
     def __init__(self, n_shards: int = 1) -> None:
         if n_shards < 1:
@@ -86,7 +88,7 @@ class SerialExecutor(Executor):
             per = evaluator.probe_losses(probes)
         else:
             per = torch.empty(m, evaluator.batch, dtype=torch.float64)
-            for rows in assign_shards(probes, self.n_shards, evaluator.shard_quantum(probes)):
+            for rows in deal(evaluator.chunks(probes), self.n_shards):
                 if len(rows):
                     per[rows] = evaluator.probe_losses(probes.select(rows))
         return Evaluation(losses=per.mean(1), per_sample=per if request.per_sample else None, base=base, grads=grads,
@@ -98,41 +100,27 @@ class SerialExecutor(Executor):
         return f"SerialExecutor(n_shards={self.n_shards})"
 
 
-def assign_shards(probes: Probes, world: int, quantum: Optional[int] = None) -> list[torch.Tensor]:
-    """The probe rows ``(M_r,)`` (sorted, int64) that each of ``world`` ranks evaluates.
+def deal(chunks: Sequence[tuple[int, torch.Tensor]], world: int) -> list[torch.Tensor]:
+    """The probe rows ``(M_r,)`` (sorted, int64) each of ``world`` ranks evaluates: whole chunks, dealt round-robin.
 
-    ``quantum``: an evaluator without feature reuse (every probe costs the same) evaluates the probes in
-    batched calls of ``quantum``; whole calls are dealt round-robin (from rank 1: rank 0 also evaluates
-    the base query), so every call holds the probes a serial run's call holds. Otherwise every tensor's
-    probes are split into ``world`` contiguous parts of equal size (the odd probes round-robin): with
-    feature reuse a probe's cost is its tensor's, so every shard costs ``1/world`` of the step.
+    ``chunks``: ``[(cost class, rows), ...]`` from :meth:`bbzo.adapters.Evaluator.chunks`. Every chunk goes to one
+    rank whole, so it is evaluated as in a serial run (bitwise the same numbers). Chunks of one cost class (one
+    start stage, whose probes cost the same with feature reuse) are dealt in turn, the turn carrying over from
+    class to class and starting at rank 1 (rank 0 also evaluates the base): every rank gets a ``1/world`` share of
+    every class, up to one chunk.
     """
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}.")
-    if quantum is not None and quantum >= 1:
-        calls = torch.arange(len(probes)).split(int(quantum))
-        dealt: list[list[torch.Tensor]] = [[] for _ in range(world)]
-        for j, rows in enumerate(calls):
-            dealt[(1 + j) % world].append(rows)
-        return [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64) for p in dealt]
-    groups = probes.tensor_groups() if hasattr(probes, "tensor_groups") else None
-    rows_list = [torch.arange(len(probes))] if groups is None else [rows for _, rows in groups]
     parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
-    offset = 1 % world
-    for rows in rows_list:
-        n = int(rows.numel())
-        q, r = divmod(n, world)
-        start = 0
-        for j in range(world):
-            size = q + (1 if j < r else 0)
-            parts[(offset + j) % world].append(rows[start:start + size])
-            start += size
-        offset = (offset + r) % world
-    out = []
-    for p in parts:
-        cat = torch.cat(p) if p else torch.zeros(0, dtype=torch.int64)
-        out.append(torch.sort(cat.to(torch.int64)).values)
-    return out
+    turn = 1 % world
+    by_class: dict[int, list[torch.Tensor]] = {}
+    for cls, rows in chunks:
+        by_class.setdefault(int(cls), []).append(rows)
+    for cls in by_class:
+        for rows in by_class[cls]:
+            parts[turn].append(rows)
+            turn = (turn + 1) % world
+    return [torch.sort(torch.cat(p).to(torch.int64)).values if p else torch.zeros(0, dtype=torch.int64) for p in parts]
 
 
 _OK, _ERROR = 0.0, 1.0
@@ -180,8 +168,7 @@ class DistributedExecutor(Executor):
         call = self.calls
         self.calls += 1
         probes, m, batch = request.probes, request.num_probes, int(evaluator.batch)
-        parts = (assign_shards(probes, w, evaluator.shard_quantum(probes)) if m
-                 else [torch.zeros(0, dtype=torch.int64) for _ in range(w)])
+        parts = deal(evaluator.chunks(probes), w) if m else [torch.zeros(0, dtype=torch.int64) for _ in range(w)]
         mine = parts[me]
         ledger = evaluator.ledger
         step = ledger.step
@@ -217,7 +204,7 @@ class DistributedExecutor(Executor):
             if grads is not None:
                 values["grads"] = torch.cat([grads[n].detach().double().cpu().reshape(-1) for n in shapes])
         message = codec.pack(layouts[me], values, length)
-        with protect_sigterm():
+        with deferred():  # a signal now would leave the other ranks waiting in the collective
             if err is not None:
                 ctx.store.set(self._key("error", call, me), f"{type(err).__name__}: {err}"[:4000])
             ctx.store.set(self._key("done", call, me), "1")

@@ -10,9 +10,10 @@ free local port and stops every rank when one fails. Multi-node runs use ``torch
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["launch_workers", "launcher_command"]
 
@@ -23,11 +24,32 @@ def launcher_command(workers: int, argv: Sequence[str], module: str = "bbzo.cli.
             f"--nproc-per-node={int(workers)}", "-m", module, *argv]
 
 
-def launch_workers(workers: int, argv: Sequence[str], module: str = "bbzo.cli.main") -> int:
-    """Run the command as ``workers`` ranks and wait; returns the launcher's exit code (0: every rank succeeded)."""
+def launch_workers(workers: int, argv: Sequence[str], module: str = "bbzo.cli.main") -> tuple[int, int]:
+    """Run the command as ``workers`` ranks and wait for them.
+
+    SIGTERM and SIGINT sent to this process are passed on to the launcher, which passes them on to every rank
+    (each saves what it must and stops); this process waits for all of them, so no rank is left running.
+    Returns ``(the launcher's exit code, the signal this process received or 0)``.
+    """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    child = subprocess.Popen(launcher_command(workers, argv, module), env=env, start_new_session=True)
+    received = {"signum": 0}
+
+    def forward(signum: int, frame: Any) -> None:
+        received["signum"] = received["signum"] or signum
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.run(launcher_command(workers, argv, module), env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 130
+        while True:
+            try:
+                return child.wait(), received["signum"]
+            except KeyboardInterrupt:  # a handler installed before ours: keep waiting for the ranks
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -79,5 +79,5 @@ def evaluate(s: FitSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> 
 
 # 4. Register it: `bbzo run fit-line ...` now exists, with every setting as a flag.
 TASK = register_task(Task(name="fit-line", settings=FitSettings, trainings=lambda s: [""], build=build,
-                          evaluate=evaluate, on_existing="refuse",
+                          evaluate=evaluate,
                           description="fit a line through a black box that doubles its input"))

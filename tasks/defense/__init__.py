@@ -315,6 +315,6 @@ def _evaluate_certify(s: CertifySettings, run: Run, summaries: dict[str, dict[st
 
 CERTIFY = register_task(Task(
     name="defense-certify", settings=CertifySettings, trainings=lambda s: s.names(),
-    build=_certify_pipeline, evaluate=_evaluate_certify, prepare=_prepare_certify, on_existing="refuse",
+    build=_certify_pipeline, evaluate=_evaluate_certify, prepare=_prepare_certify,
     training_files=("certify.tsv", "predict.tsv"),
     description="Cohen et al.'s CERTIFY of the smoothed classifier f(D(x + delta)) for each denoiser"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import bbzo
-from bbzo.adapters import FunctionalAdapter
-from bbzo.parallel import SerialExecutor, as_executor, assign_shards, codec
+from bbzo.adapters import FunctionalAdapter, make_adapter
+from bbzo.parallel import SerialExecutor, as_executor, codec, deal
 from bbzo.step import Request
 from tests.helpers import ce_loss, cnn_bn64
 
@@ -15,20 +15,39 @@ def _probes(params):
     return est.ask(params, est.init(params))[0].probes
 
 
-def test_shards_deal_every_probe_once_and_balance_each_tensor():
-    params = {"a": torch.zeros(10), "b": torch.zeros(3, 3), "c": torch.zeros(1)}
-    probes = _probes(params)
-    parts = assign_shards(probes, 3)
-    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(len(probes)))
-    for name, rows in probes.tensor_groups():  # every rank gets a third of every tensor's probes, up to one
-        counts = [int(torch.isin(p, rows).sum()) for p in parts]
-        assert max(counts) - min(counts) <= 1, (name, counts)
-    assert [len(p) for p in parts] == [6, 7, 7]  # the odd probes go to ranks 1, 2 first: rank 0 has the base
-    # whole batched calls of 4, dealt round-robin from rank 1 (rank 0 also evaluates the base)
-    parts = assign_shards(probes, 2, quantum=4)
-    assert [p[:4].tolist() for p in parts] == [[4, 5, 6, 7], [0, 1, 2, 3]]
+def test_whole_chunks_are_dealt_in_turn_within_each_cost_class():
+    chunks = [(0, torch.arange(0, 4)), (0, torch.arange(4, 8)), (0, torch.arange(8, 10)),
+              (3, torch.arange(10, 12)), (3, torch.arange(12, 14)), (-1, torch.arange(14, 15))]
+    parts = deal(chunks, 2)
+    # class 0: ranks 1, 0, 1; the turn carries on: class 3 to ranks 0, 1; class -1 to rank 0 (rank 0 has the base)
+    assert parts[1].tolist() == [0, 1, 2, 3, 8, 9, 12, 13] and parts[0].tolist() == [4, 5, 6, 7, 10, 11, 14]
+    assert [p.tolist() for p in deal(chunks, 1)] == [list(range(15))]
     with pytest.raises(bbzo.ConfigError, match=">= 1"):
-        assign_shards(probes, 0)
+        deal(chunks, 0)
+
+
+@pytest.mark.parametrize("feature_reuse", [False, True])
+def test_a_shard_of_whole_chunks_is_evaluated_bitwise_as_in_the_whole_batch(feature_reuse):
+    """Sparse coordinates of a staged CNN at batch 3 (where a different batch composition changes float rounding):
+    every shard of 3 gives exactly the per-sample losses the serial evaluation gives."""
+    torch.manual_seed(0)
+    model = cnn_bn64().train().float()
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    coords = {n: torch.randperm(p.numel(), generator=g)[:max(1, p.numel() // 3)] for n, p in params.items()}
+    est = bbzo.create_estimator("sparse_cge", coords=coords)
+    request = est.ask(params, est.init(params))[0]
+    adapter = make_adapter(model, feature_reuse=feature_reuse, max_chunk=5)
+    whole = SerialExecutor(1).evaluate(adapter.bind(ce_loss, x, y), Request(request.probes, per_sample=True))
+    ev = adapter.bind(ce_loss, x, y)
+    chunks = ev.chunks(request.probes)
+    assert len(chunks) > 6 and len({c for c, _ in chunks}) > (1 if feature_reuse else 0)
+    for rows in deal(chunks, 3):
+        part = ev.probe_losses(request.probes.select(rows))
+        assert torch.equal(part, whole.per_sample[rows])
+    three = SerialExecutor(3).evaluate(adapter.bind(ce_loss, x, y), Request(request.probes, per_sample=True))
+    assert torch.equal(three.per_sample, whole.per_sample)
 
 
 def test_serial_shards_give_the_numbers_of_one_shard_and_count_every_query():
