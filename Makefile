@@ -16,11 +16,11 @@ install: $(STAMP)
 
 # the main job: ZO-SOL, a PDE corrector trained through the black-box PhiFlow solver (~6 min, 2 CPU cores)
 demo: $(STAMP)
-	$(VENV)/bin/bbzo sol run --preset demo --out runs/sol-demo
+	$(VENV)/bin/bbzo sol run --preset demo --out runs/sol-demo --overwrite
 
 # the first demo: a launch policy trained through a numpy projectile simulator (~3 min)
 demo-projectile: $(STAMP)
-	$(VENV)/bin/bbzo demo --out runs/demo
+	$(VENV)/bin/bbzo demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
