@@ -90,7 +90,7 @@ def test_a_failed_run_writes_its_status_and_resume_completes_it_exactly(tmp_path
         return 2.0 * rows
 
     monkeypatch.setattr(module, "simulate", crashing)
-    with pytest.raises(OracleError, match=r"call #\d+ \(step 8, .*segfaulted.*last completed step \(7\) is saved"):
+    with pytest.raises(OracleError, match=r"call #\d+ \(step 8, .*segfaulted.*checkpoint \S+ holds step 7; continue with: .*--resume"):
         fit(out)
     monkeypatch.undo()
     failed = json.loads((out / "results.json").read_text())

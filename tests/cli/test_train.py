@@ -125,7 +125,7 @@ def test_a_crash_mid_run_leaves_a_checkpoint_and_resume_completes_the_same_run(t
     first, line = r.output.splitlines()[0], " ".join(r.output.split())
     assert len(first) <= 300 and first.startswith("error: oracle program")  # what happened first, details after
     assert "exited with code 3" in first and "call #" in first and "(step 3, " in first and "fake_program.py" in first
-    assert f"The last completed step (2) is saved in {out / 'checkpoint.pt'}" in line and "--resume" in line
+    assert f"The checkpoint {out / 'checkpoint.pt'} holds step 2; continue with:" in line and "--resume" in line
     assert "Segmentation fault (pretend)" in line
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["queries_used"] == 54 and not list(out.glob(".checkpoint.pt.*"))
