@@ -28,7 +28,6 @@ from .ledger import QueryLedger
 from .messages import Evaluation, Grads, Request, Told
 from .oracle import answering_failures_with_nan, common_random_numbers
 from .parallel.executor import SerialExecutor
-from .probes import OutputProbes
 
 __all__ = ["Request", "Evaluation", "Told", "StepResult", "estimate", "query_cost"]
 
@@ -91,8 +90,6 @@ def estimate(adapter: Any, estimator: Any, objective: Any, inputs: Any, targets:
         state = estimator.with_output_width(state, evaluator.output_width())
     request, new_state = estimator.ask(params, state)
     request = _with_failure_needs(request, policy)
-    if isinstance(request.probes, OutputProbes) and not request.per_sample:
-        request = replace(request, per_sample=True)
     start = ledger.state_dict()
     with answering_failures_with_nan(policy.tolerant), common_random_numbers(seed):
         evaluation = executor.evaluate(evaluator, request)
