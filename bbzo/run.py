@@ -232,11 +232,11 @@ class Run:
                     f"{self.folder} holds a run with other settings (differs in: {', '.join(diff)}: {changes}). "
                     f"Settings that may change on --resume: {allowed}. Use another --out, the same settings, "
                     "or --overwrite to start over.")
-            if not self.resume and any(self._has_checkpoint(n) for n in trainings):
-                raise ConfigError(f"{self.folder} already holds a run ({CHECKPOINT_NAME}). Pass --resume to continue "
-                                  "it, --overwrite to start over, or another --out.")
             self.previous = old
             history = list(record.get("history", []))
+        if not self.resume and any(self._has_checkpoint(n) for n in trainings):
+            raise ConfigError(f"{self.folder} already holds a run ({CHECKPOINT_NAME}). Pass --resume to continue "
+                              "it, --overwrite to start over, or another --out.")
         if self.resume and not any(self._has_checkpoint(n) for n in trainings):
             where = self.training_folder(trainings[0]) if self.single else self.folder
             raise ConfigError(f"--resume: {where} holds no checkpoint ({CHECKPOINT_NAME}), so there is nothing to "

@@ -54,16 +54,23 @@ def _handler(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT while the block runs; a held signal is raised when the outermost block ends."""
+    """Hold SIGTERM/SIGINT while the block runs; a held signal is raised when the outermost block ends normally.
+
+    A block that ends with an error keeps its error (the run stops anyway, and the error says why: a distributed
+    rank stopped by the launcher because another rank died reports that rank, not the launcher's SIGTERM).
+    """
     _STATE["depth"] += 1
+    ok = False
     try:
         yield
+        ok = True
     finally:
         _STATE["depth"] -= 1
         pending = _STATE["pending"]
         if _STATE["depth"] == 0 and pending is not None:
             _STATE["pending"] = None
-            raise Interrupted(pending)
+            if ok:
+                raise Interrupted(pending)
 
 
 def install() -> Callable[[], None]:
