@@ -47,7 +47,7 @@ from .data import BatchSource
 from .errors import BbzoError, ConfigError
 from .jsonio import write_json
 from .runlock import RunLock
-from .signals import SIGNAL_NAMES, Interrupted, install as install_signals
+from .signals import SIGNAL_NAMES, Interrupted, hold as hold_signals, install as install_signals
 from .estimators.base import Estimator
 from .ledger import QueryLedger
 from . import parallel
@@ -504,6 +504,7 @@ def run_task(task: Task, settings: Any, sources: Optional[dict[str, str]] = None
             return {"trainings": run.summaries}
         return run.finish(task.evaluate(settings, run, run.summaries))
     except BaseException as e:
+        hold_signals()  # stopping already: a later SIGTERM (the launcher's, when a peer died) must not cut the report
         run.fail(e)
         if isinstance(e, OSError):
             raise ConfigError(f"could not read or write {getattr(e, 'filename', None) or run.folder}: "

@@ -19,10 +19,10 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["Interrupted", "deferred", "install", "SIGNAL_NAMES"]
+__all__ = ["Interrupted", "deferred", "hold", "install", "SIGNAL_NAMES"]
 
 SIGNAL_NAMES = {int(signal.SIGTERM): "SIGTERM", int(signal.SIGINT): "SIGINT"}
-_STATE = {"depth": 0, "pending": None}
+_STATE: dict[str, Any] = {"depth": 0, "pending": None, "held": False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,6 +43,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _handler(signum: int, frame: Any) -> None:
+    if _STATE["held"]:  # the run is already stopping with an error: let it report that error whole
+        _STATE["pending"] = signum
+        return
     if _STATE["depth"] > 0:
         if _STATE["pending"] is None:
             print(f"\n{SIGNAL_NAMES.get(signum, signum)}: finishing and saving the step in progress, then stopping.",
@@ -73,15 +76,27 @@ def deferred() -> Iterator[None]:
                 raise Interrupted(pending)
 
 
+def hold() -> None:
+    """From now until the handlers are restored, record a signal and never raise it.
+
+    Called when a run is already stopping with an error: saving the last step, writing ``results.json`` and
+    printing the error must not be cut by a second cause (under torchrun, the launcher sends SIGTERM to every
+    rank as soon as one rank dies; the survivors must still name the rank that died)."""
+    _STATE["held"] = True
+
+
 def install() -> Callable[[], None]:
     """Route SIGTERM and SIGINT to :class:`Interrupted` (main thread only); returns a function restoring the old ones."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    held = _STATE["held"]
+    _STATE["held"], _STATE["pending"] = False, None
     for s in old:
         signal.signal(s, _handler)
 
     def restore() -> None:
+        _STATE["held"], _STATE["pending"] = held, None
         for s, h in old.items():
             signal.signal(s, h)
 

@@ -44,6 +44,17 @@ def format_error(message: str, width: int = FIRST_LINE) -> str:
     return "\n".join(lines)
 
 
+def _quiet_signals() -> None:
+    """The command is ending with its message: a late SIGTERM/SIGINT (a launcher stopping every rank) must not
+    replace that message with click's 'Aborted!'."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
 class _Group(click.Group):
     """Turn bbzo's own errors into a clear message and exit code 2 (no traceback): what happened on the
     first line (at most a few hundred characters), the details after it."""
@@ -52,9 +63,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BbzoError as e:
+            _quiet_signals()
             click.echo(format_error(str(e)), err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: one line saying what is saved (bbzo.signals)
+            _quiet_signals()
             text = str(e) or "interrupted (SIGINT)."
             click.echo(format_error(text).replace("error:", "interrupted:", 1), err=True)
             sys.exit(getattr(e, "exit_code", 130))

@@ -38,7 +38,7 @@ from ..ledger import Account, Spent
 from ..probes import OutputProbes, Probes
 from ..messages import Evaluation, Request
 from . import codec
-from ..signals import deferred
+from ..signals import Interrupted, deferred
 from .context import DistContext, current
 
 __all__ = ["Executor", "SerialExecutor", "DistributedExecutor", "deal", "as_executor", "default_executor"]
@@ -187,6 +187,8 @@ class DistributedExecutor(Executor):
                 local = evaluator.probe_losses(probes.select(mine)).to(torch.float64).cpu()
         except Exception as e:  # noqa: BLE001 -- reported to every rank, re-raised below
             status, err = _ERROR, e
+        except Interrupted as e:  # meet the others first: a rank the launcher stopped because a peer died names
+            status, err = _ERROR, e  # that peer (the collective below fails), not the launcher's SIGTERM
         busy = time.perf_counter() - t0
         spent = ledger.spent_since(start)
         layouts = [self._layout(r, request, int(parts[r].numel()), batch, accounts, grad_numel) for r in range(w)]
@@ -213,6 +215,8 @@ class DistributedExecutor(Executor):
         self.last_sizes = [int(p.numel()) for p in parts]
         statuses = [float(g["status"]) for g in gathered]
         if _ERROR in statuses:
+            if isinstance(err, Interrupted):  # every rank met: it was a signal, not a dead peer
+                raise err
             bad = statuses.index(_ERROR)
             msg = err if bad == me else None
             text = f"{type(msg).__name__}: {msg}" if msg is not None else self._read(call, bad)

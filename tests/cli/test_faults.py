@@ -68,11 +68,11 @@ def test_a_folder_is_held_by_one_run_and_the_holder_is_named(tmp_path):
 
 def test_two_trainings_into_one_folder_at_once_the_second_is_refused(tmp_path):
     out = tmp_path / "r"
-    first = subprocess.Popen(train_cmd(out, steps=400), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    first = subprocess.Popen(train_cmd(out, steps=10**6), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for_rows(out / "metrics.jsonl", 1, first)
-        second = run(train_cmd(out, "--overwrite", steps=400))
+        second = run(train_cmd(out, "--overwrite", steps=10**6))  # the first cannot finish meanwhile
         assert second.returncode == 2 and "is in use by another bbzo run" in second.stderr
         assert f"PID {first.pid}" in second.stderr
     finally:
