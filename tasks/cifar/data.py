@@ -142,3 +142,8 @@ class CifarBatches:
         if self.device is not None:
             x, y = x.to(self.device), y.to(self.device)
         return x, y
+
+
+def prepare_run(s: Any, run: Any) -> CifarData:
+    """The run's data, loaded once for every method (the task's ``prepare``)."""
+    return load_data(s.data, s.subset, s.test_subset, s.seed)
