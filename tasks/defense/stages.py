@@ -19,16 +19,14 @@ from bbzo.config import as_plain
 from bbzo.errors import BbzoError, ConfigError
 from bbzo.run import BuildContext, Run
 
-from .certify import (ABSTAIN, RADII, accuracy_interval, certified_accuracy, certify, certify_dataset,
-                      certify_images, lower_confidence_bound, max_radius, predict, predicted_accuracy, sample_counts)
+from .certify import ABSTAIN, certified_accuracy, certify_images, max_radius, predicted_accuracy
 from .classmap import check_classes, resolve_class_map
-from .data import ImageData, NoisyBatches, iter_rows, load_images, open_images
+from .data import ImageData, iter_rows, open_images
 from .denoisers import describe, frozen, sha256, spec_of
-from .methods import (budget_ratios, build_finetune, build_pretrain, finetuned_denoiser, load_denoiser, make_denoiser,
-                      make_oracle, noisy_accuracy, psnr, stability_targets)
+from .methods import finetuned_denoiser, load_denoiser, make_denoiser, make_oracle, stability_targets
 from .records import RowLog
-from .report import PAPER_TABLE2, certified_table, finetune_table, plot_certified, predicted_table
-from .settings import METHOD_NAMES, METHODS, CertifySettings, DefenseBase, FinetuneSettings, PretrainSettings
+from .report import certified_table, finetune_table, plot_certified, predicted_table
+from .settings import CertifySettings, DefenseBase, FinetuneSettings, PretrainSettings
 
 CERTIFY_FORMAT = "bbzo-certify/1"
 
@@ -94,13 +92,19 @@ def prepare_pretrain(s: PretrainSettings, run: Run) -> dict[str, Any]:
 
 def evaluate_pretrain(s: PretrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     t = summaries[""]
-    row = {"steps": t.get("steps"), "epochs": t.get("epochs"), "wall_s": t.get("wall_s"),
+    row = {"steps": t.get("steps"), "epochs": t.get("epochs"), "wall_s": t.get("wall_s"), "setup_s": t.get("setup_s"),
+           "train_s": t.get("train_s"), "train_s_per_epoch": t.get("train_s_per_epoch"),
            "test_psnr_before": t.get("eval_initial", {}).get("test_psnr"),
            "test_psnr": t.get("eval_final", {}).get("test_psnr")}
     label = describe(t.get("denoiser"))
-    table = ("| denoiser | sigma | steps | wall [s] | test PSNR before [dB] | after [dB] |\n|---|---|---|---|---|---|\n"
-             f"| {label} | {s.sigma} | {row['steps']} | {row['wall_s']} | "
-             f"{row['test_psnr_before']} | {row['test_psnr']} |")
+    data: ImageData = run.shared["data"]
+    table = ("| denoiser | sigma | steps | epochs | training [s] | s/epoch | test PSNR before [dB] | after [dB] |\n"
+             "|---|---|---|---|---|---|---|---|\n"
+             f"| {label} | {s.sigma} | {row['steps']} | {row['epochs']} | {row['train_s']} | {row['train_s_per_epoch']} | "
+             f"{row['test_psnr_before']} | {row['test_psnr']} |\n\n"
+             f"First-order (autograd, Adam); the classifier is not used, so no queries. PSNR: D(x + delta) against x "
+             f"on {int(data.test_rows.numel()):,} test images, one noise draw each; training [s] counts the steps alone "
+             f"(set-up {row['setup_s']} s). The denoiser: --denoiser {run.folder / 'model.pt'}")
     return {"config": as_plain(s), "results": row, "weights": str(run.folder / "model.pt"), "denoiser": t.get("denoiser"),
             "data": run.shared["data"].describe(), "table": table}
 
@@ -114,7 +118,7 @@ def prepare_finetune(s: FinetuneSettings, run: Run) -> dict[str, Any]:
     labeler = make_oracle(s, name="classifier-labels", net=shared["net"], classes=shared["class_map"])
     assert data.train is not None and data.train_rows is not None
     targets = stability_targets(labeler, data.train, s.device, s.max_batch, rows=data.train_rows,
-                                workers=s.loader_workers)
+                                workers=s.loader_workers, progress=run.progress)
     labels = data.train.labels[data.train_rows]
     return {**shared, "targets": targets, "label_queries": labeler.rows_used,
             "label_agreement": round(100.0 * float((targets == labels).float().mean()), 2)}
@@ -126,15 +130,22 @@ def evaluate_finetune(s: FinetuneSettings, run: Run, summaries: dict[str, dict[s
         if t.get("status") != "done":
             continue
         rows.append({"method": name, "queries_per_step": t["queries_per_step"], "steps": t["steps"],
-                     "queries": t["queries"], "wall_s": t["wall_s"], "zeroth_order": t["zeroth_order"],
+                     "queries": t["queries"], "classifier_images": t.get("oracle_rows", 0), "wall_s": t["wall_s"],
+                     "setup_s": t.get("setup_s"), "train_s": t.get("train_s"), "zeroth_order": t["zeroth_order"],
                      "noisy_acc_before": t["eval_initial"]["noisy_acc"], "noisy_acc": t["eval_final"]["noisy_acc"],
                      "final_train_loss": t.get("final_train_loss"), "score_queries": t.get("score_queries", 0),
                      "tuned": t.get("tuned"), "denoiser": describe(t.get("denoiser")),
                      "weights": str(run.training_folder(name) / "model.pt")})
     shared = run.shared
+    data: ImageData = shared["data"]
+    notes = (f"\n\nLabel queries: {shared['label_queries']:,} classifier images (argmax f(x) of each clean training "
+             f"image, once, before training; f agrees with the true label on {shared['label_agreement']}% of them), "
+             f"plus {shared['check_queries']} to check the classifier. Noisy acc: top-1 of f(D(x + delta)), one noise "
+             f"draw per test image, on {int(data.test_rows.numel()):,} test images (evaluations are not charged). "
+             "Training [s] counts the steps alone; set-up includes ZO-GraSP's score.")
     return {"config": as_plain(s), "label_queries": shared["label_queries"], "check_queries": shared["check_queries"],
-            "classifier_train_agreement": shared["label_agreement"], "data": shared["data"].describe(),
-            "results": rows, "table": finetune_table(rows)}
+            "classifier_train_agreement": shared["label_agreement"], "data": data.describe(),
+            "results": rows, "table": finetune_table(rows) + notes}
 
 
 
@@ -271,8 +282,8 @@ def evaluate_certify(s: CertifySettings, run: Run, summaries: dict[str, dict[str
                                     for n, rs in per_image.items()}}
     if s.predict:
         tables = {n: predicted_accuracy(rs) for n, rs in per_image.items()}
-        return {**common, "mode": "predict", "predicted_accuracy": tables, "table": predicted_table(tables, count),
-                "plots": []}
+        return {**common, "mode": "predict", "predicted_accuracy": tables,
+                "table": predicted_table(tables, count) + _certify_notes(s, shared, count, None), "plots": []}
     tables = {n: certified_accuracy(rs, s.radii) for n, rs in per_image.items()}
     top = max_radius(s.sigma, s.n, s.alpha)
     plots = []
@@ -281,4 +292,19 @@ def evaluate_certify(s: CertifySettings, run: Run, summaries: dict[str, dict[str
                            limit=top)
         plots = [str(p)] if p is not None else []
     return {**common, "mode": "certify", "certified_accuracy": tables, "max_certifiable_radius": round(top, 4),
-            "table": certified_table(tables, count), "plots": plots}
+            "table": certified_table(tables, count) + _certify_notes(s, shared, count, top), "plots": plots}
+
+
+def _certify_notes(s: CertifySettings, shared: dict[str, Any], count: int, top: Optional[float]) -> str:
+    """The counts a reader of the table needs: images, samples, classifier queries, abstentions, the radius limit."""
+    per = s.n if s.predict else s.n0 + s.n
+    queries = ", ".join(f"{n} {q:,}" for n, q in shared["queries"].items())
+    abstain = ", ".join(f"{n} {sum(1 for r in rs if r['predict'] == ABSTAIN)}" for n, rs in shared["rows"].items())
+    text = (f"\n\n{count:,} test images, sigma = {s.sigma}; {per:,} noise samples per image "
+            + (f"(n0 = {s.n0} to pick the class, n = {s.n} to bound it, alpha = {s.alpha})" if not s.predict else
+               f"(n = {s.n}, alpha = {s.alpha})")
+            + f". Classifier queries (images): {queries}. Abstained: {abstain}.")
+    if top is not None:
+        text += (f" The largest radius n = {s.n:,} samples can certify is {top:.3f} (every sample correct); "
+                 "radii above it are 0 by construction.")
+    return text
