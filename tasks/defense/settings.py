@@ -37,7 +37,7 @@ SMALL: dict[str, dict[str, Any]] = {
                      eval_every=0, checkpoint_every=50),
     "finetune": dict(classifier=SMALL_CLASSIFIER, method=("zo",), steps=40, batch=16, lr=1e-3, lr_step_epochs=0.0,
                      budget=288, score_q=16, test_subset=500, eval_every=10, checkpoint_every=10),
-    "certify": dict(classifier=SMALL_CLASSIFIER, n0=100, n=1000, test_subset=100, batch=550),
+    "certify": dict(classifier=SMALL_CLASSIFIER, n0=50, n=500, test_subset=100, batch=550),
 }
 
 
@@ -240,7 +240,7 @@ class CertifySettings(DefenseBase):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": SMALL["certify"]}
 
     preset: str = setting("paper", choices=("paper", "small"), compare=False, help=(
-        "Base settings: paper (n = 10,000 on every test image) or small (n = 1,000 on 100 test images, the "
+        "Base settings: paper (n = 10,000 on every test image) or small (n0 = 50, n = 500 on 100 test images, the "
         f"{SMALL_CLASSIFIER} of `bbzo defense classifier --preset small`: minutes on 2 CPU cores at 32 px)."))
 
     denoisers: dict = setting(kind="mapping", default_factory=dict, help=(
