@@ -6,7 +6,11 @@ in ``--work`` (``$D`` is ``--data``; no shell), and records per stage: wall seco
 processes (user + sys: what the stage costs whatever else the machine runs), the 1-minute load average before
 and after, and the stage's headline numbers from its ``results.json``; then the certified-accuracy table.
 
-    python benchmarks/defense_walkthrough.py --work /tmp/walk --out benchmarks/results/defense_walkthrough.json
+``--threads 1`` (OMP_NUM_THREADS=1 for every stage) makes the CPU seconds a load-independent upper bound on an
+idle 2-core machine's wall time: one thread's compute, which a second core can only shorten (with several
+threads on a shared machine, OpenMP's spin-waiting inflates CPU seconds).
+
+    python benchmarks/defense_walkthrough.py --threads 1 --work /tmp/walk --out benchmarks/results/defense_walkthrough.json
 
 Run it from a fresh clone with bbzo installed there to measure what a new user gets.
 """
@@ -69,10 +73,13 @@ def _headline(stage: str, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(commands: list[list[str]], data: str, work: Path, bbzo: str, extra: dict[str, list[str]],
-        log: Optional[Path] = None) -> dict[str, Any]:
-    """Run the commands in ``work``; returns ``{"stages": [...], "wall_s": total}``."""
+        log: Optional[Path] = None, threads: int = 0) -> dict[str, Any]:
+    """Run the commands in ``work`` (``threads`` > 0: OMP/MKL threads of each stage); returns
+    ``{"stages": [...], "wall_s": total}``."""
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     stages = []
     t_all = time.perf_counter()
     for argv in commands:
@@ -111,10 +118,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="folder the commands run in (their runs/ lands there)")
     ap.add_argument("--bbzo", default=str(Path(sys.executable).with_name("bbzo")), help="the bbzo executable")
     ap.add_argument("--log", type=Path, help="the commands' output (default: WORK/walkthrough.log)")
+    ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads per stage (0: torch's default)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     commands = quickstart_commands()
-    res = run(commands, str(args.data.resolve()), args.work, args.bbzo, {}, args.log or args.work / "walkthrough.log")
+    res = run(commands, str(args.data.resolve()), args.work, args.bbzo, {}, args.log or args.work / "walkthrough.log",
+              threads=args.threads)
     from bbzo.provenance import provenance
 
     stages = res["stages"]
@@ -126,7 +135,7 @@ def main() -> None:
         "completed": len(stages) == len(commands) and all(s["exit_code"] == 0 for s in stages),
         "stages": stages, "total_wall_s": res["wall_s"],
         "total_cpu_s": round(sum(s["cpu_s"] for s in stages), 1),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "threads_per_stage": args.threads or "torch default",
         "command": " ".join(["python", *sys.argv]),
         **provenance(),
     }
