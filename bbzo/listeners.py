@@ -76,11 +76,17 @@ class _LinesAboveBar:
         return getattr(self.target, name)
 
 
+def _screen() -> Any:
+    """The stream bars draw on: stderr itself, not the line-wise wrapper a training bar puts around it."""
+    err = sys.stderr
+    return err.target if isinstance(err, _LinesAboveBar) else err
+
+
 def note(text: str) -> None:
     """One line to stderr that does not break a progress bar on the screen (and starts on its own line)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(text, file=sys.stderr)
+    tqdm.write(text, file=_screen())
 
 
 @contextlib.contextmanager
@@ -95,7 +101,7 @@ def counting(desc: str, total: Optional[int] = None, unit: str = "it", enabled: 
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=_screen())
     bar.refresh()
     ticker = _Ticker(bar)
     try:
@@ -118,7 +124,7 @@ def activity(desc: str, enabled: bool = True, what: str = "") -> Iterator[None]:
 
     label = f"{desc} ({what})" if what else desc
     bar = tqdm(total=None, desc=label, bar_format="{desc}: {elapsed}", leave=False, dynamic_ncols=True,
-               file=sys.stderr)
+               file=_screen())
     bar.refresh()
     ticker = _Ticker(bar)
     t0 = time.perf_counter()
@@ -198,7 +204,7 @@ class ProgressBar:
             return
         from tqdm.auto import tqdm
         self.bar = tqdm(total=trainer.max_steps, initial=trainer.step_count, desc=self.desc, unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+                        dynamic_ncols=True, file=_screen())
         if trainer.step_count == 0 or not getattr(trainer, "status", None):
             self.bar.set_postfix_str(f"step {trainer.step_count + 1} running", refresh=True)
         self._ticker = _Ticker(self.bar)

@@ -90,7 +90,7 @@ def eval_cmd(run_dir: Path, data: str, data_kwargs: Optional[dict[str, Any]]) ->
     from bbzo.jsonio import dumps
     from bbzo.tasks.custom import evaluate_run
 
-    res = evaluate_run(run_dir, data, data_kwargs)
+    res = evaluate_run(run_dir, data, data_kwargs, progress=True)
     path = run_dir / eval_file_name(data, data_kwargs)
     text = dumps(res, indent=1) + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))

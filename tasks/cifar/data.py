@@ -146,4 +146,7 @@ class CifarBatches:
 
 def prepare_run(s: Any, run: Any) -> CifarData:
     """The run's data, loaded once for every method (the task's ``prepare``)."""
-    return load_data(s.data, s.subset, s.test_subset, s.seed)
+    from bbzo.listeners import activity
+
+    with activity(f"loading {s.data}", enabled=run.progress, what="both splits, class-balanced subsets"):
+        return load_data(s.data, s.subset, s.test_subset, s.seed)

@@ -132,3 +132,17 @@ def test_the_loss_plot_says_what_it_plots_and_draws_the_validation_curve(tmp_pat
     assert list(val.get_xdata()) == [2, 4, 6] and val.get_linestyle() == "--"
     assert queries.get_xlabel() == "queries (parameter sets evaluated on the minibatch)"
     assert [list(line.get_xdata()) for line in queries.lines] == [[4, 8, 12, 16, 20, 24], [8, 16, 24]]
+
+
+def test_an_evaluation_bar_inside_a_training_bar_draws_on_the_screen_at_once(capsys):
+    from bbzo.listeners import ProgressBar, counting
+
+    tr, _, _ = _trainer(steps=2)
+    ProgressBar(desc="cge").attach(tr)
+
+    def evaluate(t, s):
+        with counting("test accuracy", total=5, unit="img") as tick:
+            assert "test accuracy" in capsys.readouterr().err  # drawn now, not held back until a newline
+            tick(5)
+    tr.after_step.append(evaluate)
+    tr.run()
