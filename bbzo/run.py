@@ -128,6 +128,18 @@ def _write_json(path: Path, data: Any) -> None:
     write_json(path, data)
 
 
+def _step_seconds(folder: Path, trainer: Trainer, setup_s: float) -> float:
+    """Seconds spent in training steps alone, over every invocation of the run: the sum of ``step_time`` in
+    ``metrics.jsonl`` when it holds every step, else the trainer's elapsed time less this invocation's set-up
+    (``wall_s`` counts set-up too: data, model, a score's queries)."""
+    path = folder / "metrics.jsonl"
+    if path.exists():
+        rows = read_jsonl(path)
+        if len(rows) == trainer.step_count and all(isinstance(r.get("step_time"), (int, float)) for r in rows):
+            return float(sum(r["step_time"] for r in rows))
+    return max(0.0, trainer.elapsed - setup_s)
+
+
 def _describe_change(key: str, old: Any, new: Any) -> str:
     return f"{key} ({old!r} -> {new!r})"
 
@@ -229,7 +241,7 @@ class Run:
                 changes = ", ".join(_describe_change(k, old.get(k), new.get(k)) for k in diff)
                 allowed = ", ".join(sorted(k for k in runtime_keys(cls)))
                 raise ConfigError(
-                    f"{self.folder} holds a run with other settings (differs in: {', '.join(diff)}: {changes}). "
+                    f"{self.folder} holds a run with other settings (differs in: {changes}). "
                     f"Settings that may change on --resume: {allowed}. Use another --out, the same settings, "
                     "or --overwrite to start over.")
             self.previous = old
@@ -361,10 +373,13 @@ class Run:
             "estimator": spec.estimator.info.name, "zeroth_order": spec.estimator.info.zeroth_order,
             "ledger": ledger.summary(), "workers": parallel.world_size(),
         }
+        summary.update(setup_s=round(setup_s, 1), train_s=round(_step_seconds(folder, trainer, setup_s), 1))
         if initial is not None:
             summary["eval_initial"], summary["eval_final"] = initial, final
         if spec.summary is not None:
             summary.update(spec.summary(trainer))
+        if summary.get("epochs"):  # a rate of the steps alone (set-up and evaluations excluded)
+            summary["train_s_per_epoch"] = round(summary["train_s"] / summary["epochs"], 2)
         _write_json(folder / "train.json", summary)
         self.summaries[name] = summary
         return summary
@@ -422,11 +437,11 @@ class Run:
         plots = list(results.get("plots", []))
         if self.plots:
             curves = {}
-            for name in self.summaries:
+            for name, summary in self.summaries.items():
                 metrics = self.training_folder(name) / "metrics.jsonl"
-                if metrics.exists():
-                    curves[name or self.task.name] = read_jsonl(metrics)
-            path = plot_losses(self.folder / "loss.png", curves, title=f"{self.task.name}: training loss")
+                if metrics.exists():  # a single training is labelled by its estimator (cge, autograd, ...)
+                    curves[name or str(summary.get("estimator") or self.task.name)] = read_jsonl(metrics)
+            path = plot_losses(self.folder / "loss.png", curves, title=f"{self.task.name}: loss")
             if path is not None:
                 plots.append(str(path))
         out = {k: v for k, v in results.items() if k not in ("table", "plots")}

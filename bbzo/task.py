@@ -26,7 +26,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from .run import BuildContext, Run, Training
 
-__all__ = ["Task", "RunSettings", "register_task", "get_task", "list_tasks"]
+__all__ = ["Task", "RunSettings", "register_task", "get_task", "list_tasks", "describe_task"]
 
 
 @dataclass
@@ -83,17 +83,37 @@ def register_task(task: Task) -> Task:
     return task
 
 
-def _load_shipped() -> None:
-    import bbzo.tasks  # noqa: F401  (registers the tasks shipped with bbzo)
+def _shipped() -> dict[str, tuple[str, str]]:
+    """The tasks shipped with bbzo: name -> (module, description); nothing of them is imported here."""
+    from bbzo.tasks import SHIPPED
+    return SHIPPED
+
+
+def _hidden() -> tuple[str, ...]:
+    from bbzo.tasks import ALIASES
+    return ALIASES
 
 
 def list_tasks(pattern: str = "*") -> list[str]:
-    _load_shipped()
-    return sorted(n for n, t in _TASKS.items() if n == t.name and fnmatch.fnmatch(n, pattern))
+    """The task names (registered ones and the shipped ones, which are not imported to list them)."""
+    names = {n for n, t in _TASKS.items() if n == t.name} | (set(_shipped()) - set(_hidden()))
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def describe_task(name: str) -> str:
+    """A task's one-line description, without importing a shipped task."""
+    if name in _TASKS:
+        return _TASKS[name].description
+    if name in _shipped():
+        return _shipped()[name][1]
+    return get_task(name).description
 
 
 def get_task(name: str) -> Task:
-    _load_shipped()
+    """The task called ``name`` (a shipped task's module is imported on first use)."""
+    if name not in _TASKS and name in _shipped():
+        import importlib
+        importlib.import_module(_shipped()[name][0])
     if name not in _TASKS:
-        raise ConfigError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}.")
+        raise ConfigError(f"unknown task {name!r}; registered: {', '.join(list_tasks())}.")
     return _TASKS[name]

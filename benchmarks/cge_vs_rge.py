@@ -58,7 +58,7 @@ def one_run(args: argparse.Namespace, model: str, method: str, seed: int, lr: fl
     res = json.loads(done.read_text())["results"][0]
     curve = [(r["step"] / r["epoch_steps"], r["eval_test_acc"]) for r in read_jsonl(out / method / "metrics.jsonl")
              if "eval_test_acc" in r]
-    return {"test_acc": res["test_acc"], "wall_s_per_epoch": res["wall_s_per_epoch"], "train_loss": res["final_train_loss"],
+    return {"test_acc": res["test_acc"], "wall_s_per_epoch": res.get("train_s_per_epoch", res.get("wall_s_per_epoch")), "train_loss": res["final_train_loss"],
             "queries_per_step": res["queries_per_step"], "steps": res["steps"], "curve": curve}
 
 

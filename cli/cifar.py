@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
-import torch
 
-from bbzo.checkpoint import atomic_write_bytes
 from bbzo.errors import ConfigError
-from bbzo.jsonio import dumps
-from bbzo.run import Run
-from bbzo.tasks.cifar import TASK, accuracy, load_data, make_model, per_class_table
+from bbzo.tasks.cifar import TASK
 
 from .tasks import task_command
 
@@ -44,6 +40,13 @@ cifar.add_command(task_command(
 @click.option("--device", help="cpu, cuda, ... (default: the run's).")
 def eval_cmd(run: Path, data: Optional[Path], test_subset: Optional[int], device: Optional[str]) -> None:
     """Test accuracy and the per-class accuracy table of every method trained in RUN (eval.json, eval.md)."""
+    import torch
+
+    from bbzo.checkpoint import atomic_write_bytes
+    from bbzo.jsonio import dumps
+    from bbzo.run import Run
+    from bbzo.tasks.cifar import accuracy, load_data, make_model, per_class_table
+
     s = Run.settings_of(run, TASK)
     changes: dict[str, Any] = {k: v for k, v in (("data", data), ("test_subset", test_subset), ("device", device))
                                if v is not None}
@@ -61,7 +64,7 @@ def eval_cmd(run: Path, data: Optional[Path], test_subset: Optional[int], device
         except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
             raise ConfigError(f"{path} is not a {s.model} state dict ({type(e).__name__}: {str(e)[:200]}); "
                               "retrain that method.") from e
-        evals[m] = accuracy(model, d.test_x, d.test_y, d.num_classes)
+        evals[m] = accuracy(model, d.test_x, d.test_y, d.num_classes, progress=True)
     if not evals:
         raise ConfigError(f"{run} holds no trained model (OUT/METHOD/model.pt); train with `bbzo cifar train` first.")
     table = per_class_table(evals, d.classes)

@@ -7,15 +7,14 @@ from typing import Any
 
 import click
 
-from bbzo.parallel import is_writer
-from bbzo.parallel.context import under_launcher
-from bbzo.parallel.launch import launch_workers
-
 __all__ = ["relaunch_if_needed", "reports"]
 
 
 def relaunch_if_needed(settings: Any) -> None:
     """With ``--workers M > 1`` outside torchrun: run this same command as M ranks, then exit with their code."""
+    from bbzo.parallel.context import under_launcher
+    from bbzo.parallel.launch import launch_workers
+
     m = int(getattr(settings, "workers", 1) or 1)
     if m <= 1 or under_launcher():
         return
@@ -33,4 +32,6 @@ def relaunch_if_needed(settings: Any) -> None:
 
 def reports() -> bool:
     """Whether this process prints the run's report (rank 0 of a distributed run, or a serial run)."""
+    from bbzo.parallel import is_writer
+
     return is_writer()

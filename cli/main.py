@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Optional
 
 import click
 
-import bbzo
-from bbzo.cli.check import check_cmd
-from bbzo.cli.cifar import cifar
-from bbzo.cli.defense import defense
-from bbzo.cli.prune import prune
-from bbzo.cli.sol import sol
-from bbzo.cli.tasks import run_group, task_command
-from bbzo.cli.train import train
+from bbzo import __version__
 from bbzo.errors import BbzoError
-from bbzo.task import get_task
-
 
 FIRST_LINE = 300  # characters of an error's first line; the details follow on indented lines
 
@@ -55,9 +47,46 @@ def _quiet_signals() -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
+# name -> (where the command lives, its line in `bbzo --help`). A command's module is imported only when that
+# command runs or shows its own help, so `bbzo --help` and `bbzo --version` import neither torch nor any task
+# (tests/cli/test_startup.py checks these lines against the commands themselves).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("bbzo.cli.main:demo_command",
+             "Train a launch policy through a black-box projectile simulator (data generated here)."),
+    "train": ("bbzo.cli.train:train", "Train a model through a black box you plug in: a Python oracle or any program."),
+    "check": ("bbzo.cli.check:check_cmd", "Check the gradient estimates through your black box before training."),
+    "prune": ("bbzo.cli.prune:prune", "Score MODEL at initialization and write its layer-wise kept fractions at SPARSITY."),
+    "sol": ("bbzo.cli.sol:sol", "ZO-SOL: train a PDE corrector through a non-differentiable PhiFlow solver."),
+    "cifar": ("bbzo.cli.cifar:cifar", "CIFAR-10 from scratch: DeepZero (Sparse-CGE at ZO-GraSP ratios) and FO / RGE / CGE."),
+    "defense": ("bbzo.cli.defense:defense", "Certified black-box defense: a denoiser in front of a query-only classifier."),
+    "run": ("bbzo.cli.tasks:run_group", "Run any registered task by name (`bbzo run` lists them)."),
+    "estimators": ("bbzo.cli.main:list_estimators_cmd", "List the registered gradient estimators and their query cost."),
+    "models": ("bbzo.cli.main:list_models_cmd", "List the models bbzo can build by name."),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """The click command ``bbzo NAME`` (its module imported now)."""
+    import importlib
+
+    module, attr = COMMANDS[name][0].split(":")
+    made = getattr(importlib.import_module(module), attr)
+    return made() if not isinstance(made, click.Command) else made
+
+
 class _Group(click.Group):
     """Turn bbzo's own errors into a clear message and exit code 2 (no traceback): what happened on the
-    first line (at most a few hundred characters), the details after it."""
+    first line (at most a few hundred characters), the details after it. Commands load when used (COMMANDS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        return load_command(cmd_name) if cmd_name in COMMANDS else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, line) for n, (_, line) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -74,31 +103,30 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(bbzo.__version__, prog_name="bbzo")
+@click.version_option(__version__, prog_name="bbzo")
 def main() -> None:
     """Train neural networks through black boxes with zeroth-order gradients (DeepZero)."""
 
 
-main.add_command(task_command(get_task("projectile"), "demo",
-                              help="Train a launch policy through a black-box projectile simulator (data generated here)."))
-main.add_command(train)
-main.add_command(check_cmd)
-main.add_command(prune)
-main.add_command(sol)
-main.add_command(cifar)
-main.add_command(defense)
-main.add_command(run_group)
+def demo_command() -> click.Command:
+    """``bbzo demo``: the projectile task's generated command."""
+    from bbzo.cli.tasks import task_command
+    from bbzo.task import get_task
+
+    return task_command(get_task("projectile"), "demo", help=COMMANDS["demo"][1])
 
 
-@main.command("estimators")
+@click.command("estimators")
 def list_estimators_cmd() -> None:
     """List the registered gradient estimators and their query cost per step."""
+    import bbzo
+
     for info in bbzo.list_estimators(with_info=True):
         kind = "zeroth-order" if info.zeroth_order else "white-box"
         click.echo(f"{info.name:<12} {kind:<13} {info.cost:<32} {info.description}")
 
 
-@main.command("models")
+@click.command("models")
 def list_models_cmd() -> None:
     """List the models bbzo can build by name."""
     from bbzo.models import list_models

@@ -11,12 +11,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from bbzo.run import run_task
+from bbzo.task import Task, describe_task, get_task, list_tasks
 
 from .launch import relaunch_if_needed, reports
-from bbzo.task import Task, get_task, list_tasks
-from bbzo.references import load_object
-
 from .options import config_option, resolve_command, settings_options
 
 __all__ = ["task_command", "print_results", "run_group"]
@@ -35,11 +32,13 @@ def task_command(task: Task, name: Optional[str] = None, report: Callable[[dict[
                  *, help: Optional[str] = None, exclude: Sequence[str] = ()) -> click.Command:
     """A click command that runs ``task`` with settings from flags, ``--config`` and presets."""
 
-    @click.command(name or task.name, help=help or f"{task.description[:1].upper()}{task.description[1:]}.")
+    @click.command(name or task.name, help=help or _sentence(task.description))
     @config_option
     @settings_options(task.settings, exclude=exclude)
     @click.pass_context
     def command(ctx: click.Context, config: Optional[str], **_: Any) -> None:
+        from bbzo.run import run_task
+
         settings, sources = resolve_command(ctx, task.settings)
         relaunch_if_needed(settings)
         results = run_task(task, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]]))
@@ -51,6 +50,8 @@ def task_command(task: Task, name: Optional[str] = None, report: Callable[[dict[
 
 def _import_tasks(ctx: click.Context) -> None:
     """Import the modules named by ``--import`` (they register their tasks)."""
+    from bbzo.references import load_object
+
     for ref in (ctx.params.get("imports") or ()):
         load_object(f"{ref}:__name__")  # a module or file reference; importing it registers its tasks
 
@@ -68,6 +69,17 @@ class _TaskGroup(click.Group):
             return None
         return task_command(get_task(cmd_name))
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The task list of ``bbzo run --help``, from the descriptions (no task is imported to list it)."""
+        names = self.list_commands(ctx)
+        if names:
+            with formatter.section("Commands"):
+                formatter.write_dl([(n, _sentence(describe_task(n))) for n in names])
+
+
+def _sentence(text: str) -> str:
+    return f"{text[:1].upper()}{text[1:]}."
+
 
 @click.group("run", cls=_TaskGroup, invoke_without_command=True)
 @click.option("--import", "imports", multiple=True, metavar="MODULE|FILE.py",
@@ -78,4 +90,4 @@ def run_group(ctx: click.Context, imports: tuple[str, ...]) -> None:
     if ctx.invoked_subcommand is None:
         _import_tasks(ctx)
         for n in list_tasks():
-            click.echo(f"{n:<12} {get_task(n).description}")
+            click.echo(f"{n:<18} {describe_task(n)}")

@@ -13,9 +13,7 @@ from typing import Any, Optional
 
 import click
 
-from bbzo.jsonio import dumps
-from bbzo.run import run_task
-from bbzo.tasks.custom import TASK, TrainSettings, evaluate_run
+from bbzo.tasks.custom import TrainSettings
 
 from .launch import relaunch_if_needed, reports
 from .options import MappingParam, config_option, resolve_command, settings_options
@@ -32,8 +30,10 @@ def _report(res: dict[str, Any], s: TrainSettings) -> None:
     per_step = f"{res['queries_per_step']}/step"
     if res.get("steps") and spent != res["queries_per_step"] * res["steps"]:
         per_step += f"; {spent / max(1, res['steps']):.1f}/step spent on average, setup included"
+    steps_s = f"; training steps {res['train_s']} s" if res.get("train_s") is not None else ""
     click.echo(f"steps {res['steps']} ({'stopped by --max-queries' if res['stopped_by'] == 'max_queries' else 'done'}), "
-               f"queries {spent} ({per_step}), oracle rows {res['oracle_rows']}, {res['wall_s']} s")
+               f"queries {spent:,} ({per_step}; a query is one parameter set on a minibatch), oracle rows "
+               f"{res['oracle_rows']:,} (rows the black box answered), wall {res['wall_s']} s{steps_s}")
     failed_val = res.get("val_failed_rows") or 0
     click.echo(f"validation loss: {_loss(res['val_loss_initial'])} before -> {_loss(res['val_loss_final'])} after "
                f"({res['val_rows']} rows" + (f"; {failed_val} rows the black box could not answer are left out"
@@ -46,6 +46,10 @@ def _report(res: dict[str, Any], s: TrainSettings) -> None:
         click.echo(f"entries (probe x sample) the oracle could not answer: {res['failed_rows']} "
                    f"({s.on_oracle_error}: {what})")
     click.echo(f"results: {Path(s.out) / 'results.json'}")
+    plot = Path(s.out) / "loss.png"
+    if plot.exists():
+        val = f", validation loss every {s.eval_every} steps" if s.eval_every else ""
+        click.echo(f"plot:    {plot} (training loss per step{val})")
 
 
 @click.group("train", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,10 +63,13 @@ def train(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
     bbzo train --oracle mypkg.sim:Simulator --model mypkg.net:build --data data.npz
     bbzo train --oracle-cmd "awk -f sim.awk" --model net.py:build --data net.py:make_data --max-queries 100000
     bbzo train --config run.yaml --lr 0.05          # the flag overrides the file
-    bbzo train eval --out runs/train --data other.npz   # a trained run on other data
+    bbzo train eval --out runs/train --data other.npz   # a trained run on other data: runs/train/eval-other.json
     """
     if ctx.invoked_subcommand is not None:
         return
+    from bbzo.run import run_task
+    from bbzo.tasks.custom import TASK
+
     settings, sources = resolve_command(ctx, TrainSettings)
     relaunch_if_needed(settings)
     results = run_task(TASK, settings, sources, command=" ".join(["bbzo", *sys.argv[1:]]))
@@ -76,9 +83,33 @@ def train(ctx: click.Context, config: Optional[str], **kw: Any) -> None:
 @click.option("--data", required=True, metavar="FILE|REF", help="Data to evaluate on (as --data of `bbzo train`); every row is used.")
 @click.option("--data-kwargs", type=MappingParam(), default=None, help="Keyword arguments for a --data function.")
 def eval_cmd(run_dir: Path, data: str, data_kwargs: Optional[dict[str, Any]]) -> None:
-    """Loss of a trained run's model on another data file, through the same black box (queries not charged)."""
-    res = evaluate_run(run_dir, data, data_kwargs)
-    path = run_dir / "eval.json"
-    path.write_text(dumps(res, indent=1) + "\n")
-    click.echo(f"loss on {data}: {res['loss']:.6g} ({res['rows']} rows, {res['oracle_rows']} oracle rows)")
+    """Loss of a trained run's model on another data file, through the same black box (queries not charged).
+
+    Each data source gets its own file, OUT/eval-<data>.json, which records the source and its --data-kwargs."""
+    from bbzo.checkpoint import atomic_write_bytes
+    from bbzo.jsonio import dumps
+    from bbzo.tasks.custom import evaluate_run
+
+    res = evaluate_run(run_dir, data, data_kwargs, progress=True)
+    path = run_dir / eval_file_name(data, data_kwargs)
+    text = dumps(res, indent=1) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    kw = f" with --data-kwargs {dumps(data_kwargs)}" if data_kwargs else ""
+    click.echo(f"loss on {data}{kw}: {res['loss']:.6g} (mean over {res['rows']} rows; {res['oracle_rows']} oracle "
+               "rows, not charged to the run)")
     click.echo(f"results: {path}")
+
+
+def eval_file_name(data: str, data_kwargs: Optional[dict[str, Any]]) -> str:
+    """One file per data source: ``eval-<data name>-<digest>.json``, the digest of the source (its absolute path,
+    or the reference) and its keyword arguments, so no evaluation overwrites another's."""
+    import hashlib
+    import re
+
+    from bbzo.jsonio import dumps
+
+    ref = str(data)
+    path = Path(ref.split(":")[0]) if ":" in ref and not Path(ref).exists() else Path(ref)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem + (f"-{ref.rsplit(':', 1)[1]}" if path != Path(ref) else ""))
+    key = dumps({"data": str(Path(ref).resolve()) if Path(ref).exists() else ref, "kwargs": data_kwargs or {}})
+    return f"eval-{name.strip('-.') or 'data'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"

@@ -295,22 +295,27 @@ def _load(s: TrainSettings, dev: torch.device) -> tuple[nn.Module, _Data]:
 
 
 def evaluate_on(model: nn.Module, objective: OracleObjective, x: torch.Tensor, y: Optional[torch.Tensor],
-                chunk: int = 1024, tolerate_failures: bool = False) -> dict[str, Any]:
+                chunk: int = 1024, tolerate_failures: bool = False, progress: bool = False,
+                desc: str = "validation loss") -> dict[str, Any]:
     """Mean loss of ``model`` on rows ``x`` (eval mode; the caller decides whether the queries are charged).
 
     ``tolerate_failures``: rows the black box cannot answer are left out of the mean (and counted in
-    ``failed_rows``) instead of stopping; ``loss`` is None when no row was answered.
+    ``failed_rows``) instead of stopping; ``loss`` is None when no row was answered. ``progress``: a bar of rows.
     """
+    from bbzo.listeners import counting
+
     was_training = model.training
     model.eval()
     total, n, failed = 0.0, x.shape[0], 0
-    with torch.no_grad(), answering_failures_with_nan(tolerate_failures):
+    with torch.no_grad(), answering_failures_with_nan(tolerate_failures), \
+            counting(desc, total=int(n), unit="row", enabled=progress) as tick:
         for i in range(0, n, chunk):
             xi = x[i:i + chunk]
             per = objective(model(xi), xi, y[i:i + chunk] if y is not None else None).double()
             ok = torch.isfinite(per)
             failed += int((~ok).sum())
             total += float(per[ok].sum())
+            tick(int(xi.shape[0]))
     model.train(was_training)
     answered = n - failed
     out: dict[str, Any] = {"loss": total / answered if answered else None, "rows": answered}
@@ -377,13 +382,20 @@ def build(s: TrainSettings, name: str, ctx: BuildContext) -> Training:
     return Training(
         model=model, objective=objective, estimator=est, optimizer=opt, data=data.train, steps=s.steps,
         scheduler=sched, oracles=[oracle],
-        evaluate=lambda m: evaluate_on(m, objective, data.val_x, data.val_y, tolerate_failures=policy.tolerant),
+        evaluate=lambda m: _validation(evaluate_on(m, objective, data.val_x, data.val_y,
+                                                   tolerate_failures=policy.tolerant, progress=ctx.run.progress)),
         eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, log_every=s.log_every, weights="model.pt",
         desc=f"{s.estimator} ({q_step} q/step)", log_extra={"estimator": s.estimator},
         trainer_kw={"failures": policy, "crn_seed": s.seed if s.crn else None},
         summary=lambda tr: {"oracle_restarts": getattr(oracle, "restarts_used", 0),
                             "oracle_restart_log": list(getattr(oracle, "restart_log", [])),
                             **tr.failure_totals})
+
+
+def _validation(res: dict[str, Any]) -> dict[str, Any]:
+    """``evaluate_on``'s numbers named as what they are (``val_loss``: metrics.jsonl's ``eval_val_loss``, the
+    dashed validation curve of loss.png)."""
+    return {f"val_{k}": v for k, v in res.items()}
 
 
 def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -396,16 +408,16 @@ def evaluate(s: TrainSettings, run: Run, summaries: dict[str, dict[str, Any]]) -
         "oracle_restarts": t.get("oracle_restarts", 0), "oracle_restart_log": t.get("oracle_restart_log", []),
         "on_oracle_error": s.on_oracle_error, "failed_rows": t.get("failed_rows", 0),
         "dropped_samples": t.get("dropped_samples", 0), "penalized_rows": t.get("penalized_rows", 0),
-        "wall_s": t["wall_s"], "val_rows": t["eval_final"]["rows"],
-        "val_failed_rows": t["eval_final"].get("failed_rows", 0),
-        "val_loss_initial": t["eval_initial"]["loss"], "val_loss_final": t["eval_final"]["loss"],
+        "wall_s": t["wall_s"], "setup_s": t.get("setup_s"), "train_s": t.get("train_s"),
+        "val_rows": t["eval_final"]["val_rows"], "val_failed_rows": t["eval_final"].get("val_failed_rows", 0),
+        "val_loss_initial": t["eval_initial"]["val_loss"], "val_loss_final": t["eval_final"]["val_loss"],
         "train_loss_last": t.get("final_train_loss"), "ledger": t["ledger"],
         "checkpoint": str(out / "checkpoint.pt"), "model": str(out / "model.pt"), "metrics": str(out / "metrics.jsonl"),
     }
 
 
 def evaluate_run(folder: Path, data: str, data_kwargs: Optional[dict[str, Any]] = None,
-                 settings: Optional[TrainSettings] = None) -> dict[str, Any]:
+                 settings: Optional[TrainSettings] = None, progress: bool = False) -> dict[str, Any]:
     """The trained model of a ``bbzo train`` run folder on another data file (every row; uncharged queries)."""
     s = settings or Run.settings_of(folder, TASK)
     weights = Path(folder) / "model.pt"
@@ -426,9 +438,11 @@ def evaluate_run(folder: Path, data: str, data_kwargs: Optional[dict[str, Any]] 
     y = y.to(dev) if y is not None else None
     with build_oracle(s) as oracle:
         with oracle.ledger.evaluation():
-            res = evaluate_on(model, make_objective(oracle, s.loss, _parts(s.oracle_input)), x, y)
+            res = evaluate_on(model, make_objective(oracle, s.loss, _parts(s.oracle_input)), x, y, progress=progress,
+                              desc=f"loss on {data}")
         rows = oracle.ledger.account(oracle).eval_rows
-    return {"data": data, "rows": res["rows"], "loss": res["loss"], "oracle_rows": rows, "model": str(weights)}
+    return {"data": data, "data_kwargs": dict(data_kwargs or {}), "rows": res["rows"], "loss": res["loss"],
+            "oracle_rows": rows, "model": str(weights)}
 
 
 TASK = register_task(Task(name="train", aliases=("custom",), settings=TrainSettings, trainings=lambda s: [""], build=build,

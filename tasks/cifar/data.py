@@ -142,3 +142,11 @@ class CifarBatches:
         if self.device is not None:
             x, y = x.to(self.device), y.to(self.device)
         return x, y
+
+
+def prepare_run(s: Any, run: Any) -> CifarData:
+    """The run's data, loaded once for every method (the task's ``prepare``)."""
+    from bbzo.listeners import activity
+
+    with activity(f"loading {s.data}", enabled=run.progress, what="both splits, class-balanced subsets"):
+        return load_data(s.data, s.subset, s.test_subset, s.seed)

@@ -32,7 +32,8 @@ from bbzo.sparsity.scores.registry import prunable_params
 from .data import CifarBatches, CifarData, normalize
 from .settings import CifarSettings
 
-__all__ = ["cross_entropy", "make_model", "make_batches", "accuracy", "build_method", "total_steps"]
+__all__ = ["cross_entropy", "make_model", "make_batches", "accuracy", "build_method", "total_steps",
+           "warn_if_never_decays"]
 
 RESAMPLE_EPOCHS = 5  # DeepZero's --mask-shuffle-interval
 
@@ -56,42 +57,51 @@ def total_steps(s: CifarSettings, steps_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch: int = 500
-             ) -> dict[str, Any]:
-    """Eval-mode accuracy (%), mean loss and per-class accuracy (%) of ``x`` in [0, 1]."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch: int = 500,
+             progress: bool = False) -> dict[str, Any]:
+    """Eval-mode accuracy (%), mean loss and per-class accuracy (%) of ``x`` in [0, 1] (``progress``: a bar)."""
+    from bbzo.listeners import counting
+
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     correct = torch.zeros(num_classes, dtype=torch.long)
     count = torch.bincount(y, minlength=num_classes)
     loss = 0.0
-    for i in range(0, x.shape[0], batch):
-        xb, yb = normalize(x[i:i + batch]).to(dev), y[i:i + batch].to(dev)
-        out = model(xb)
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        hit = (out.argmax(1) == yb).cpu()
-        correct += torch.bincount(yb.cpu()[hit], minlength=num_classes)
+    with counting("test accuracy", total=int(x.shape[0]), unit="img", enabled=progress) as tick:
+        for i in range(0, x.shape[0], batch):
+            xb, yb = normalize(x[i:i + batch]).to(dev), y[i:i + batch].to(dev)
+            out = model(xb)
+            loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            hit = (out.argmax(1) == yb).cpu()
+            correct += torch.bincount(yb.cpu()[hit], minlength=num_classes)
+            tick(int(xb.shape[0]))
     model.train(was)
     per = (100.0 * correct.double() / count.clamp_min(1).double()).tolist()
     return {"test_acc": round(100.0 * float(correct.sum()) / max(1, x.shape[0]), 3),
             "test_loss": round(loss / max(1, x.shape[0]), 5), "per_class": [round(v, 2) for v in per]}
 
 
-def _evaluator(data: CifarData) -> Callable[[nn.Module], dict[str, Any]]:
+def _evaluator(data: CifarData, progress: bool = False) -> Callable[[nn.Module], dict[str, Any]]:
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        r = accuracy(model, data.test_x, data.test_y, data.num_classes)
+        r = accuracy(model, data.test_x, data.test_y, data.num_classes, progress=progress)
         return {"test_acc": r["test_acc"], "test_loss": r["test_loss"]}
     return evaluate
 
 
 def _deepzero(s: CifarSettings, ctx: BuildContext, model: nn.Module, batches: CifarBatches) -> tuple[Any, dict]:
+    from bbzo.listeners import activity
+
     x, y = batches.get_batch(0)
     every = s.resample_every or RESAMPLE_EPOCHS * batches.steps_per_epoch
-    est, lpr = sparse_cge_from_score(
-        s.score, model, cross_entropy, x, y, sparsity=s.sparsity, mu=s.mu, resample_every=every, seed=s.seed,
-        others="dense", include=prunable_params(model), ledger=ctx.ledger,
-        score_options={"q": s.score_q, "mu": s.mu}, model_name=s.model, cache=ctx.folder / "lpr.json",
-        reuse=ctx.resuming)
+    cached = ctx.resuming and (ctx.folder / "lpr.json").exists()
+    what = f"{s.score}, q = {s.score_q}, on a batch of {int(y.shape[0])}" + ("; reusing lpr.json" if cached else "")
+    with activity(f"{ctx.name}: layer ratios at {s.sparsity:.1%} sparsity", enabled=ctx.run.progress, what=what):
+        est, lpr = sparse_cge_from_score(
+            s.score, model, cross_entropy, x, y, sparsity=s.sparsity, mu=s.mu, resample_every=every, seed=s.seed,
+            others="dense", include=prunable_params(model), ledger=ctx.ledger,
+            score_options={"q": s.score_q, "mu": s.mu}, model_name=s.model, cache=ctx.folder / "lpr.json",
+            reuse=ctx.resuming)
     coords = est.query_cost({n: p.detach() for n, p in model.named_parameters()}) - 1
     return est, {"score_queries": lpr.queries, "resample_every": every, "coords_per_step": coords,
                  "kept_per_layer": dict(lpr.kept)}
@@ -115,12 +125,29 @@ def build_method(s: CifarSettings, name: str, ctx: BuildContext) -> Training:
     opt = make_optimizer(model.parameters(), s.optimizer, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     warm = min(steps, int(round(s.warmup_epochs * batches.steps_per_epoch)))
     sched = cosine_with_warmup(opt, max(1, steps), warmup_steps=warm) if s.schedule == "cosine" else None
+    if sched is not None:
+        warn_if_never_decays(int(round(s.warmup_epochs * batches.steps_per_epoch)), steps,
+                             f"--warmup-epochs {s.warmup_epochs:g}", s.lr)
     q = est.query_cost({n: p.detach() for n, p in model.named_parameters()})
     spe = batches.steps_per_epoch
     return Training(
         model=model, objective=cross_entropy, estimator=est, optimizer=opt, scheduler=sched, data=batches,
-        steps=steps, evaluate=_evaluator(data), eval_every=s.eval_every or spe, checkpoint_every=s.checkpoint_every,
+        steps=steps, evaluate=_evaluator(data, ctx.run.progress), eval_every=s.eval_every or spe, checkpoint_every=s.checkpoint_every,
         weights="model.pt", desc=f"{name} ({q} q/step)" if est.info.zeroth_order else f"{name} (autograd)",
         log_extra={"method": name, "epoch_steps": spe},
-        summary=lambda tr: {"steps_per_epoch": spe, "epochs": round(tr.step_count / spe, 3), "model": s.model,
-                            "wall_s_per_epoch": round(tr.elapsed / max(tr.step_count / spe, 1e-9), 2), **extra})
+        summary=lambda tr: {"steps_per_epoch": spe, "epochs": round(tr.step_count / spe, 3), "model": s.model, **extra})
+
+
+def warn_if_never_decays(warm: int, steps: int, flag: str, lr: float) -> bool:
+    """Warn when a warm-up covers the whole run: the rate only rises to ``lr`` and the cosine decay never starts."""
+    if warm <= 0 or warm < steps:
+        return False
+    import warnings
+
+    from bbzo.errors import InefficientSettingsWarning
+
+    warnings.warn(InefficientSettingsWarning(
+        f"{flag} is {warm} steps, and the run has {steps}: the learning rate rises linearly towards {lr:g} for the "
+        "whole run and never decays. Use --warmup-epochs 0 (cosine from the first step) or train longer."),
+        stacklevel=2)
+    return True

@@ -5,21 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from bbzo.config import as_plain
 from bbzo.listeners import read_jsonl, save_figure
 
 from .settings import METHOD_NAMES
 
-__all__ = ["results_table", "per_class_table", "plot_curves"]
+__all__ = ["results_table", "per_class_table", "plot_curves", "evaluate_run"]
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("| method | model | params | queries/step | steps | epochs | total queries | wall [s] | s/epoch "
-            "| test acc before [%] | test acc after [%] |")
-    lines = [head, "|" + "---|" * 11]
+    """One row per method. ``s/epoch`` is the training steps' time alone; ``set-up`` is data, model and (DeepZero)
+    the ZO-GraSP score; ``wall`` is both (evaluations excluded). A query is one parameter set on a minibatch."""
+    head = ("| method | model | params | queries/step | steps | epochs | total queries | score queries | set-up [s] "
+            "| training [s] | s/epoch (steps only) | test acc before [%] | test acc after [%] |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['model']} | {r['params']:,} | "
-                     f"{r['queries_per_step']:,} | {r['steps']} | {r['epochs']} | {r['queries']:,} | {r['wall_s']} | "
-                     f"{r['wall_s_per_epoch']} | {r['test_acc_before']:.2f} | {r['test_acc']:.2f} |")
+                     f"{r['queries_per_step']:,} | {r['steps']} | {r['epochs']} | {r['queries']:,} | "
+                     f"{r.get('score_queries') or 0:,} | {r.get('setup_s')} | {r.get('train_s')} | "
+                     f"{r.get('train_s_per_epoch')} | {r['test_acc_before']:.2f} | {r['test_acc']:.2f} |")
     return "\n".join(lines)
 
 
@@ -91,3 +95,26 @@ def plot_curves(folder: Path, methods: Sequence[str], title: str) -> Optional[Pa
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, folder / "curves.png")
+
+
+def evaluate_run(s: Any, run: Any, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's results: one row per finished method, the table and the curves (the task's ``evaluate``)."""
+    rows = []
+    for name, t in summaries.items():
+        if t.get("status") != "done":
+            continue
+        rows.append({"method": name, "model": s.model, "params": t["params"], "queries_per_step": t["queries_per_step"],
+                     "steps": t["steps"], "epochs": t.get("epochs"), "queries": t["queries"], "wall_s": t["wall_s"],
+                     "setup_s": t.get("setup_s"), "train_s": t.get("train_s"),
+                     "train_s_per_epoch": t.get("train_s_per_epoch"),
+                     "test_acc_before": t["eval_initial"]["test_acc"], "test_acc": t["eval_final"]["test_acc"],
+                     "test_loss": t["eval_final"]["test_loss"], "final_train_loss": t.get("final_train_loss"),
+                     "zeroth_order": t["zeroth_order"], "score_queries": t.get("score_queries", 0)})
+    plots = []
+    if run.plots:
+        p = plot_curves(run.folder, [r["method"] for r in rows], f"CIFAR-10, {s.model}: loss and test accuracy")
+        plots = [str(p)] if p is not None else []
+    data = run.shared  # a CifarData (prepare_run)
+    return {"config": as_plain(s), "data": {"source": data.source, "train": int(data.train_x.shape[0]),
+                                            "test": int(data.test_x.shape[0])},
+            "results": rows, "table": results_table(rows), "plots": plots}

@@ -13,7 +13,6 @@ from typing import Any, ClassVar, Optional
 
 from bbzo.config import setting
 from bbzo.errors import ConfigError
-from bbzo.sparsity import list_scores
 from bbzo.task import RunSettings
 
 __all__ = ["CifarSettings", "METHODS", "METHOD_NAMES", "PRESETS"]
@@ -83,6 +82,8 @@ class CifarSettings(RunSettings):
                               "(comma-separated, e.g. --method fo,cge).")
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}.")
+        from bbzo.sparsity import list_scores  # here: the settings module stays light (the command line imports it)
+
         if self.score not in list_scores():
             raise ConfigError(f"unknown score {self.score!r}; choose from {', '.join(list_scores())}.")
         if self.batch < 1 or self.epochs < 0 or self.steps < 0 or self.q < 0 or self.resample_every < 0:

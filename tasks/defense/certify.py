@@ -10,6 +10,8 @@ nA, n - nA + 1)``, exact), abstains when ``pA < 1/2`` and otherwise certifies th
 The certified accuracy at radius ``r`` is the fraction of test images that are classified correctly *and*
 certified with radius ``>= r`` (Salman et al.'s ``>=``; abstentions count as wrong); ``r = 0`` is the
 smoothed classifier's accuracy.
+
+scipy is imported by the functions that compute a bound, so the command line starts without it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from scipy.stats import beta, binomtest, norm
 
 from bbzo.errors import ConfigError
 
@@ -34,6 +35,8 @@ Pipeline = Callable[[torch.Tensor], torch.Tensor]  # noisy images (N, C, H, W) -
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """One-sided ``1 - alpha`` Clopper-Pearson lower bound on a binomial proportion (0 when ``n_a == 0``)."""
+    from scipy.stats import beta
+
     if not 0 <= n_a <= n or n < 1:
         raise ConfigError(f"need 0 <= n_a <= n and n >= 1, got n_a={n_a}, n={n}.")
     return 0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))
@@ -41,6 +44,8 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
     """The largest radius ``n`` samples can certify: ``sigma * Phi^-1(alpha^(1/n))`` (every sample correct)."""
+    from scipy.stats import norm
+
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
@@ -114,6 +119,8 @@ def sample_counts(pipeline: Pipeline, x: torch.Tensor, num: int, sigma: float, b
 def certify_details(pipeline: Pipeline, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, batch: int,
                     generator: Any) -> dict[str, Any]:
     """CERTIFY one image: ``{predict (class or ABSTAIN), radius, nA, pA_lower}``."""
+    from scipy.stats import norm
+
     _check(sigma, n, alpha, batch)
     stream = _stream(x, generator)
     guess = int(sample_counts(pipeline, x, n0, sigma, batch, stream).argmax())
@@ -134,6 +141,8 @@ def certify(pipeline: Pipeline, x: torch.Tensor, sigma: float, n0: int, n: int, 
 def predict_details(pipeline: Pipeline, x: torch.Tensor, sigma: float, n: int, alpha: float, batch: int,
                     generator: Any) -> dict[str, Any]:
     """PREDICT one image: ``{predict (class or ABSTAIN), nA, nB, p_value}`` (the top-two counts, binomial test)."""
+    from scipy.stats import binomtest
+
     _check(sigma, n, alpha, batch)
     counts = sample_counts(pipeline, x, n, sigma, batch, generator)
     top = torch.topk(counts, min(2, counts.numel()))
@@ -225,6 +234,8 @@ def predicted_accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def accuracy_interval(percent: float, count: int, confidence: float = 0.95) -> tuple[float, float]:
     """Two-sided exact (Clopper-Pearson) interval, in %, of an accuracy measured on ``count`` images."""
+    from scipy.stats import beta
+
     k = int(round(percent * count / 100.0))
     a = (1 - confidence) / 2
     low = 0.0 if k == 0 else float(beta.ppf(a, k, count - k + 1))

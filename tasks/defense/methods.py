@@ -101,17 +101,27 @@ def finetuned_denoiser(s: FinetuneSettings) -> nn.Module:
 
 @torch.no_grad()
 def stability_targets(oracle: ClassifierOracle, images: Any, device: Any = "cpu", batch: int = 512,
-                      rows: Optional[torch.Tensor] = None, workers: int = 0) -> torch.Tensor:
+                      rows: Optional[torch.Tensor] = None, workers: int = 0, progress: bool = False) -> torch.Tensor:
     """``argmax f(x)`` of the clean images ``(N,)`` (one query per image, charged to the oracle's ledger).
 
     ``images``: a ``(N, C, H, W)`` tensor, or an :class:`~.data.ImageSplit` read at ``rows`` (streamed).
+    ``progress``: a bar counting the images labelled.
     """
+    from bbzo.listeners import counting
+
     if isinstance(images, torch.Tensor):
+        total = int(images.shape[0])
         batches: Batches = ((images[i:i + batch], None) for i in range(0, images.shape[0], batch))
     else:
-        batches = iter_rows(images, rows if rows is not None else torch.arange(len(images)), batch, workers=workers,
-                            device=device)
-    return torch.cat([oracle.query(x.to(device)).argmax(1).cpu() for x, _ in batches])
+        rows = rows if rows is not None else torch.arange(len(images))
+        total = int(rows.numel())
+        batches = iter_rows(images, rows, batch, workers=workers, device=device)
+    out = []
+    with counting("labels argmax f(x) (classifier queries)", total=total, unit="img", enabled=progress) as tick:
+        for x, _ in batches:
+            out.append(oracle.query(x.to(device)).argmax(1).cpu())
+            tick(int(x.shape[0]))
+    return torch.cat(out)
 
 
 def stability_loss(answers: torch.Tensor, outputs: Any, inputs: Any, targets: torch.Tensor, *, output: str = "logits"
@@ -129,47 +139,70 @@ def _batches(x: Any, y: Optional[torch.Tensor], batch: int) -> Batches:
 
 @torch.no_grad()
 def noisy_accuracy(denoiser: Optional[nn.Module], classify: Callable[[torch.Tensor], torch.Tensor], x: Any,
-                   y: Optional[torch.Tensor], sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
+                   y: Optional[torch.Tensor], sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu",
+                   progress: bool = False, count: Optional[int] = None) -> float:
     """Top-1 accuracy (%) of ``f(D(x + delta))`` with one fixed noise draw per image (a cheap proxy of certified accuracy).
 
     ``x``: ``(N, C, H, W)`` with labels ``y``, or batches ``(images, labels)`` of ``batch`` images (``y`` None).
+    ``progress``: a bar counting the images (``count`` of them, for batches).
     """
+    from bbzo.listeners import counting
+
     g = torch.Generator().manual_seed(seed + 424242)
     hit = total = 0
     was = denoiser.training if denoiser is not None else False
     if denoiser is not None:
         denoiser.eval()
-    for xb, yb in _batches(x, y, batch):
-        z = (xb + sigma * torch.randn(xb.shape, generator=g)).to(device)
-        z = denoiser(z) if denoiser is not None else z
-        hit += int((classify(z).argmax(1).cpu() == yb).sum())
-        total += int(xb.shape[0])
+    n = int(x.shape[0]) if isinstance(x, torch.Tensor) else count
+    with counting("noisy test accuracy", total=n, unit="img", enabled=progress) as tick:
+        for xb, yb in _batches(x, y, batch):
+            z = (xb + sigma * torch.randn(xb.shape, generator=g)).to(device)
+            z = denoiser(z) if denoiser is not None else z
+            hit += int((classify(z).argmax(1).cpu() == yb).sum())
+            total += int(xb.shape[0])
+            tick(int(xb.shape[0]))
     if denoiser is not None:
         denoiser.train(was)
     return round(100.0 * hit / max(1, total), 3)
 
 
 @torch.no_grad()
-def psnr(denoiser: nn.Module, x: Any, sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu") -> float:
+def psnr(denoiser: nn.Module, x: Any, sigma: float, seed: int = 0, batch: int = 256, device: Any = "cpu",
+         progress: bool = False, count: Optional[int] = None) -> float:
     """Mean PSNR (dB, peak 1) of ``D(x + delta)`` against ``x`` in eval mode, one fixed noise draw.
 
-    ``x``: ``(N, C, H, W)``, or batches ``(images, labels)`` of ``batch`` images.
+    ``x``: ``(N, C, H, W)``, or batches ``(images, labels)`` of ``batch`` images (``count`` of them, for the bar).
     """
+    from bbzo.listeners import counting
+
     g = torch.Generator().manual_seed(seed + 424242)
     was = denoiser.training
     denoiser.eval()
     vals = []
-    for xb, _ in _batches(x, None, batch):
-        out = denoiser((xb + sigma * torch.randn(xb.shape, generator=g)).to(device)).cpu()
-        mse = ((out - xb) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-        vals.append(-10.0 * torch.log10(mse))
+    n = int(x.shape[0]) if isinstance(x, torch.Tensor) else count
+    with counting("test PSNR", total=n, unit="img", enabled=progress) as tick:
+        for xb, _ in _batches(x, None, batch):
+            out = denoiser((xb + sigma * torch.randn(xb.shape, generator=g)).to(device)).cpu()
+            mse = ((out - xb) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+            vals.append(-10.0 * torch.log10(mse))
+            tick(int(xb.shape[0]))
     denoiser.train(was)
     return round(float(torch.cat(vals).mean()), 3)
 
 
-def _step_schedule(opt: torch.optim.Optimizer, every: int) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
+def _step_schedule(opt: torch.optim.Optimizer, every: int, steps: int = 0, flag: str = "--lr-step-epochs"
+                   ) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
+    """lr / 10 every ``every`` steps (None when 0); warns when the run of ``steps`` ends before the first drop."""
     if every <= 0:
         return None
+    if 0 < steps <= every:
+        import warnings
+
+        from bbzo.errors import InefficientSettingsWarning
+
+        warnings.warn(InefficientSettingsWarning(
+            f"{flag} drops the learning rate every {every} steps, and the run has {steps}: the rate never drops. "
+            f"Use {flag} 0 (a constant rate, as --preset small does) or a smaller value."), stacklevel=2)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 ** (step // every))
 
 
@@ -193,11 +226,12 @@ def build_pretrain(s: PretrainSettings, name: str, ctx: BuildContext) -> Trainin
     opt = make_optimizer(model.parameters(), "adam", lr=s.lr, weight_decay=s.weight_decay)
 
     def evaluate(m: nn.Module) -> dict[str, Any]:
-        return {"test_psnr": psnr(m, _test_batches(data, s), s.sigma, s.seed, device=s.device)}
+        return {"test_psnr": psnr(m, _test_batches(data, s), s.sigma, s.seed, device=s.device,
+                                  progress=ctx.run.progress, count=int(data.test_rows.numel()))}
 
     spec = spec_of(model)
     return Training(model=model, objective=FunctionObjective(_mse), estimator=bbzo.create_estimator("autograd"),
-                    optimizer=opt, scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe))), data=batches,
+                    optimizer=opt, scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe)), steps), data=batches,
                     steps=steps, evaluate=evaluate, eval_every=s.eval_every or spe, checkpoint_every=s.checkpoint_every,
                     desc="pretrain (MSE, autograd)", log_extra={"method": "mse"},
                     summary=lambda tr: {"steps_per_epoch": spe, "epochs": round(tr.step_count / spe, 3),
@@ -230,9 +264,15 @@ def _zo(s: FinetuneSettings, ctx: BuildContext, model: nn.Module, objective: Any
     x, y = batches.get_batch(0)
     for o in objective.oracles:  # the score's rows are the training's rows
         ctx.ledger.attach(o)
-    lpr = layer_ratios("zo_grasp", model, objective, x, y, sparsity=s.grasp_sparsity, seed=s.seed, ledger=ctx.ledger,
-                       include=prunable_params(model), score_options={"q": s.score_q, "mu": s.mu},
-                       model_name=label, cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
+    from bbzo.listeners import activity
+
+    cached = ctx.resuming and (ctx.folder / "lpr.json").exists()
+    what = f"q = {s.score_q} directions on a batch of {int(x.shape[0])}" + ("; reusing lpr.json" if cached else "")
+    with activity(f"{ctx.name}: ZO-GraSP layer ratios at {s.grasp_sparsity:.0%} sparsity", enabled=ctx.run.progress,
+                  what=what):
+        lpr = layer_ratios("zo_grasp", model, objective, x, y, sparsity=s.grasp_sparsity, seed=s.seed,
+                           ledger=ctx.ledger, include=prunable_params(model), score_options={"q": s.score_q, "mu": s.mu},
+                           model_name=label, cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
     tuned = [last] if s.layers == "last" else [n for n in lpr.kept]
     for n, p in model.named_parameters():
         p.requires_grad_(n in tuned)
@@ -300,13 +340,14 @@ def build_finetune(s: FinetuneSettings, name: str, ctx: BuildContext) -> Trainin
 
     def evaluate(m: nn.Module) -> dict[str, Any]:  # in the ledger's uncharged evaluation scope
         return {"noisy_acc": noisy_accuracy(m, oracle.query, _test_batches(data, s), None, s.sigma, s.seed,
-                                            device=s.device)}
+                                            device=s.device, progress=ctx.run.progress,
+                                            count=int(data.test_rows.numel()))}
 
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     q = est.query_cost(trainable) if est.info.zeroth_order else 0
     return Training(
         model=model, objective=objective, estimator=est, optimizer=opt, data=batches, steps=steps, oracles=oracles,
-        scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe))), evaluate=evaluate,
+        scheduler=_step_schedule(opt, int(round(s.lr_step_epochs * spe)), steps), evaluate=evaluate,
         eval_every=s.eval_every or spe, checkpoint_every=s.checkpoint_every,
         desc=f"{name} ({q} q/step)" if q else f"{name} (white-box autograd)", log_extra={"method": name},
         trainer_kw={"update_bn_stats": False},

@@ -10,7 +10,7 @@ from bbzo.listeners import save_figure
 from .certify import ABSTAIN, accuracy_interval
 from .settings import METHOD_NAMES
 
-__all__ = ["PAPER_TABLE2", "certified_table", "finetune_table", "plot_certified", "predicted_table"]
+__all__ = ["PAPER_TABLE2", "certified_table", "finetune_table", "plot_certified", "predicted_table", "method_label"]
 
 #: DeepZero Table 2 (ImageNet-10, ResNet-50 black box, DnCNN, 1,152 queries per gradient), certified accuracy %
 PAPER_TABLE2 = {"fo": {"0": 89.33, "0.25": 81.67, "0.5": 68.87, "0.75": 49.80},
@@ -44,12 +44,25 @@ def predicted_table(results: Mapping[str, Mapping[str, float]], count: int) -> s
     return "\n".join(lines)
 
 
+def method_label(row: Mapping[str, Any]) -> str:
+    """A fine-tuning's name as its numbers say it ran (ZO-DS with its own q)."""
+    name = METHOD_NAMES.get(row["method"], row["method"])
+    if row["method"] == "zo-ds" and row.get("queries_per_step"):
+        name = name[:-1] + f", q = {row['queries_per_step'] - 1})"
+    return name
+
+
 def finetune_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "| method | queries/step (parameter sets) | steps | total queries (images) | wall [s] | noisy acc before [%] | after [%] |"
-    lines = [head, "|" + "---|" * 7]
+    """One row per method. A query is one parameter set of the denoiser evaluated on the step's minibatch of
+    noisy images, i.e. ``batch`` classifier images; ``total`` includes ZO-GraSP's queries (``score``)."""
+    head = ("| method | queries/step (parameter sets) | steps | total queries (parameter sets) | classifier images "
+            "queried | set-up [s] | training [s] | noisy acc before [%] | after [%] |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} | {r['queries_per_step']:,} | {r['steps']} | "
-                     f"{r['queries']:,} | {r['wall_s']} | {r['noisy_acc_before']:.2f} | {r['noisy_acc']:.2f} |")
+        score = f" (score {r['score_queries']:,})" if r.get("score_queries") else ""
+        lines.append(f"| {method_label(r)} | {r['queries_per_step']:,} | {r['steps']} | {r['queries']:,}{score} | "
+                     f"{r.get('classifier_images', 0):,} | {r.get('setup_s')} | {r.get('train_s', r['wall_s'])} | "
+                     f"{r['noisy_acc_before']:.2f} | {r['noisy_acc']:.2f} |")
     return "\n".join(lines)
 
 

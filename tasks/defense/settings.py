@@ -1,10 +1,13 @@
-"""The settings of the defense commands, declared once: ``pretrain``, ``finetune``, ``certify``.
+"""The settings of the defense commands, declared once: ``classifier``, ``pretrain``, ``finetune``, ``certify``.
 
 Defaults follow DeepZero App. G (and docs/results/defense.md): sigma 0.25 in [0, 1] pixel units, DnCNN
 depth 17 / width 64, MSE pretraining with Adam; fine-tuning minimises CE(f(D(x + delta)), argmax f(x)) with
 Adam at lr 1e-5 divided by 10 every 4 epochs, mu 5e-3, a budget of 1,152 coordinates per ZO gradient (of
 the last layer's 1,728, redrawn every 5 epochs; the paper's ZO-GraSP at 95% sparsity keeps almost only the
 first and last layers, and it ends with the last one). CERTIFY: n0 100, n 10,000, alpha 0.001.
+
+Each command has ``--preset paper`` (these defaults: a GPU's job) and ``--preset small`` (:data:`SMALL`: the
+walk-through of docs/results/defense.md, minutes per stage on 2 CPU cores with ../shared/data/imagenette_32px.npz).
 """
 
 from __future__ import annotations
@@ -18,16 +21,29 @@ from bbzo.errors import ConfigError
 from bbzo.oracles.classifier import IMAGENET_MEAN, IMAGENET_STD, is_reference
 from bbzo.task import RunSettings
 
-__all__ = ["DefenseBase", "PretrainSettings", "FinetuneSettings", "CertifySettings", "METHODS", "METHOD_NAMES"]
+__all__ = ["ImageSettings", "DefenseBase", "ClassifierSettings", "PretrainSettings", "FinetuneSettings",
+           "CertifySettings", "METHODS", "METHOD_NAMES", "SMALL", "SMALL_CLASSIFIER"]
 
 METHODS = ("zo", "fo", "zo-ds")
 METHOD_NAMES = {"none": "no denoiser", "mse": "MSE-pretrained denoiser", "zo": "DeepZero (ZO, Sparse-CGE)",
-                "fo": "FO-DS (white-box gradients, upper reference)", "zo-ds": "ZO-DS (chain-rule RGE, q = 192)"}
+                "fo": "FO-DS (white-box gradients, upper reference)", "zo-ds": "ZO-DS (chain-rule RGE)"}
+
+# --preset small: the laptop walk-through (docs/results/defense.md, "Quick start"). The classifier that
+# `bbzo defense classifier --preset small` trains is the black box the other small presets name.
+SMALL_CLASSIFIER = "timm:resnet10t"
+SMALL: dict[str, dict[str, Any]] = {
+    "classifier": dict(classifier=SMALL_CLASSIFIER, epochs=6, batch=128, lr=0.1, test_subset=1000),
+    "pretrain": dict(depth=5, width=32, epochs=3, batch=64, lr=1e-3, lr_step_epochs=0.0, test_subset=500,
+                     eval_every=0, checkpoint_every=50),
+    "finetune": dict(classifier=SMALL_CLASSIFIER, method=("zo",), steps=40, batch=16, lr=1e-3, lr_step_epochs=0.0,
+                     budget=288, score_q=16, test_subset=500, eval_every=10, checkpoint_every=10),
+    "certify": dict(classifier=SMALL_CLASSIFIER, n0=50, n=500, test_subset=100, batch=550),
+}
 
 
 @dataclass
-class DefenseBase(RunSettings):
-    """What every defense command needs: the images, the noise, the denoiser's shape, and the black box."""
+class ImageSettings(RunSettings):
+    """The images a defense command reads, and where it runs."""
 
     data: Optional[Path] = setting(None, kind="path", runtime=True, help=(
         "Images: an ImageFolder root (DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg, as ImageNet ships), an "
@@ -39,6 +55,20 @@ class DefenseBase(RunSettings):
     crop_pct: float = setting(0.875, help="Image folders: the centre crop's share of the resized image (timm's crop_pct).")
     loader_workers: int = setting(2, runtime=True, help=(
         "DataLoader processes that decode image-folder images while the device works (0: in this process)."))
+    subset: int = setting(0, help="Train on a class-balanced random subset of this many images (0: all).")
+    test_subset: int = setting(0, help="Evaluate / certify a class-balanced subset of this many test images (0: all).")
+    seed: int = setting(0, help="Seed of the batch order, the noise, the sparse draws and the init.")
+    device: str = setting("cpu", runtime=True, help="cpu, cuda, cuda:1, ...")
+
+    def _check_images(self) -> None:
+        if self.image_size < 0 or self.loader_workers < 0 or not 0 < self.crop_pct <= 1:
+            raise ConfigError("need image_size >= 0, loader_workers >= 0 and 0 < crop_pct <= 1.")
+
+
+@dataclass
+class DefenseBase(ImageSettings):
+    """What the denoiser commands need besides the images: the black box, the noise and the denoiser's shape."""
+
     classifier: str = setting("resnet50", help=(
         "The black box: a torchvision model name (resnet50), timm:NAME, a TorchScript / torch.export file, or "
         "module:attr / file.py:attr (an nn.Module, its class, or a batched function)."))
@@ -62,10 +92,6 @@ class DefenseBase(RunSettings):
         "Keyword arguments of a module:attr denoiser's class or builder, e.g. '{channels: 3, width: 32}'."))
     depth: int = setting(17, help="DnCNN depth (Salman et al.: 17).")
     width: int = setting(64, help="DnCNN width (Salman et al.: 64).")
-    subset: int = setting(0, help="Train on a class-balanced random subset of this many images (0: all).")
-    test_subset: int = setting(0, help="Evaluate / certify a class-balanced subset of this many test images (0: all).")
-    seed: int = setting(0, help="Seed of the batch order, the noise, the sparse draws and the init.")
-    device: str = setting("cpu", runtime=True, help="cpu, cuda, cuda:1, ...")
 
     def denoiser_spec(self) -> dict[str, Any]:
         """The architecture the flags name (used for weights files that record none)."""
@@ -81,16 +107,61 @@ class DefenseBase(RunSettings):
             raise ConfigError(f"sigma must be > 0, got {self.sigma}.")
         if self.depth < 2 or self.width < 1 or self.num_classes < 2 or self.max_batch < 1:
             raise ConfigError("need depth >= 2, width >= 1, num_classes >= 2, max_batch >= 1.")
-        if self.image_size < 0 or self.loader_workers < 0 or not 0 < self.crop_pct <= 1:
-            raise ConfigError("need image_size >= 0, loader_workers >= 0 and 0 < crop_pct <= 1.")
+        self._check_images()
         if self.denoiser_arch != "dncnn" and not is_reference(self.denoiser_arch):
             raise ConfigError(f"--denoiser-arch {self.denoiser_arch!r}: use dncnn, module:attr or file.py:attr (a "
                               "TorchScript / torch.export file is itself a denoiser: pass it as --denoiser).")
 
 
 @dataclass
+class ClassifierSettings(ImageSettings):
+    """``bbzo defense classifier``: train the black box on the clean images (its owner's training, first-order).
+
+    SGD with Nesterov momentum, cosine decay per step, random crops (``pad`` pixels) and horizontal flips; the
+    inputs are normalized with ``mean`` / ``std`` as the query-only classifier of the other commands will.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": SMALL["classifier"]}
+
+    preset: str = setting("paper", choices=("paper", "small"), compare=False, help=(
+        "Base settings: paper (a ResNet-50, 30 epochs: a GPU's job) or small (timm:resnet10t, 6 epochs: minutes on "
+        "2 CPU cores at 32 px)."))
+    classifier: str = setting("resnet50", help=(
+        "The architecture: a torchvision model name (resnet50) or timm:NAME (timm:resnet10t). Pass the same name "
+        "as --classifier, and OUT/model.pt as --weights, to the other defense commands."))
+    num_classes: int = setting(0, help="Classifier outputs (0: the data's class count).")
+    mean: tuple[float, ...] = setting(IMAGENET_MEAN, help="Input normalization mean (per channel).")
+    std: tuple[float, ...] = setting(IMAGENET_STD, help="Input normalization std (per channel).")
+    epochs: int = setting(30, runtime=True, help="Epochs.")
+    steps: int = setting(0, runtime=True, help="Steps (0: epochs x steps per epoch).")
+    batch: int = setting(128, help="Images per step.")
+    lr: float = setting(0.1, help="SGD learning rate (cosine decay to 0 over the run).")
+    momentum: float = setting(0.9, help="SGD (Nesterov) momentum.")
+    weight_decay: float = setting(5e-4, help="SGD weight decay.")
+    pad: int = setting(4, help="Random-crop padding in pixels (0: no crops; flips always).")
+    eval_every: int = setting(0, runtime=True, help="Clean test accuracy every N steps (0: every epoch).")
+    checkpoint_every: int = setting(50, runtime=True, help="Checkpoint every N steps.")
+    out: Path = setting(Path("runs/defense/classifier"), kind="path", runtime=True, help=(
+        "Run folder: model.pt (the classifier's state dict, for --weights)."))
+
+    def __post_init__(self) -> None:
+        self._check_images()
+        if self.num_classes == 1 or self.num_classes < 0 or self.batch < 1 or self.lr <= 0 or self.pad < 0:
+            raise ConfigError("need num_classes 0 (the data's) or >= 2, batch >= 1, lr > 0 and pad >= 0.")
+        if is_reference(self.classifier) or Path(self.classifier).suffix:
+            raise ConfigError(f"--classifier {self.classifier}: `bbzo defense classifier` trains an architecture by "
+                              "name (resnet50, timm:resnet10t); a module or file you bring is already a classifier.")
+
+
+@dataclass
 class PretrainSettings(DefenseBase):
     """``bbzo defense pretrain``: MSE(D(x + delta), x) with Adam; the classifier is not used."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": SMALL["pretrain"]}
+
+    preset: str = setting("paper", choices=("paper", "small"), compare=False, help=(
+        "Base settings: paper (Salman et al.'s DnCNN 17 x 64, 90 epochs) or small (DnCNN 5 x 32, 3 epochs: minutes "
+        "on 2 CPU cores at 32 px)."))
 
     epochs: int = setting(90, runtime=True, help="Epochs (Salman et al.: 90).")
     steps: int = setting(0, runtime=True, help="Steps (0: epochs x steps per epoch).")
@@ -107,9 +178,11 @@ class PretrainSettings(DefenseBase):
 class FinetuneSettings(DefenseBase):
     """``bbzo defense finetune``: CE(f(D(x + delta)), argmax f(x)) with f only queried (FO-DS: white-box)."""
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": SMALL["finetune"]}
 
-    preset: str = setting("paper", choices=("paper",), compare=False, help="Base settings (paper: DeepZero App. G).")
+    preset: str = setting("paper", choices=("paper", "small"), compare=False, help=(
+        "Base settings: paper (DeepZero App. G) or small (zo only, 40 steps of 16 images, 288 coordinates per step, "
+        f"the {SMALL_CLASSIFIER} of `bbzo defense classifier --preset small`: minutes on 2 CPU cores at 32 px)."))
     denoiser: Optional[Path] = setting(None, kind="path", help=(
         "The MSE-pretrained denoiser: model.pt of `bbzo defense pretrain` (it records its architecture), Salman et "
         "al.'s state dict (--depth/--width), a module:attr, or a TorchScript / torch.export file (with --adapter-width)."))
@@ -163,6 +236,12 @@ class FinetuneSettings(DefenseBase):
 @dataclass
 class CertifySettings(DefenseBase):
     """``bbzo defense certify``: Cohen et al.'s CERTIFY of f(D(x + delta)) for each named denoiser."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "small": SMALL["certify"]}
+
+    preset: str = setting("paper", choices=("paper", "small"), compare=False, help=(
+        "Base settings: paper (n = 10,000 on every test image) or small (n0 = 50, n = 500 on 100 test images, the "
+        f"{SMALL_CLASSIFIER} of `bbzo defense classifier --preset small`: minutes on 2 CPU cores at 32 px)."))
 
     denoisers: dict = setting(kind="mapping", default_factory=dict, help=(
         "Denoisers to certify, NAME: SOURCE, e.g. '{mse: runs/p/model.pt, zo: runs/f/zo/model.pt}'; a SOURCE is a "

@@ -52,7 +52,7 @@ def test_other_settings_are_refused_by_name_and_runtime_ones_are_applied_and_rec
     fit(out)
     with pytest.raises(ConfigError, match=r"already holds a run .*--resume.*--overwrite"):
         fit(out)
-    with pytest.raises(ConfigError, match=r"differs in: lr: lr \(0.3 -> 0.5\)\).*may change on --resume: .*steps"):
+    with pytest.raises(ConfigError, match=r"differs in: lr \(0.3 -> 0.5\)\)\. .*may change on --resume: .*steps"):
         fit(out, resume=True, lr=0.5)  # never silently ignored
     res = fit(out, resume=True, steps=20)  # extend: applied, recorded, the cosine re-planned over 20 steps
     assert res["steps"] == 20

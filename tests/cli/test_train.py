@@ -211,7 +211,7 @@ def test_a_changed_setting_on_resume_is_refused_by_name_and_steps_extend_the_run
     args = fake_args(fake_data, out, extra=["--steps", 2])
     assert invoke(*args).exit_code == 0
     r = invoke(*args, "--resume", "--lr", 0.5)  # never recorded-but-ignored
-    assert r.exit_code == 2 and "differs in: lr: lr (0.05 -> 0.5)" in r.output
+    assert r.exit_code == 2 and "differs in: lr (0.05 -> 0.5))." in r.output and "lr: lr" not in r.output
     r = invoke(*args, "--resume", "--steps", 4)
     assert r.exit_code == 0, r.output
     res = results(out)
@@ -231,8 +231,29 @@ def test_train_eval_scores_a_trained_run_on_another_data_file(tmp_path, fake_dat
     np.savez(tmp_path / "other.npz", inputs=x, targets=x[:, :1] - 0.5 * x[:, 1:2] + 0.3 * x[:, 2:3] ** 2)
     r = invoke("eval", "--out", out, "--data", tmp_path / "other.npz")
     assert r.exit_code == 0, r.output
-    ev = json.loads((out / "eval.json").read_text())
+    other, = out.glob("eval-other-*.json")  # one file per data source
+    ev = json.loads(other.read_text())
     assert ev["rows"] == 40 and ev["oracle_rows"] == 40 and 0 < ev["loss"] < results(out)["val_loss_initial"]
+    assert ev["data_kwargs"] == {} and str(other) in r.output
+    # another source gets its own file; the first one is not overwritten
+    x2 = x[:20]
+    np.savez(tmp_path / "third.npz", inputs=x2, targets=x2[:, :1] - 0.5 * x2[:, 1:2] + 0.3 * x2[:, 2:3] ** 2)
+    assert invoke("eval", "--out", out, "--data", tmp_path / "third.npz").exit_code == 0
+    third, = out.glob("eval-third-*.json")
+    assert json.loads(other.read_text())["rows"] == 40 and json.loads(third.read_text())["rows"] == 20
+
+
+def test_eval_file_names_differ_by_source_and_keyword_arguments(tmp_path):
+    from bbzo.cli.train import eval_file_name
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    names = {eval_file_name(str(tmp_path / "a" / "d.npz"), None), eval_file_name(str(tmp_path / "b" / "d.npz"), None),
+             eval_file_name("net.py:make_data", None), eval_file_name("net.py:make_data", {"n": 96}),
+             eval_file_name("net.py:make_data", {"n": 97})}
+    assert len(names) == 5 and all(n.startswith("eval-") and n.endswith(".json") and "/" not in n for n in names)
+    assert eval_file_name("net.py:make_data", {"n": 96}).startswith("eval-net-make_data-")
+    assert eval_file_name(str(tmp_path / "a" / "d.npz"), None) == eval_file_name(str(tmp_path / "a" / "d.npz"), {})
 
 
 def test_a_command_line_data_file_replaces_the_config_files_data_source(tmp_path):

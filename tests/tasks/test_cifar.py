@@ -138,6 +138,10 @@ def test_every_method_trains_with_its_query_count_and_eval_writes_the_per_class_
     assert by["cge"]["queries_per_step"] == 731 and by["rge"]["queries_per_step"] == 731
     assert by["fo"]["zeroth_order"] is False and by["cge"]["zeroth_order"] is True
     assert (s.out / "curves.png").stat().st_size > 10_000 and "| CGE |" in (s.out / "results.md").read_text()
+    for r in by.values():  # s/epoch is the steps' time alone: set-up (data, model, a score) is apart
+        assert r["setup_s"] is not None and r["train_s"] <= r["wall_s"]
+        assert r["train_s_per_epoch"] == pytest.approx(r["train_s"] / r["epochs"], abs=0.01)
+    assert "s/epoch (steps only)" in (s.out / "results.md").read_text()
     r = CliRunner().invoke(main, ["cifar", "eval", str(s.out)])
     assert r.exit_code == 0, r.output
     ev = json.loads((s.out / "eval.json").read_text())
@@ -154,3 +158,14 @@ def test_bad_settings_get_clear_errors(npz, tmp_path):
         settings(npz, tmp_path, method=("sgd",))
     r = CliRunner().invoke(main, ["cifar", "train", "--out", str(tmp_path / "x"), "--no-progress"])
     assert r.exit_code == 2 and "--data PATH" in r.output
+
+
+def test_a_warm_up_longer_than_the_run_is_named_and_a_full_run_is_not(npz, tmp_path):
+    from bbzo.errors import InefficientSettingsWarning
+    from bbzo.tasks.cifar.methods import warn_if_never_decays
+
+    with pytest.warns(InefficientSettingsWarning, match="is 30 steps, and the run has 2.*never decays"):
+        run_task(TASK, settings(npz, tmp_path, method=("fo",), steps=2, warmup_epochs=3.0, eval_every=0))
+    assert warn_if_never_decays(30, 300, "--warmup-epochs 3", 0.1) is False  # warms up, then decays
+    assert warn_if_never_decays(0, 3, "--warmup-epochs 0", 0.1) is False
+

@@ -273,7 +273,18 @@ def test_pretrain_finetune_and_certify_through_the_cli_with_an_exact_query_ledge
     lines = (tmp_path / "cert" / "zo" / "certify.tsv").read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\tnA\tpA_lower\tseconds" and len(lines) == 9
     assert (tmp_path / "cert" / "certified_accuracy.png").stat().st_size > 1000
-    assert "r = 0.25" in (tmp_path / "cert" / "results.md").read_text()
+    table = (tmp_path / "cert" / "results.md").read_text()
+    assert "r = 0.25" in table and "Classifier queries (images): none 360, mse 360, zo 360" in table
+    assert f"The largest radius n = 40 samples can certify is {max_radius(0.25, 40, 0.001):.3f}" in table
+    assert "Classifier queries (images): none 360" in r.output  # the console says it too
+    ft = (tmp_path / "ft" / "results.md").read_text()
+    # ZO-DS says the q it ran with; parameter sets and classifier images are two columns; the label queries are named
+    assert "ZO-DS (chain-rule RGE, q = 6)" in ft and "q = 192" not in ft
+    zo_row = next(line for line in ft.splitlines() if line.startswith("| DeepZero"))
+    cells = [c.strip() for c in zo_row.split("|")[1:-1]]
+    assert cells[1] == f"{budget + 1}" and cells[3] == f"{zo['queries']:,} (score {zo['score_queries']:,})"
+    assert cells[4] == f"{zo['oracle_rows']:,}" and zo["oracle_rows"] == zo["queries"] * batch
+    assert "Label queries: 96 classifier images" in ft
 
 
 def test_finetune_resumes_bitwise(setup, tmp_path):
@@ -493,7 +504,7 @@ def test_a_compiled_denoiser_is_fine_tuned_through_a_small_adapter_after_it(setu
 
 
 def test_an_interrupted_certification_resumes_to_the_table_of_an_uninterrupted_run(setup, tmp_path, monkeypatch):
-    import bbzo.tasks.defense as defense
+    import bbzo.tasks.defense.stages as defense  # the certify stage's loop
 
     root, runner = setup, CliRunner()
     den = tmp_path / "den.pt"
@@ -574,3 +585,73 @@ def test_image_folder_batches_are_a_function_of_the_step_with_or_without_loader_
         assert torch.equal(noisy, direct.get_batch(step)[0])
         rows = data.train_rows[streamed.order.indices(step)]
         assert torch.equal(clean, torch.stack([data.train[int(i)][0] for i in rows]))
+
+
+# ------------------------------------------------------------------------------------ classifier, presets, docs
+def test_the_classifier_command_trains_a_black_box_the_other_stages_load(setup, tmp_path):
+    from bbzo.oracles.classifier import load_classifier
+    from bbzo.tasks.defense.classifier import clean_accuracy
+
+    root, runner = setup, CliRunner()
+    r = runner.invoke(main, ["defense", "classifier", "--data", str(root / "toy.npz"), "--classifier", "timm:test_resnet",
+                             "--steps", "4", "--batch", "16", "--lr", "0.05", "--no-progress", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert res["use_with"] == f"--classifier timm:test_resnet --weights {tmp_path / 'c' / 'model.pt'} --num-classes 4"
+    assert res["use_with"] in r.output and res["results"]["steps"] == 4
+    net = load_classifier("timm:test_resnet", tmp_path / "c" / "model.pt", 4)  # what --weights gives the others
+    from bbzo.tasks.defense import load_images
+    d = load_images(root / "toy.npz", 0, 0, 0)
+    m, s = torch.tensor(res["config"]["mean"]).view(1, 3, 1, 1), torch.tensor(res["config"]["std"]).view(1, 3, 1, 1)
+    assert clean_accuracy(lambda x: net((x - m) / s), d.test_x, d.test_y) == pytest.approx(res["results"]["test_acc"])
+    r = runner.invoke(main, ["defense", "classifier", "--data", str(root / "toy.npz"), "--classifier",
+                             "tests.tasks.test_defense:TinyNet", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "trains an architecture by name" in r.output
+
+
+def test_the_small_presets_set_what_they_say_and_flags_override_them():
+    from bbzo.config import resolve
+    from bbzo.tasks.defense import CertifySettings, ClassifierSettings, PretrainSettings
+    from bbzo.tasks.defense.settings import SMALL, SMALL_CLASSIFIER
+
+    for cls, stage in ((ClassifierSettings, "classifier"), (PretrainSettings, "pretrain"),
+                       (FinetuneSettings, "finetune"), (CertifySettings, "certify")):
+        s, src = resolve(cls, {"preset": "small"})
+        for k, v in SMALL[stage].items():
+            assert getattr(s, k) == (tuple(v) if isinstance(v, tuple) else v) and src[k] == "preset small", (stage, k)
+    s, src = resolve(CertifySettings, {"preset": "small", "n": 200})
+    assert s.n == 200 and src["n"] != "preset small" and s.classifier == SMALL_CLASSIFIER
+    assert resolve(FinetuneSettings, {})[0].classifier == "resnet50"  # paper: the defaults
+
+
+def test_the_documented_quick_start_runs_as_written_with_tiny_settings(setup, tmp_path, monkeypatch):
+    """docs/results/defense.md's quick start: every flag exists (a renamed flag fails here), and the four stages run
+    in order on a tiny data file when tiny settings are appended (flags override the preset)."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from defense_walkthrough import quickstart_commands
+
+    commands = quickstart_commands()
+    assert [c[:3] for c in commands] == [["bbzo", "defense", s] for s in ("classifier", "pretrain", "finetune", "certify")]
+    runner = CliRunner()
+    for argv in commands:
+        r = runner.invoke(main, [*argv[1:], "--help"])
+        assert r.exit_code == 0, f"{shlex.join(argv)}: {r.output}"
+    tiny = ["--no-progress", "--no-plots", "--test-subset", "8"]
+    box = ["--classifier", "timm:test_resnet", "--num-classes", "4"]
+    extra = {"classifier": ["--classifier", "timm:test_resnet", "--steps", "3", "--batch", "16", *tiny],
+             "pretrain": ["--depth", "3", "--width", "8", "--steps", "3", "--batch", "16", *tiny],
+             "finetune": [*box, "--steps", "2", "--batch", "4", "--budget", "10", "--score-q", "2", "--eval-every", "0",
+                          *tiny],
+             "certify": [*box, "--n0", "5", "--n", "20", *tiny]}
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        args = [str(setup / "toy.npz") if a == "$D" else a for a in argv[1:]] + extra[argv[2]]
+        r = runner.invoke(main, args)
+        assert r.exit_code == 0, f"{shlex.join(argv)}: {r.output}"
+    cert = json.loads((tmp_path / "runs/def/cert/results.json").read_text())
+    assert set(cert["certified_accuracy"]) == {"none", "mse", "zo"} and cert["images"] == 8
+
