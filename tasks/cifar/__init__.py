@@ -30,7 +30,7 @@ __all__ = ["CifarSettings", "PRESETS", "METHODS", "METHOD_NAMES", "CifarData", "
 
 
 def _prepare(s: CifarSettings, run: Run) -> CifarData:
-    return load_data(s.data, s.subset, s.test_subset, s.seed)
+    return load_data(s.data, s.subset, s.test_subset, s.seed, val_images=s.val_images)
 
 
 def _evaluate(s: CifarSettings, run: Run, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -50,7 +50,8 @@ def _evaluate(s: CifarSettings, run: Run, summaries: dict[str, dict[str, Any]]) 
         plots = [str(p)] if p is not None else []
     data: CifarData = run.shared
     return {"config": as_plain(s), "data": {"source": data.source, "train": int(data.train_x.shape[0]),
-                                            "test": int(data.test_x.shape[0])},
+                                            "test": int(data.test_x.shape[0]),
+                                            "evaluated_on": "validation" if s.val_images else "test"},
             "results": rows, "table": results_table(rows), "plots": plots}
 
 
