@@ -43,8 +43,10 @@ from bbzo.tasks.cifar import TASK, CifarSettings  # noqa: E402
 from common import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The shared CIFAR-10 subset next to the repository's checkout folder (``../shared/data``), as the project lays it out.
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
+#: The shared CIFAR-10 subset: ``shared/data/cifar10_subset.npz`` in the folder holding the checkout (``../shared``) or
+#: in a folder above it (a worktree nested deeper), the first that exists.
+DATA_NAME = Path("shared") / "data" / "cifar10_subset.npz"
+DEFAULT_DATA = next((p / DATA_NAME for p in ROOT.parents if (p / DATA_NAME).exists()), ROOT.parent / DATA_NAME)
 PAPER = {"simple_cnn_730": {"fo": 42.09, "cge": 41.65, "rge": 37.53},
          "simple_cnn_3700": {"fo": 60.47, "cge": 59.66, "rge": 50.06},
          "simple_cnn_6670": {"fo": 70.69, "cge": 70.04, "rge": 65.31}}
@@ -57,7 +59,8 @@ def data_path(arg: Optional[str]) -> Path:
     """``--data``, or the shared subset; a clear error when it is missing."""
     path = Path(arg) if arg else DEFAULT_DATA
     if not path.exists():
-        raise SystemExit(f"error: CIFAR-10 data not found at {path}. Pass --data PATH (an .npz with train_x/train_y/"
+        where = f"at {path}" if arg else f"as {DATA_NAME} in any folder above {ROOT}"
+        raise SystemExit(f"error: CIFAR-10 data not found {where}. Pass --data PATH (an .npz with train_x/train_y/"
                          "test_x/test_y, or a cifar-10-batches-py folder); bbzo never downloads data.")
     return path
 
@@ -241,7 +244,8 @@ def plot(models: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help=f"CIFAR-10 (.npz or cifar-10-batches-py); default {DEFAULT_DATA}")
+    ap.add_argument("--data", help=f"CIFAR-10 (.npz or cifar-10-batches-py); default: {DATA_NAME} in the first folder "
+                                   "above the checkout that has it")
     ap.add_argument("--runs", action="append", default=None,
                     help="MODEL:SEEDS:EPOCHS, repeatable (default simple_cnn_730:0,1,2:20 and simple_cnn_3700:0:20)")
     ap.add_argument("--methods", default="fo,cge,rge")

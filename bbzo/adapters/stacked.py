@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..stages import Fork, Merge, OnFirst
 from .pooling import MONOTONE, tiled_max_pool
 
-__all__ = ["Shared", "StackedPlan", "stacked_plan", "HEAD_BLOCK_BYTES", "HEAD_BLOCK_COLUMNS"]
+__all__ = ["Shared", "StackedPlan", "stacked_plan", "stacked_channels_last", "HEAD_BLOCK_BYTES", "HEAD_BLOCK_COLUMNS"]
 
 #: Bytes of one GEMM block of the head (a few samples x a few sets x the tile positions): kept near the L2 cache.
 HEAD_BLOCK_BYTES = 4 * 2**20
@@ -138,7 +138,7 @@ class _Head:
 
 def _head_at(stages: Sequence[nn.Module], i: int) -> Optional[_Head]:
     conv = stages[i]
-    if type(conv) is not nn.Conv2d or _op_kind(conv) != "conv" or conv.groups != 1:
+    if type(conv) is not nn.Conv2d or _op_kind(conv) != "conv":
         return None
     j, n = i + 1, len(stages)
     bn = act = None
@@ -200,12 +200,12 @@ class StackedPlan:
         return cache[key] is not None
 
     def materialized(self, head: bool) -> list[int]:
-        """Indices ``i`` of the stages whose outputs (``acts[i + 1]``) are held stacked per set (the stages a head
-        absorbs are not, when ``head``)."""
+        """Indices ``i`` of the stages whose outputs (``acts[i + 1]``) are held stacked per set: a conv block (the head,
+        when ``head``, and every later plain conv with the stages it absorbs) holds only its last output."""
         out, i, n = [], self.first_param, len(self.stages)
         while i < n:
-            h = self.heads.get(i) if head and i == self.first_param else None
-            if h is not None:
+            h = self.heads.get(i)
+            if h is not None and (i > self.first_param or head):
                 out.append(h.end - 1)
                 i = h.end
             else:
@@ -233,6 +233,11 @@ class StackedPlan:
                 if out is not None:
                     act, i = out, head.end
                     continue
+            if head is not None and isinstance(act, torch.Tensor) and act.dim() == 5:
+                bn_params = params[i + 1] if head.bn is not None else {}
+                act = _conv_block(st, head, params[i], bn_params, act, k)
+                i = head.end
+                continue
             if kind == "fork":
                 act = (act, act)
             elif kind == "on_first":
@@ -247,6 +252,8 @@ class StackedPlan:
     def _head(self, i: int, head: _Head, x: torch.Tensor, params: list[dict[str, torch.Tensor]], k: int,
               cache: dict) -> Optional[torch.Tensor]:
         conv = self.stages[i]
+        if conv.groups != 1:
+            return None
         key = ("head", i)
         if key not in cache:
             cache[key] = _patches(conv, x, head)
@@ -320,15 +327,85 @@ def _linear(w: torch.Tensor, b: Optional[torch.Tensor], x: Any, k: int) -> torch
     return y.view(k, *lead, o)
 
 
+def stacked_channels_last(k: int, b: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``(K, B, C, H, W)`` tensor whose memory is ``(K, B, H, W, C)``: each set's ``(B, C, H, W)``
+    is a channels-last tensor (oneDNN's fast convolutions on CPU) and ``(K*B, C, H, W)`` a free view."""
+    return like.new_empty(k, b, h, w, c).permute(0, 1, 4, 2, 3)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
+
+
+def _conv_one(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.conv2d(_channels_last(x), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _conv(conv: nn.Conv2d, w: torch.Tensor, b: Optional[torch.Tensor], x: Any, k: int) -> torch.Tensor:
-    """``Conv2d`` with weights ``(K, O, C/g, kh, kw)``, one convolution per set (the input shared or set ``k``'s)."""
+    """``Conv2d`` with weights ``(K, O, C/g, kh, kw)``: one channels-last convolution per set (the input shared or set
+    ``k``'s), written into the per-set channels-last layout (:func:`stacked_channels_last`)."""
     shared = isinstance(x, Shared)
-    outs = []
+    out = None
     for j in range(k):
-        inp = x.t if shared else x[j]
-        outs.append(F.conv2d(inp, w[j], None if b is None else b[j], conv.stride, conv.padding, conv.dilation,
-                             conv.groups))
-    return torch.stack(outs)
+        y = _conv_one(conv, x.t if shared else x[j], w[j], None if b is None else b[j])
+        if out is None:
+            out = stacked_channels_last(k, *y.shape, like=y)
+        out[j].copy_(y)
+    assert out is not None
+    return out
+
+
+def _conv_block(conv: nn.Conv2d, head: _Head, params: dict[str, torch.Tensor], bn_params: dict[str, torch.Tensor],
+                x: torch.Tensor, k: int) -> torch.Tensor:
+    """A conv on a stacked input ``(K, B, C, H, W)`` with the stages it absorbs (``[BN] [act] [tile pool] [global
+    average]``), set by set: each set's conv output is normalised with its own statistics and pooled while it is in
+    the cache. Where BN's scale is positive the pool runs first (BN and the activation then touch a quarter of the
+    values; a nondecreasing map commutes with a maximum)."""
+    w, b = params["weight"], params.get("bias")
+    bn = head.bn
+    gamma, beta = bn_params.get("weight"), bn_params.get("bias")
+    out = None
+    for j in range(k):
+        y = _conv_one(conv, x[j], w[j], None if b is None else b[j])  # (B, O, H, W), channels-last
+        if bn is not None:
+            if bn.training or bn.running_mean is None:
+                mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            scale = torch.rsqrt(var + bn.eps)
+            if gamma is not None:
+                scale = scale * gamma[j]
+            shift = -mean * scale if beta is None else beta[j] - mean * scale
+            scale4, shift4 = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+        pool_first = head.tile is not None and (bn is None or bool((scale > 0).all()))
+        if pool_first:
+            y = _tile_max(y, head.tile)  # a positive scale and a nondecreasing activation commute with the maximum
+        if bn is not None:
+            y = torch.addcmul(shift4, y, scale4)
+        if head.act is not None:
+            y = y.clamp_min_(0) if type(head.act) is nn.ReLU else head.act(y)  # y is fresh: in place is safe
+        if head.tile is not None and not pool_first:
+            y = _tile_max(y, head.tile)
+        if head.gap:
+            y = y.mean((2, 3), keepdim=True)
+        if out is None:
+            out = stacked_channels_last(k, *y.shape, like=y)
+        out[j].copy_(y)
+    assert out is not None
+    return out
+
+
+def _tile_max(y: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """Max-pool of ``y (B, C, H, W)`` over non-overlapping ``tile``s (floor), the maximum of strided slices."""
+    ph, pw = tile
+    hp, wp = y.shape[2] // ph, y.shape[3] // pw
+    out = None
+    for a in range(ph):
+        for c in range(pw):
+            t = y[:, :, a: hp * ph: ph, c: wp * pw: pw]
+            out = t.clone(memory_format=torch.channels_last) if out is None else torch.maximum(out, t, out=out)
+    assert out is not None
+    return out
 
 
 def _bn_stats(bn: _BatchNorm, x: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -413,7 +490,7 @@ def _head_gemm(conv: nn.Conv2d, w: torch.Tensor, b: Optional[torch.Tensor], bn: 
     dt = P.dtype
     wf, bf = _fold(w.reshape(k, o, cp), b, bn, gamma, beta, pat, dt)  # (K, O, Cp), (K, O)
     hp, wp = pat["hp"], pat["wp"]
-    out = P.new_empty(k, b_, o) if head.gap else P.new_empty(k, b_, o, hp, wp)
+    out = P.new_empty(k, b_, o) if head.gap else stacked_channels_last(k, b_, o, hp, wp, like=P)
     kc = max(1, min(k, HEAD_BLOCK_COLUMNS // o))
     bs = max(1, min(b_, HEAD_BLOCK_BYTES // max(1, q * lp * kc * o * P.element_size())))
     flat = P.view(b_ * q * lp, cp)
@@ -444,7 +521,7 @@ def _head_gemm(conv: nn.Conv2d, w: torch.Tensor, b: Optional[torch.Tensor], bn: 
             if head.gap:
                 out[k0:k1, b0:b1] = mx.mean(1).view(m_, k1 - k0, o).transpose(0, 1)
             else:
-                out[k0:k1, b0:b1] = mx.view(m_, hp, wp, k1 - k0, o).permute(3, 0, 4, 1, 2)
+                out[k0:k1, b0:b1] = mx.view(m_, hp, wp, k1 - k0, o).permute(3, 0, 4, 1, 2)  # memory order kept
     return out.view(k, b_, o, 1, 1) if head.gap else out
 
 

@@ -44,8 +44,9 @@ __all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner", "STACKED", "FALLB
 #: whole parameter sets through :mod:`bbzo.adapters.stacked`.
 FALLBACK = -1
 STACKED = -2
-#: Per-set working set of the stacked path: this many copies of its largest per-set activation.
-STACKED_SETS = 3
+#: Per-set working set of the stacked path: this many copies of its largest per-set activation (the activations a
+#: chunk holds between stages; a conv block's temporaries are one set's at a time).
+STACKED_SETS = 2
 
 
 def _has_dense(rep: Any) -> bool:

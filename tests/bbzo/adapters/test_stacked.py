@@ -64,7 +64,18 @@ class _Block(nn.Module):
         return [Fork(), OnFirst(self.conv), OnFirst(self.bn), Merge(self.short, nn.ReLU())]
 
 
+def _grouped_negative_bn():
+    """A grouped conv block after the head whose BN scales are partly negative (the pool must then follow BN)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[4].weight.copy_(torch.tensor([1.0, -0.7, 0.5, -1.2]))
+    return model
+
+
 MODELS = {
+    "grouped_negative_bn": _grouped_negative_bn,
     "simple_cnn_730": lambda: create_model("simple_cnn_730", num_classes=3),
     "cnn_depth2": lambda: _cnn(2),
     "cnn_leaky_nopool": lambda: nn.Sequential(*_cnn(1, act=lambda: nn.LeakyReLU(0.1), pool=False)),
