@@ -106,6 +106,8 @@ class Runs:
                   "seed": seed, "epochs": epochs, "batch": self.args.batch, "subset": 0, "val_images": val,
                   "out": folder, "no_progress": not self.args.progress, "no_plots": True, "resume": resume,
                   "overwrite": not resume and folder.exists(), "device": "cpu"}
+        if self.args.checkpoint_every:
+            values["checkpoint_every"] = self.args.checkpoint_every
         s, src = resolve(CifarSettings, values)
         what = f"{model} {method} lr {lr:g} seed {seed} ({epochs} epochs{', validation' if val else ''})"
         print(f"[{'resume' if resume else 'train'}] {what} -> {folder}", file=sys.stderr, flush=True)
@@ -256,6 +258,7 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=2000, help="held-out training images the screen scores on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: run processes side by side)")
     ap.add_argument("--work", default="runs/cge_vs_rge", help="run folders (the cache)")
+    ap.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the fig2 preset's, an epoch)")
     ap.add_argument("--jobs-of", help="I/N: train only this process's share of the runs (N processes share --work)")
     ap.add_argument("--assemble", action="store_true", help="train nothing; assemble the JSON from finished runs")
     ap.add_argument("--progress", action="store_true")
