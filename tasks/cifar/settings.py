@@ -113,23 +113,27 @@ def parse_lr(text: Any) -> Any:
     """``"0.1"`` -> 0.1; ``"fo=0.5,cge=0.5,rge=0.2"`` -> ``{"fo": 0.5, ...}``; a clear error for anything else."""
     text = str(text).strip()
     how = "give one number (--lr 0.1) or one per method (--lr fo=0.5,cge=0.5,rge=0.2)"
-    try:
-        if "=" not in text:
-            rate: Any = float(text)
-            values = [rate]
-        else:
-            rate = {}
-            for part in text.split(","):
-                name, _, value = part.partition("=")
-                name = name.strip()
-                if name not in METHODS:
-                    raise ConfigError(f"--lr {text}: unknown method {name!r}; methods: {', '.join(METHODS)}.")
-                if name in rate:
-                    raise ConfigError(f"--lr {text}: {name} is given twice.")
-                rate[name] = float(value)
-            values = list(rate.values())
-    except ValueError:
-        raise ConfigError(f"--lr {text!r} is not a learning rate: {how}.") from None
+
+    def number(v: str) -> float:
+        try:
+            return float(v)
+        except ValueError:
+            raise ConfigError(f"--lr {text!r} is not a learning rate: {how}.") from None
+
+    if "=" not in text:
+        rate: Any = number(text)
+        values = [rate]
+    else:
+        rate = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in METHODS:
+                raise ConfigError(f"--lr {text}: unknown method {name!r}; methods: {', '.join(METHODS)}.")
+            if name in rate:
+                raise ConfigError(f"--lr {text}: {name} is given twice.")
+            rate[name] = number(value)
+        values = list(rate.values())
     if not all(v > 0 for v in values):
         raise ConfigError(f"--lr {text}: learning rates must be > 0.")
     return rate
