@@ -369,7 +369,7 @@ def _conv_block(conv: nn.Conv2d, head: _Head, params: dict[str, torch.Tensor], b
         y = _conv_one(conv, x[j], w[j], None if b is None else b[j])  # (B, O, H, W), channels-last
         if bn is not None:
             if bn.training or bn.running_mean is None:
-                mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
+                mean, var = _channel_stats(y)
             else:
                 mean, var = bn.running_mean, bn.running_var
             scale = torch.rsqrt(var + bn.eps)
@@ -393,6 +393,24 @@ def _conv_block(conv: nn.Conv2d, head: _Head, params: dict[str, torch.Tensor], b
         out[j].copy_(y)
     assert out is not None
     return out
+
+
+def _channel_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-mode BN's mean and biased variance ``(C,)`` of a channels-last ``y (B, C, H, W)``: from the column sums
+    and the Gram matrix's diagonal of its ``(B*H*W, C)`` memory (two GEMM-speed passes); torch's two-pass kernel
+    where the mean would cancel the variance."""
+    c = y.shape[1]
+    if not y.is_contiguous(memory_format=torch.channels_last):
+        return torch.batch_norm_update_stats(y, None, None, 0.0)
+    mem = y.permute(0, 2, 3, 1).reshape(-1, c)
+    n = mem.shape[0]
+    s1 = torch.mv(mem.T, mem.new_ones(n))
+    s2 = torch.mm(mem.T, mem).diagonal()
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    if bool((mean * mean > 64 * var).any()):  # E[y^2] - mean^2 would lose the variance to round-off
+        return torch.batch_norm_update_stats(y, None, None, 0.0)
+    return mean, var
 
 
 def _tile_max(y: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
