@@ -252,6 +252,35 @@ def plot(models: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_screen(scr: dict[str, Any], path: Path) -> bool:
+    """Validation accuracy against the learning rate, one line per method, the chosen rates marked."""
+    rows = scr.get("results") or {}
+    if not any(rows.values()):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    colors = {"fo": "tab:gray", "cge": "tab:blue", "rge": "tab:orange"}
+    for m, rs in rows.items():
+        if not rs:
+            continue
+        line, = ax.plot([r["lr"] for r in rs], [r["val_acc"] for r in rs], "o-", color=colors.get(m), label=m.upper())
+        if m in scr["chosen"]:
+            best = next(r for r in rs if r["lr"] == scr["chosen"][m])
+            ax.plot([best["lr"]], [best["val_acc"]], "*", ms=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy [%]")
+    ax.set_title(f"screen: {scr['model']}, {scr['epochs']} epoch(s), {scr['val_images']} held-out training images "
+                 "(star: chosen)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help=f"CIFAR-10 (.npz or cifar-10-batches-py); default: {DATA_NAME} in the first folder "
@@ -333,6 +362,9 @@ def main() -> None:
         png.parent.mkdir(parents=True, exist_ok=True)
         plot(models, png)
         result["plot"] = str(png)
+        screen_png = png.with_name(png.stem + "_screen.png")
+        if plot_screen(scr, screen_png):
+            result["screen_plot"] = str(screen_png)
     emit(result, args.out)
 
 
