@@ -199,6 +199,13 @@ class StackedPlan:
             cache[key] = _patches(self.stages[self.first_param], t, head) if isinstance(t, torch.Tensor) else None
         return cache[key] is not None
 
+    def sets_per_block(self) -> int:
+        """Parameter sets per GEMM block of the head (chunks of a multiple of it are blocked alike)."""
+        conv = self.stages[self.first_param] if self.first_param < len(self.stages) else None
+        if not isinstance(conv, nn.Conv2d):
+            return 1
+        return max(1, HEAD_BLOCK_COLUMNS // conv.out_channels)
+
     def materialized(self, head: bool) -> list[int]:
         """Indices ``i`` of the stages whose outputs (``acts[i + 1]``) are held stacked per set: a conv block (the head,
         when ``head``, and every later plain conv with the stages it absorbs) holds only its last output."""
@@ -509,7 +516,7 @@ def _head_gemm(conv: nn.Conv2d, w: torch.Tensor, b: Optional[torch.Tensor], bn: 
     wf, bf = _fold(w.reshape(k, o, cp), b, bn, gamma, beta, pat, dt)  # (K, O, Cp), (K, O)
     hp, wp = pat["hp"], pat["wp"]
     out = P.new_empty(k, b_, o) if head.gap else stacked_channels_last(k, b_, o, hp, wp, like=P)
-    kc = max(1, min(k, HEAD_BLOCK_COLUMNS // o))
+    kc = max(1, min(k, HEAD_BLOCK_COLUMNS // o))  # = StackedPlan.sets_per_block()
     bs = max(1, min(b_, HEAD_BLOCK_BYTES // max(1, q * lp * kc * o * P.element_size())))
     flat = P.view(b_ * q * lp, cp)
     act = head.act

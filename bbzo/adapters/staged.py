@@ -47,6 +47,9 @@ STACKED = -2
 #: Per-set working set of the stacked path: this many copies of its largest per-set activation (the activations a
 #: chunk holds between stages; a conv block's temporaries are one set's at a time).
 STACKED_SETS = 2
+#: At most about this many parameter sets per stacked call (a multiple of the head's block of sets), so that a step's
+#: directions form several chunks that a distributed run can deal out.
+STACKED_MAX_SETS = 64
 
 
 def _has_dense(rep: Any) -> bool:
@@ -376,7 +379,9 @@ class StagedEvaluator(Evaluator):
             head = plan.prepare(self.inputs, self._stacked_cache)
             held = [tree_bytes(self.acts[i + 1]) for i in plan.materialized(head)] or [tree_bytes(self.acts[-1])]
             per_set = STACKED_SETS * max(held) + probes.touched_bytes(self.params)
-            self._stacked_k = chunk_size(per_set, self.max_chunk_bytes, self.max_chunk)
+            block = plan.sets_per_block() if head else 1
+            most = max(block, STACKED_MAX_SETS // block * block)
+            self._stacked_k = min(most, chunk_size(per_set, self.max_chunk_bytes, self.max_chunk))
         return self._stacked_k
 
     def _stacked_losses(self, probes: Probes) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch.func import functional_call
 
 import bbzo
 from bbzo.adapters import FunctionalAdapter, StagedAdapter, frozen_bn_stats
+from bbzo.adapters import staged
 from bbzo.adapters.staged import STACKED
 from bbzo.adapters.stacked import stacked_plan
 from bbzo.models import create_model
@@ -129,7 +130,7 @@ def test_stacked_directions_other_distributions(distribution):
     assert float((got - _loop(model, probes, x, y)).abs().max()) <= 1e-11
 
 
-def test_head_chunks_are_invariant_bitwise_float32():
+def test_head_chunks_are_invariant_bitwise_float32(monkeypatch):
     """A sub-batch made of whole chunks gives bitwise the numbers of the whole batch (a distributed run deals chunks)."""
     torch.manual_seed(2)
     model = create_model("simple_cnn_730", num_classes=10).train()
@@ -145,6 +146,10 @@ def test_head_chunks_are_invariant_bitwise_float32():
         assert torch.equal(part, whole[rows])
     joined = torch.cat([rows for _, rows in chunks[::2]])
     assert torch.equal(adapter.bind(_ce, x, y).probe_losses(probes.select(joined)), whole[joined])
+    # one chunk for every direction (no cap, no memory bound) gives bitwise the same numbers: chunks are whole blocks
+    monkeypatch.setattr(staged, "STACKED_MAX_SETS", 10**6)
+    one = StagedAdapter(model).bind(_ce, x, y)
+    assert len(one.chunks(probes)) == 1 and torch.equal(one.probe_losses(probes), whole)
     # float32 against the plain loop: round-off only
     ref = _loop(model, probes, x, y)
     assert float((whole - ref).abs().max()) <= 2e-5
