@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["CoordinateProbes", "DirectionProbes", "BlockProbes", "OutputProbes", "Probes", "direction_seed",
-           "make_direction", "DISTRIBUTIONS", "OUTPUT_KINDS"]
+           "make_direction", "make_directions", "DISTRIBUTIONS", "OUTPUT_KINDS"]
 
 DISTRIBUTIONS = ("gaussian", "sphere", "tensor_sphere")
 
@@ -110,6 +110,34 @@ def direction_seed(seed: int, k: int) -> int:
     return int(state[0]) & ((1 << 63) - 1)
 
 
+def _direction_row(seed: int, k: int, sizes: Sequence[int], distribution: str, out: torch.Tensor) -> None:
+    """Direction ``u_k`` into the float64 row ``out (d,)`` (one generator per direction: ``(seed, k)`` alone decides it)."""
+    g = torch.Generator(device="cpu").manual_seed(direction_seed(seed, k))
+    torch.randn(out.shape, generator=g, dtype=torch.float64, out=out)
+    if distribution == "sphere":
+        out.mul_(out.numel() ** 0.5 / out.norm())
+    elif distribution == "tensor_sphere":
+        for t in out.split(list(sizes)):
+            t.div_(t.norm())
+    elif distribution != "gaussian":
+        raise ValueError(f"unknown direction distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+
+
+def make_directions(seed: int, ks: Sequence[int], shapes: Sequence[torch.Size], distribution: str) -> torch.Tensor:
+    """Directions ``u_k`` for every ``k`` in ``ks`` as one ``(K, d)`` float64 CPU matrix, parameters concatenated
+    in order (each flattened).
+
+    Row ``j`` is :func:`make_direction` ``(seed, ks[j])`` bitwise: each row is drawn by its own generator straight
+    into the matrix, so an estimator that regenerates one direction sees the very numbers a batch evaluated.
+    """
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    ks = [int(k) for k in ks]
+    out = torch.empty(len(ks), sum(sizes), dtype=torch.float64)
+    for j, k in enumerate(ks):
+        _direction_row(seed, k, sizes, distribution, out[j])
+    return out
+
+
 def make_direction(
     seed: int,
     k: int,
@@ -124,15 +152,8 @@ def make_direction(
     directions; *not* isotropic: ``E[u u^T] = blockdiag(I / d_l)``).
     Generated in float64 on the CPU, so every device and dtype sees the same direction.
     """
-    g = torch.Generator(device="cpu").manual_seed(direction_seed(seed, k))
     sizes = [int(torch.Size(s).numel()) for s in shapes]
-    flat = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
-    if distribution == "sphere":
-        flat = flat * (flat.numel() ** 0.5 / flat.norm())
-    elif distribution == "tensor_sphere":
-        flat = torch.cat([t / t.norm() for t in flat.split(sizes)])
-    elif distribution != "gaussian":
-        raise ValueError(f"unknown direction distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+    flat = make_directions(seed, [k], shapes, distribution)[0]
     return [t.view(s).to(dtype) for t, s in zip(flat.split(sizes), shapes)]
 
 
@@ -176,17 +197,31 @@ class DirectionProbes:
     def touched_bytes(self, params: Mapping[str, torch.Tensor]) -> int:
         return sum(_nbytes(p) for p in params.values())
 
-    def stack(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(K, *shape)`` parameter sets ``theta + delta_k u_{dir_k}`` for the K probes."""
-        k = len(self)
-        out = {n: params[n].unsqueeze(0).repeat(k, *([1] * params[n].dim())) for n in self.names}
-        for j in range(k):
-            u = self.direction(int(self.dirs[j]))
-            step = float(self.delta[j])
-            for n, un in zip(self.names, u):
-                out[n][j].add_(un.to(device=out[n].device, dtype=out[n].dtype), alpha=step)
-        return out
+    def matrix(self) -> torch.Tensor:
+        """``(M, d)`` float64: the probes' directions ``u_{dirs[m]}`` (parameters concatenated, each flattened)."""
+        return make_directions(self.seed, self.dirs.tolist(), self.shapes, self.distribution)
 
+    def stack(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``(K, *shape)`` parameter sets ``theta + delta_k u_{dir_k}`` for the K probes.
+
+        The directions are drawn into one ``(K, d)`` matrix and scaled by ``delta`` at once; each parameter is
+        then one broadcast add (no per-direction loop over the tensors). ``delta_k u_k`` is formed in float64 and
+        rounded to the parameter's dtype before the add.
+        """
+        k = len(self)
+        steps = self.matrix().mul_(self.delta.to(torch.float64)[:, None])  # (K, d)
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for n, shape in zip(self.names, self.shapes):
+            base = params[n]
+            size = base.numel()
+            if tuple(base.shape) != tuple(shape):
+                raise ValueError(f"DirectionProbes: parameter {n!r} has shape {tuple(base.shape)}, the probes were "
+                                 f"made for {tuple(shape)}")
+            step = steps[:, start:start + size].to(device=base.device, dtype=base.dtype)
+            out[n] = (step + base.reshape(1, -1)).view(k, *base.shape)
+            start += size
+        return out
 
 
 @dataclass(frozen=True)

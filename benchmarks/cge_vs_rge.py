@@ -1,162 +1,371 @@
-"""DeepZero Fig. 2 at CPU scale: FO vs CGE vs RGE (q = d) training DeepZero's simple CNNs on real CIFAR-10.
+"""DeepZero Fig. 2 at CPU scale: FO vs CGE vs RGE (q = d) training DeepZero's simple CNNs on real CIFAR-10. Prints JSON.
 
-Every run is ``bbzo cifar train --preset fig2`` (the 730-parameter CNN family, no augmentation or weight
-decay, SGD momentum 0.9, cosine over the run, batch 256, mu 5e-3, BN in train mode with per-query batch
-statistics), on ../shared/data/cifar10_subset.npz (10k train / 2k test), for each model x method x seed.
-All methods of a seed share the init and the batch order; RGE gets q = d directions (CGE's query count).
+Every run is ``bbzo cifar train --preset fig2`` (DeepZero's simple-CNN family, no augmentation or weight decay, SGD
+momentum 0.9, cosine over the run, batch 256, mu 5e-3, BN in train mode with per-query batch statistics) on the
+CIFAR-10 subset (10k train / 2k test). All methods of a seed share the init and the minibatch order; RGE gets
+q = d Gaussian directions (CGE's query count: d + 1 per step).
 
-Learning rates: ``--lr`` per method (default the authors', DeepZero issue #1: CGE 1e-3, RGE 1e-4; FO
-takes CGE's); ``--tuned-lr X`` adds a second set of runs with X for every method, to say whether a tuned
-rate applied equally changes the ranking. Runs live in ``--work`` and resume when the script is rerun.
+**Learning rates** are chosen per method by one short screen, the same for every method: each rate of ``--screen-lrs``
+trains ``--screen-epochs`` epochs of the 730-parameter CNN (seed 0) on the training images minus ``--val-images``
+held-out ones (class-balanced, the same for every run) and is scored by its accuracy on those held-out images; the
+test images are never seen. Highest validation accuracy wins (ties: lower validation loss). The screen is part of
+the JSON. ``--lr fo=...,cge=...,rge=...`` skips it (then the JSON says so).
 
-    python benchmarks/cge_vs_rge.py --models simple_cnn_730 --seeds 0,1,2 --epochs 20 \\
-        --out benchmarks/results/cge_vs_rge.json
+**Runs survive interruption**: every (model, method, seed) trains in its own run folder under ``--work`` (the name
+holds the lr and epochs). A finished run (``results.json``) is reused; an unfinished one resumes from its
+checkpoint (every epoch); the JSON is assembled from the run folders, marked ``"complete": false`` with the list
+of missing runs when some have not finished. ``--methods`` / ``--jobs-of I/N`` split the training among processes
+that share ``--work`` (each run folder is locked by the run that trains it); ``--assemble`` only collects.
+
+**What a shared 2-core CPU affords** (the defaults): the 730-parameter CNN with 3 seeds x 5 epochs and the
+3,700-parameter CNN with 1 seed x 2 epochs of the 10k subset, a 1-epoch screen; the same epochs and data for every
+method of a model. An RGE step at q = d is d + 1 full forwards (731 at 730 parameters, 3,701 at 3,700).
+
+    python benchmarks/cge_vs_rge.py --out benchmarks/results/cge_vs_rge.json     # screen, runs, JSON, picture
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bbzo.config import resolve  # noqa: E402
+from bbzo.errors import ConfigError  # noqa: E402
 from bbzo.listeners import read_jsonl, save_figure  # noqa: E402
 from bbzo.provenance import provenance  # noqa: E402
 from bbzo.run import run_task  # noqa: E402
 from bbzo.tasks.cifar import TASK, CifarSettings  # noqa: E402
 from common import emit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "cifar10_subset.npz"
+ROOT = Path(__file__).resolve().parents[1]
+#: The shared CIFAR-10 subset: ``shared/data/cifar10_subset.npz`` in the folder holding the checkout (``../shared``) or
+#: in a folder above it (a worktree nested deeper), the first that exists.
+DATA_NAME = Path("shared") / "data" / "cifar10_subset.npz"
+DEFAULT_DATA = next((p / DATA_NAME for p in ROOT.parents if (p / DATA_NAME).exists()), ROOT.parent / DATA_NAME)
 PAPER = {"simple_cnn_730": {"fo": 42.09, "cge": 41.65, "rge": 37.53},
          "simple_cnn_3700": {"fo": 60.47, "cge": 59.66, "rge": 50.06},
          "simple_cnn_6670": {"fo": 70.69, "cge": 70.04, "rge": 65.31}}
 METHODS = ("fo", "cge", "rge")
+SCREEN_MODEL = "simple_cnn_730"
+#: What a shared 2-core CPU affords (see docs/results/fig2.md): RGE at q = d costs d + 1 full forwards per step.
+DEFAULT_RUNS = ("simple_cnn_730:0,1,2:5", "simple_cnn_3700:0:2")
+SCREEN_SEED = 0
 
 
-def one_run(args: argparse.Namespace, model: str, method: str, seed: int, lr: float, tag: str) -> dict[str, Any]:
-    out = Path(args.work) / tag / model / f"{method}-seed{seed}"
-    done = out / "results.json"
-    if done.exists() and json.loads(done.read_text()).get("status") == "done":
-        print(f"[reuse] {out}", file=sys.stderr, flush=True)
-    else:
-        resume = (out / method / "checkpoint.pt").exists()
-        s, src = resolve(CifarSettings, {"preset": "fig2", "data": args.data, "model": model, "method": (method,),
-                                         "lr": lr, "seed": seed, "epochs": args.epochs, "batch": args.batch,
-                                         "subset": args.subset, "out": out, "no_progress": not args.progress,
-                                         "resume": resume, "device": args.device})
-        t0 = time.perf_counter()
-        run_task(TASK, s, src, command=f"benchmarks/cge_vs_rge.py ({model}, {method}, seed {seed}, lr {lr})")
-        print(f"[done] {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    res = json.loads(done.read_text())["results"][0]
-    curve = [(r["step"] / r["epoch_steps"], r["eval_test_acc"]) for r in read_jsonl(out / method / "metrics.jsonl")
-             if "eval_test_acc" in r]
-    return {"test_acc": res["test_acc"], "wall_s_per_epoch": res.get("train_s_per_epoch", res.get("wall_s_per_epoch")), "train_loss": res["final_train_loss"],
-            "queries_per_step": res["queries_per_step"], "steps": res["steps"], "curve": curve}
+def data_path(arg: Optional[str]) -> Path:
+    """``--data``, or the shared subset; a clear error when it is missing."""
+    path = Path(arg) if arg else DEFAULT_DATA
+    if not path.exists():
+        where = f"at {path}" if arg else f"as {DATA_NAME} in any folder above {ROOT}"
+        raise SystemExit(f"error: CIFAR-10 data not found {where}. Pass --data PATH (an .npz with train_x/train_y/"
+                         "test_x/test_y, or a cifar-10-batches-py folder); bbzo never downloads data.")
+    return path
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for m, rs in runs.items():
-        acc = [r["test_acc"] for r in rs]
-        out[f"{m}_acc"] = {"mean": round(statistics.mean(acc), 2), "sd": round(statistics.stdev(acc), 2) if len(acc) > 1 else None,
-                           "range": round(max(acc) - min(acc), 2), "seeds": acc}
-        out[f"{m}_wall_s_per_epoch"] = round(statistics.median(r["wall_s_per_epoch"] for r in rs), 2)
-        out[f"{m}_train_loss"] = [round(r["train_loss"], 4) for r in rs]
-        out[f"{m}_queries_per_step"] = rs[0]["queries_per_step"]
-    if {"fo", "cge", "rge"} <= set(runs):
-        fo, cge, rge = (out[f"{m}_acc"] for m in ("fo", "cge", "rge"))
-        paired = [round(c - f, 2) for c, f in zip(cge["seeds"], fo["seeds"])]
-        spread = max(cge["range"], rge["range"])
-        out["cge_minus_fo"] = {"mean": round(cge["mean"] - fo["mean"], 2), "paired_by_seed": paired}
-        out["cge_minus_rge"] = round(cge["mean"] - rge["mean"], 2)
-        out["seed_spread"] = spread
-        out["goal_met"] = bool(fo["mean"] - cge["mean"] <= 1.5 and cge["mean"] - rge["mean"] > spread)
-    out["seeds"] = seeds
+def parse_runs(specs: list[str]) -> list[tuple[str, list[int], int]]:
+    """``MODEL:SEEDS:EPOCHS`` (``simple_cnn_730:0,1,2:20``) -> ``[(model, seeds, epochs)]``."""
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"error: --runs {spec!r}: give MODEL:SEEDS:EPOCHS, e.g. simple_cnn_730:0,1,2:20.")
+        try:
+            out.append((parts[0], [int(s) for s in parts[1].split(",")], int(parts[2])))
+        except ValueError:
+            raise SystemExit(f"error: --runs {spec!r}: seeds and epochs must be integers.") from None
     return out
 
 
-def plot(result: dict[str, Any], curves: dict, path: Path) -> None:
+class Runs:
+    """Where each run lives, whether it is finished, and how to train or continue it."""
+
+    def __init__(self, args: argparse.Namespace, data: Path) -> None:
+        self.args, self.data, self.work = args, data, Path(args.work)
+
+    def folder(self, tag: str, model: str, method: str, seed: int, lr: float, epochs: int) -> Path:
+        return self.work / tag / model / f"{method}-lr{lr:g}-ep{epochs}-seed{seed}"
+
+    @staticmethod
+    def done(folder: Path) -> bool:
+        path = folder / "results.json"
+        try:
+            return json.loads(path.read_text()).get("status") == "done"
+        except (OSError, ValueError):
+            return False
+
+    def train(self, folder: Path, model: str, method: str, seed: int, lr: float, epochs: int, val: int) -> None:
+        """Train (or continue) one run into ``folder``; nothing when it is finished."""
+        if self.done(folder):
+            return
+        ckpt = folder / method / "checkpoint.pt"
+        resume = ckpt.exists()
+        values = {"preset": "fig2", "data": self.data, "model": model, "method": (method,), "lr": f"{lr:g}",
+                  "seed": seed, "epochs": epochs, "batch": self.args.batch, "subset": 0, "val_images": val,
+                  "out": folder, "no_progress": not self.args.progress, "no_plots": True, "resume": resume,
+                  "overwrite": not resume and folder.exists(), "device": "cpu"}
+        if self.args.checkpoint_every:
+            values["checkpoint_every"] = self.args.checkpoint_every
+        s, src = resolve(CifarSettings, values)
+        what = f"{model} {method} lr {lr:g} seed {seed} ({epochs} epochs{', validation' if val else ''})"
+        print(f"[{'resume' if resume else 'train'}] {what} -> {folder}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        run_task(TASK, s, src, command=f"benchmarks/cge_vs_rge.py: {what}")
+        print(f"[done] {what} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def read(folder: Path, method: str) -> dict[str, Any]:
+        """A finished run: per-epoch evaluation accuracy and loss, final numbers, cost."""
+        res = json.loads((folder / "results.json").read_text())["results"][0]
+        rows = read_jsonl(folder / method / "metrics.jsonl")
+        evals = {}
+        for r in rows:
+            if "eval_test_acc" in r:
+                evals[int(r["step"])] = r  # the last row of a step wins (a resumed run rewrites none, but be safe)
+        spe = res["steps"] / max(res["epochs"], 1e-9) if res.get("epochs") else None
+        spe = int(round(spe)) if spe else next(iter(rows), {}).get("epoch_steps")
+        curve = [{"epoch": round(step / spe, 3), "step": step, "acc": evals[step]["eval_test_acc"],
+                  "loss": evals[step].get("eval_test_loss")} for step in sorted(evals)]
+        return {"acc": res["test_acc"], "acc_before": res["test_acc_before"], "train_loss": res["final_train_loss"],
+                "eval_loss": res["test_loss"], "queries_per_step": res["queries_per_step"], "steps": res["steps"],
+                "steps_per_epoch": spe, "wall_s": res["wall_s"],
+                "train_s_per_epoch": res.get("train_s_per_epoch", res.get("wall_s_per_epoch")),  # runs cached before the rename
+                "curve": curve}
+
+
+# ---------------------------------------------------------------------------- the screen
+def screen(args: argparse.Namespace, runs: Runs, train: bool) -> dict[str, Any]:
+    """Every method at every rate of the grid on the validation split; the chosen rate per method."""
+    lrs = [float(v) for v in args.screen_lrs.split(",")]
+    table: dict[str, Any] = {}
+    chosen: dict[str, float] = {}
+    missing = []
+    for method in args.methods:
+        rows = []
+        for lr in lrs:
+            folder = runs.folder("screen", SCREEN_MODEL, method, SCREEN_SEED, lr, args.screen_epochs)
+            if train and _mine(args, ("screen", method, lr)):
+                runs.train(folder, SCREEN_MODEL, method, SCREEN_SEED, lr, args.screen_epochs, args.val_images)
+            if not runs.done(folder):
+                missing.append(f"screen {method} lr {lr:g}")
+                continue
+            r = runs.read(folder, method)
+            rows.append({"lr": lr, "val_acc": r["acc"], "val_loss": r["eval_loss"], "train_loss": r["train_loss"],
+                         "curve": [(c["epoch"], c["acc"]) for c in r["curve"]], "folder": str(folder)})
+        table[method] = rows
+        ok = [r for r in rows if r["val_loss"] is not None and math.isfinite(r["val_loss"])]
+        if len(rows) == len(lrs) and ok:
+            best = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))
+            chosen[method] = best["lr"]
+    return {"model": SCREEN_MODEL, "seed": SCREEN_SEED, "epochs": args.screen_epochs, "val_images": args.val_images,
+            "lrs": lrs, "criterion": "highest validation accuracy at the end of the screen (ties: lower validation loss)",
+            "results": table, "chosen": chosen, "missing": missing}
+
+
+def _mine(args: argparse.Namespace, key: tuple) -> bool:
+    """Whether this process trains ``key``: ``--jobs-of I/N`` deals the runs round-robin in the order they are met
+    (the same order in every process given the same arguments)."""
+    if not args.jobs_of:
+        return True
+    i, n = (int(v) for v in args.jobs_of.split("/"))
+    args.dealt = getattr(args, "dealt", -1) + 1
+    return args.dealt % n == i
+
+
+# ---------------------------------------------------------------------------- the JSON
+def _stats(vals: list[float]) -> dict[str, Any]:
+    return {"mean": round(statistics.mean(vals), 2), "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
+            "min": round(min(vals), 2), "max": round(max(vals), 2), "n": len(vals)}
+
+
+def summarize(per: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m, by_seed in per.items():
+        if by_seed:
+            out[m] = _stats([by_seed[s]["acc"] for s in sorted(by_seed)])
+    full = [s for s in seeds if all(s in per.get(m, {}) for m in METHODS)]
+    if full:
+        acc = {m: [per[m][s]["acc"] for s in full] for m in METHODS}
+        gap = lambda a, b: [round(x - y, 2) for x, y in zip(acc[a], acc[b])]  # noqa: E731
+        out["paired_seeds"] = full
+        out["cge_minus_fo"] = {"by_seed": gap("cge", "fo"), **_stats(gap("cge", "fo"))}
+        out["cge_minus_rge"] = {"by_seed": gap("cge", "rge"), **_stats(gap("cge", "rge"))}
+        spread = max(max(acc[m]) - min(acc[m]) for m in ("cge", "rge"))
+        out["seed_spread"] = round(spread, 2)
+        cge_rge = out["cge_minus_rge"]
+        out["goal"] = {"cge_within_1.5_of_fo": statistics.mean(acc["fo"]) - statistics.mean(acc["cge"]) <= 1.5,
+                       "cge_above_rge_beyond_seed_spread": statistics.mean(acc["cge"]) - statistics.mean(acc["rge"]) > spread
+                       if len(full) > 1 else None,
+                       "cge_above_rge_every_seed": cge_rge["min"] > 0}
+    return out
+
+
+def plot(models: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(result["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    names = [m for m in models if any(models[m]["runs"][k] for k in METHODS)]
+    if not names:
+        return
+    fig, axes = plt.subplots(2, len(names), figsize=(5.6 * len(names), 8), squeeze=False)
+    colors = {"fo": "tab:gray", "cge": "tab:blue", "rge": "tab:orange"}
+    for col, model in enumerate(names):
+        info = models[model]
         for m in METHODS:
-            if m not in curves[model]:
+            runs = list(info["runs"][m].values())
+            if not runs:
                 continue
-            cs = curves[model][m]
-            ep = [e for e, _ in cs[0]]
-            mean = [statistics.mean(c[i][1] for c in cs) for i in range(len(ep))]
-            lo = [min(c[i][1] for c in cs) for i in range(len(ep))]
-            hi = [max(c[i][1] for c in cs) for i in range(len(ep))]
-            line, = ax.plot(ep, mean, label=f"{m.upper()} {result['models'][model][m + '_acc']['mean']:.1f}%")
-            ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.2)
+            n = min(len(r["curve"]) for r in runs)
+            ep = [0.0] + [c["epoch"] for c in runs[0]["curve"][:n]]
+            curves = [[r["acc_before"]] + [c["acc"] for c in r["curve"][:n]] for r in runs]
+            mean = [statistics.mean(v) for v in zip(*curves)]
+            lo, hi = [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)]
+            label = f"{m.upper()} (lr {info['lr'][m]:g}) {info['summary'][m]['mean']:.1f}%"
+            if len(runs) > 1:
+                label += f" ± {info['summary'][m]['std']:.1f} ({len(runs)} seeds)"
+            for ax, x in ((axes[0][col], ep), (axes[1][col], [e * runs[0]["steps_per_epoch"] * runs[0]["queries_per_step"]
+                                                             for e in ep])):
+                if m == "fo" and ax is axes[1][col]:
+                    ax.axhline(mean[-1], color=colors[m], ls="--", lw=1, label=f"FO final (autograd, no queries) {mean[-1]:.1f}%")
+                    continue
+                ax.plot(x, mean, color=colors[m], label=label)
+                if len(runs) > 1:
+                    ax.fill_between(x, lo, hi, color=colors[m], alpha=0.2)
             if model in PAPER:
-                ax.axhline(PAPER[model][m], color=line.get_color(), ls=":", lw=1)
-        ax.set_title(f"{model}: test accuracy (band: seeds; dotted: paper, 50 epochs)", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy [%]")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+                axes[0][col].axhline(PAPER[model][m], color=colors[m], ls=":", lw=1)
+        axes[0][col].set_title(f"{model}: test accuracy (band: min-max over seeds; dotted: paper, 50 epochs of 50k)",
+                               fontsize=8)
+        axes[0][col].set_xlabel("epoch")
+        axes[1][col].set_xlabel("loss queries")
+        for ax in axes[:, col]:
+            ax.set_ylabel("test accuracy [%]")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def plot_screen(scr: dict[str, Any], path: Path) -> bool:
+    """Validation accuracy against the learning rate, one line per method, the chosen rates marked."""
+    rows = scr.get("results") or {}
+    if not any(rows.values()):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    colors = {"fo": "tab:gray", "cge": "tab:blue", "rge": "tab:orange"}
+    for m, rs in rows.items():
+        if not rs:
+            continue
+        line, = ax.plot([r["lr"] for r in rs], [r["val_acc"] for r in rs], "o-", color=colors.get(m), label=m.upper())
+        if m in scr["chosen"]:
+            best = next(r for r in rs if r["lr"] == scr["chosen"][m])
+            ax.plot([best["lr"]], [best["val_acc"]], "*", ms=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy [%]")
+    ax.set_title(f"screen: {scr['model']}, {scr['epochs']} epoch(s), {scr['val_images']} held-out training images "
+                 "(star: chosen)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--models", default="simple_cnn_730,simple_cnn_3700")
+    ap.add_argument("--data", help=f"CIFAR-10 (.npz or cifar-10-batches-py); default: {DATA_NAME} in the first folder "
+                                   "above the checkout that has it")
+    ap.add_argument("--runs", action="append", default=None,
+                    help="MODEL:SEEDS:EPOCHS, repeatable (default simple_cnn_730:0,1,2:5 and simple_cnn_3700:0:2)")
     ap.add_argument("--methods", default="fo,cge,rge")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--subset", type=int, default=0, help="train images (0: all of --data's)")
-    ap.add_argument("--lr", default="fo=1e-3,cge=1e-3,rge=1e-4", help="per-method learning rates (the authors')")
-    ap.add_argument("--tuned-lr", type=float, help="also run every method at this rate")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", default="runs/cge_vs_rge")
+    ap.add_argument("--lr", help="fo=..,cge=..,rge=..: skip the screen and use these rates")
+    ap.add_argument("--screen-lrs", default="0.05,0.1,0.2,0.5,1.0")
+    ap.add_argument("--screen-epochs", type=int, default=1)
+    ap.add_argument("--val-images", type=int, default=2000, help="held-out training images the screen scores on")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: run processes side by side)")
+    ap.add_argument("--work", default="runs/cge_vs_rge", help="run folders (the cache)")
+    ap.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the fig2 preset's, an epoch)")
+    ap.add_argument("--jobs-of", help="I/N: train only this process's share of the runs (N processes share --work)")
+    ap.add_argument("--assemble", action="store_true", help="train nothing; assemble the JSON from finished runs")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    if any(m not in METHODS for m in args.methods):
+        raise SystemExit(f"error: --methods: choose from {', '.join(METHODS)}.")
     torch.set_num_threads(args.threads)
-    models, methods = args.models.split(","), args.methods.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = {k: float(v) for k, v in (p.split("=") for p in args.lr.split(","))}
-    sets = {"authors": lrs}
-    if args.tuned_lr:
-        sets[f"tuned_{args.tuned_lr:g}"] = {m: args.tuned_lr for m in methods}
+    data = data_path(args.data)
+    plan = parse_runs(args.runs or list(DEFAULT_RUNS))
+    runs = Runs(args, data)
+    train = not args.assemble
     t0 = time.perf_counter()
-    results: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    for tag, rates in sets.items():
-        results[tag], curves[tag] = {}, {}
-        for model in models:
-            runs = {m: [one_run(args, model, m, s, rates[m], tag) for s in seeds] for m in methods}
-            results[tag][model] = summarize(runs, seeds)
-            curves[tag][model] = {m: [r["curve"] for r in rs] for m, rs in runs.items()}
-    main_tag = next(iter(sets))
-    result = {"benchmark": "cge_vs_rge", "models": results[main_tag],
-              "lr": sets[main_tag], "other_lr_sets": {t: {"lr": sets[t], "models": results[t]} for t in sets if t != main_tag},
-              "paper": {m: PAPER[m] for m in models if m in PAPER},
-              "settings": {"preset": "fig2", "epochs": args.epochs, "batch": args.batch, "data": str(args.data),
-                           "subset": args.subset, "optimizer": "sgd momentum 0.9, no weight decay, cosine, no warm-up",
-                           "mu": 5e-3, "rge_q": "d", "augment": False, "threads": args.threads, "device": args.device},
-              "goal": "CGE within 1.5 points of FO and above RGE by more than the seed spread (max range over seeds)",
-              "wall_s": round(time.perf_counter() - t0, 1), "command": " ".join(["python", *sys.argv]), **provenance()}
+    try:
+        if args.lr:
+            rates = {k: float(v) for k, v in (p.split("=") for p in args.lr.split(","))}
+            scr: dict[str, Any] = {"skipped": f"--lr {args.lr}", "chosen": rates, "missing": []}
+        else:
+            scr = screen(args, runs, train)
+        lrs = scr["chosen"]
+        models: dict[str, Any] = {}
+        missing = list(scr["missing"])
+        for model, seeds, epochs in plan:
+            per: dict[str, dict[int, Any]] = {m: {} for m in METHODS}
+            for m in args.methods:
+                if m not in lrs:
+                    missing += [f"{model} {m} seed {s} (no learning rate: the screen is unfinished)" for s in seeds]
+                    continue
+                for s in seeds:
+                    folder = runs.folder("main", model, m, s, lrs[m], epochs)
+                    if train and _mine(args, ("main", model, m, s)):
+                        runs.train(folder, model, m, s, lrs[m], epochs, 0)
+                    if runs.done(folder):
+                        per[m][s] = {"folder": str(folder), **runs.read(folder, m)}
+                    else:
+                        missing.append(f"{model} {m} seed {s}")
+            models[model] = {"seeds": seeds, "epochs": epochs, "lr": {m: lrs.get(m) for m in METHODS},
+                             "summary": summarize(per, seeds),
+                             "runs": {m: {str(s): r for s, r in per[m].items()} for m in METHODS},
+                             "paper": PAPER.get(model)}
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    spe = next((r["steps_per_epoch"] for mm in models.values() for m in METHODS for r in mm["runs"][m].values()), None)
+    result = {
+        "benchmark": "cge_vs_rge", "complete": not missing, "missing": missing,
+        "models": models, "screen": scr,
+        "protocol": {"preset": "fig2", "data": str(data), "batch": args.batch, "steps_per_epoch": spe,
+                     "optimizer": "SGD momentum 0.9, no weight decay, cosine over the run, no warm-up",
+                     "mu": 5e-3, "rge": "q = d Gaussian directions, forward differences (d + 1 queries per step)",
+                     "cge": "every coordinate, forward differences (d + 1 queries per step)",
+                     "fo": "autograd (white-box reference, no queries)", "augment": False,
+                     "bn": "train mode, each query with its own batch statistics; one unperturbed forward per step "
+                           "updates the running statistics; accuracy in eval mode",
+                     "same_for_every_method": "init, minibatch order, optimizer, epochs, data",
+                     "threads_per_process": args.threads},
+        "goal": "CGE within 1.5 points of FO, and above RGE by more than the seed spread (largest min-max range of "
+                "CGE or RGE over seeds), on the 730-parameter CNN; the larger CNN in the same order",
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "command": " ".join(["python", "benchmarks/cge_vs_rge.py", *sys.argv[1:]]), **provenance(),
+    }
     if args.out:
         png = Path(args.out).with_suffix(".png")
-        plot(result, curves[main_tag], png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot(models, png)
         result["plot"] = str(png)
+        screen_png = png.with_name(png.stem + "_screen.png")
+        if plot_screen(scr, screen_png):
+            result["screen_plot"] = str(screen_png)
     emit(result, args.out)
 
 

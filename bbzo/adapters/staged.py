@@ -8,8 +8,12 @@ the probes give the perturbed outputs from linearity (``probes.linear_delta``, s
 
 Stages that contain a train-mode BatchNorm couple the samples of a batch; they run with per-set batch
 statistics (torch's BN kernel on the free view ``(B, K*C, ...)``, or ``vmap`` for other coupled
-stages). All other stages run on the flattened ``(B*K, ...)`` batch. Probes that move several stages
-at once (RGE directions) and tensors outside every stage go to the generic ``torch.func`` adapter.
+stages). All other stages run on the flattened ``(B*K, ...)`` batch.
+
+Probes that move every stage at once (RGE's :class:`~bbzo.probes.DirectionProbes`) run whole perturbed
+parameter sets, ``K`` at once, through :mod:`bbzo.adapters.stacked` (the input's patches shared, BN folded
+into the first conv); a model with a stage it has no rule for, and tensors outside every stage, go to the
+generic ``torch.func`` adapter.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ConfigError
 from ..ledger import QueryLedger
-from ..probes import BlockProbes, CoordinateProbes, Probes
+from ..probes import BlockProbes, CoordinateProbes, DirectionProbes, Probes
 from ..stages import Merge, OnFirst, model_stages
 from .channel import ELEMENTWISE, Unperturbed, Channel, channel_advance, channel_core, channel_start, densify, is_dense
 from .pooling import pool_span
@@ -32,8 +36,20 @@ from .runners import first_only, fused_runner, stage_runner
 from .common import Adapter, Evaluator, chunk_size, dense_sets, frozen_bn_stats, tree_bytes
 from .functional import FunctionalAdapter
 from .linear_delta import block_outputs, coordinate_outputs, linear_core
+from .stacked import stacked_plan
 
-__all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner"]
+__all__ = ["StagedAdapter", "StagedEvaluator", "stage_runner", "STACKED", "FALLBACK"]
+
+#: Cost classes of :meth:`StagedEvaluator.chunks` besides the start stages: the generic evaluator's calls, and
+#: whole parameter sets through :mod:`bbzo.adapters.stacked`.
+FALLBACK = -1
+STACKED = -2
+#: Per-set working set of the stacked path: this many copies of its largest per-set activation (the activations a
+#: chunk holds between stages; a conv block's temporaries are one set's at a time).
+STACKED_SETS = 2
+#: At most about this many parameter sets per stacked call (a multiple of the head's block of sets), so that a step's
+#: directions form several chunks that a distributed run can deal out.
+STACKED_MAX_SETS = 64
 
 
 def _has_dense(rep: Any) -> bool:
@@ -55,13 +71,15 @@ class StagedAdapter(Adapter):
         linear_shortcut: Use the probes' linear delta for Conv2d/Linear stages (exact; on by default).
         channel_reuse: Carry a coordinate's one-channel change until the next layer that mixes channels
             (:mod:`bbzo.adapters.channel`; exact; on by default).
+        stacked_directions: Evaluate direction probes (RGE) as whole parameter sets stacked through the stages
+            (:mod:`bbzo.adapters.stacked`; exact; on by default); off: the generic ``torch.func`` adapter.
         max_chunk_bytes, max_chunk: Bound the K perturbed sets evaluated per batched call.
     """
 
     reuses_features = True
 
     def __init__(self, model: nn.Module, *, linear_shortcut: bool = True, channel_reuse: bool = True,
-                 **kw: Any) -> None:
+                 stacked_directions: bool = True, **kw: Any) -> None:
         super().__init__(model, **kw)
         self.channel_reuse = channel_reuse
         #: per start stage: the first stage that runs dense on the channel path (learnt on first use)
@@ -91,6 +109,13 @@ class StagedAdapter(Adapter):
                 self.stage_of[name] = owner[id(p)]
         self.local_names = {g: local for g, (_, local) in self.stage_of.items()}
         self.fallback = FunctionalAdapter(model, max_chunk_bytes=self.max_chunk_bytes, max_chunk=self.max_chunk)
+        #: how whole parameter sets run through the stages (None: no rule for some stage -> the fallback)
+        self.stacked = stacked_plan(stages) if stacked_directions else None
+        #: per stage: ``[(local name, global name or None, parameter), ...]``
+        self.stage_params: list[list[tuple[str, Optional[str], torch.Tensor]]] = []
+        global_of = {id(p): n for n, p in model.named_parameters()}
+        for st in stages:
+            self.stage_params.append([(local, global_of.get(id(p)), p) for local, p in st.named_parameters()])
 
     def bind(self, objective: Any, inputs: Any, targets: Any,
              ledger: Optional[QueryLedger] = None) -> "StagedEvaluator":
@@ -119,6 +144,8 @@ class StagedEvaluator(Evaluator):
         self._shortcuts: dict[int, torch.Tensor] = {}
         self._unfolds: dict[int, Optional[torch.Tensor]] = {}
         self._dense_sets = dense_sets(tree_flatten(self.inputs)[0][0].device)
+        self._stacked_cache: dict = {}
+        self._stacked_k: Optional[int] = None
 
     # -------------------------------------------------------------- cached activations
     @property
@@ -298,9 +325,12 @@ class StagedEvaluator(Evaluator):
 
         A stage's probes are chunked from its first one in probe order with the stage's fixed size, so a sub-batch
         made of whole chunks is chunked the same way (see :meth:`Evaluator.chunks`)."""
+        if isinstance(probes, DirectionProbes) and self.adapter.stacked is not None:
+            k = self._stacked_chunk(probes)
+            return [(STACKED, rows) for rows in torch.arange(len(probes)).split(k)]
         groups = probes.tensor_groups() if hasattr(probes, "tensor_groups") else None
         if groups is None:  # every probe moves several stages (or the outputs): no reuse
-            return [(-1, rows) for _, rows in self._fallback().chunks(probes)]
+            return [(FALLBACK, rows) for _, rows in self._fallback().chunks(probes)]
         by_stage: dict[int, list[torch.Tensor]] = {}
         outside: list[torch.Tensor] = []
         for name, rows in groups:
@@ -309,7 +339,7 @@ class StagedEvaluator(Evaluator):
         out: list[tuple[int, torch.Tensor]] = []
         if outside:
             rows = torch.sort(torch.cat(outside)).values
-            out += [(-1, rows[r]) for _, r in self._fallback().chunks(probes.select(rows))]
+            out += [(FALLBACK, rows[r]) for _, r in self._fallback().chunks(probes.select(rows))]
         for i in sorted(by_stage):
             rows = torch.sort(torch.cat(by_stage[i])).values
             if self.adapter.channel_reuse and i not in self.adapter.dense_from:
@@ -322,6 +352,9 @@ class StagedEvaluator(Evaluator):
         losses = torch.empty(len(probes), self.batch, dtype=torch.float64)
         for i, rows in self.chunks(probes):
             chunk = probes.select(rows)
+            if i == STACKED:
+                losses[rows] = self._stacked_losses(chunk)
+                continue
             if i < 0:
                 fallback = self._fallback()
                 calls = fallback.calls
@@ -336,6 +369,29 @@ class StagedEvaluator(Evaluator):
             out = tree_map(lambda t: t.movedim(1, 0), out)  # (K, B, ...) for the loss
             losses[rows] = self._loss(out, len(chunk))
         return losses
+
+    # -------------------------------------------------------------- whole parameter sets (directions)
+    def _stacked_chunk(self, probes: Probes) -> int:
+        """Parameter sets per stacked call: :data:`STACKED_SETS` copies of the largest activation a set holds (the
+        head's absorbed stages are never held) and its parameters fit the chunk bound. The same for any sub-batch."""
+        if self._stacked_k is None:
+            plan = self.adapter.stacked
+            head = plan.prepare(self.inputs, self._stacked_cache)
+            held = [tree_bytes(self.acts[i + 1]) for i in plan.materialized(head)] or [tree_bytes(self.acts[-1])]
+            per_set = STACKED_SETS * max(held) + probes.touched_bytes(self.params)
+            block = plan.sets_per_block() if head else 1
+            most = max(block, STACKED_MAX_SETS // block * block)
+            self._stacked_k = min(most, chunk_size(per_set, self.max_chunk_bytes, self.max_chunk))
+        return self._stacked_k
+
+    def _stacked_losses(self, probes: Probes) -> torch.Tensor:
+        """``(K, B)`` losses of ``K`` whole perturbed parameter sets run side by side (:mod:`bbzo.adapters.stacked`)."""
+        k = len(probes)
+        moved = probes.stack(self.params)
+        params = [{local: moved[g] if g in moved else p.detach().unsqueeze(0).expand(k, *p.shape)
+                   for local, g, p in stage} for stage in self.adapter.stage_params]
+        out = self.adapter.stacked.run(self.inputs, params, k, self._stacked_cache)
+        return self._loss(out, k)
 
     def _fallback(self) -> Evaluator:
         """The generic ``torch.func`` evaluator for probes that move several stages or tensors outside every stage."""

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeError
-from ..probes import DISTRIBUTIONS, DirectionProbes, make_direction
+from ..probes import DISTRIBUTIONS, DirectionProbes, make_directions
 from ..messages import Request, Told
 from .base import EstimatorInfo, FiniteDifferences, Grads, Params
 from .registry import register_estimator
 
-__all__ = ["RGE"]
+__all__ = ["RGE", "combine_directions"]
 
 
 class RGEState(NamedTuple):
@@ -103,8 +103,25 @@ class RGE(FiniteDifferences):
             raise ShapeError(f"rge.tell: expected {len(probes)} losses, got shape {tuple(losses.shape)}.")
         q = len(probes) if self.difference == "forward" else len(probes) // 2
         coef = self.differences(losses, told.base, q) / q
-        acc = [torch.zeros(s, dtype=torch.float64) for s in probes.shapes]
-        for k in range(q):
-            for a, u in zip(acc, make_direction(probes.seed, k, probes.shapes, probes.distribution)):
-                a.add_(u, alpha=float(coef[k]))
-        return {n: a.to(device=params[n].device, dtype=params[n].dtype) for n, a in zip(probes.names, acc)}
+        return {n: a.to(device=params[n].device, dtype=params[n].dtype)
+                for n, a in zip(probes.names, combine_directions(probes, coef))}
+
+
+#: Directions regenerated per block when an estimate is combined (bounds the ``(block, d)`` float64 matrix).
+COMBINE_BLOCK_BYTES = 64 * 2**20
+
+
+def combine_directions(probes: DirectionProbes, coef: torch.Tensor) -> list[torch.Tensor]:
+    """``sum_k coef[k] u_k`` over directions ``k = 0..q-1`` of ``probes``' step, as float64 tensors of the parameters'
+    shapes: the directions are regenerated in blocks (:func:`~bbzo.probes.make_directions`) and combined by one
+    matrix-vector product per block."""
+    sizes = [int(torch.Size(s).numel()) for s in probes.shapes]
+    d, q = sum(sizes), int(coef.numel())
+    block = max(1, min(q, COMBINE_BLOCK_BYTES // max(1, 8 * d)))
+    acc = torch.zeros(d, dtype=torch.float64)
+    coef = coef.to(torch.float64)
+    for a in range(0, q, block):
+        b = min(q, a + block)
+        u = make_directions(probes.seed, range(a, b), probes.shapes, probes.distribution)  # (block, d)
+        acc.addmv_(u.T, coef[a:b])
+    return [t.view(s) for t, s in zip(acc.split(sizes), probes.shapes)]

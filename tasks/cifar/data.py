@@ -28,6 +28,9 @@ from .readers import CIFAR_MEAN, CIFAR_STD, class_balanced_subset, load_image_cl
 
 __all__ = ["CifarData", "CifarBatches", "load_data", "CIFAR10_CLASSES", "normalize"]
 
+#: Seed of the held-out validation images (the same split whatever the run's seed).
+VAL_SPLIT_SEED = 20_240_331
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -71,8 +74,13 @@ def _class_names(path: Path, k: int) -> tuple[str, ...]:
     return CIFAR10_CLASSES if k == 10 else tuple(str(i) for i in range(k))
 
 
-def load_data(path: Any, subset: int = 0, test_subset: int = 0, seed: int = 0) -> CifarData:
-    """Both splits of ``path`` in [0, 1]; ``subset`` / ``test_subset``: class-balanced random subsets (0: all)."""
+def load_data(path: Any, subset: int = 0, test_subset: int = 0, seed: int = 0, val_images: int = 0) -> CifarData:
+    """Both splits of ``path`` in [0, 1]; ``subset`` / ``test_subset``: class-balanced random subsets (0: all).
+
+    ``val_images``: hold out that many class-balanced training images (after ``subset``; the same images for every
+    run seed) and return them as the evaluation split in place of the test images (a screen that never sees the
+    test set).
+    """
     if path is None:
         raise ConfigError("no dataset given: pass --data PATH (a cifar-10-batches-py folder or an .npz with "
                           "train_x/train_y/test_x/test_y, e.g. ../shared/data/cifar10_subset.npz); bbzo never "
@@ -87,6 +95,19 @@ def load_data(path: Any, subset: int = 0, test_subset: int = 0, seed: int = 0) -
             raise ConfigError(f"{path}: {split} has {x.shape[0]} images but {tuple(y.shape)} labels.")
     k = int(max(int(ty.max()), int(vy.max())) + 1)
     tx, ty = _subset(tx, ty, subset, seed, "train")
+    if val_images:
+        if val_images >= tx.shape[0] or val_images % k:
+            raise ConfigError(f"val_images must be a multiple of the {k} classes and below the {tx.shape[0]} training "
+                              f"images, got {val_images}.")
+        held = class_balanced_subset(ty, val_images // k, seed=VAL_SPLIT_SEED)
+        if held.numel() != val_images:
+            raise ConfigError(f"val_images: a class has fewer than {val_images // k} training images; hold out fewer.")
+        keep = torch.ones(tx.shape[0], dtype=torch.bool)
+        keep[held] = False
+        held = held.sort().values
+        vx, vy = tx[held].contiguous(), ty[held].contiguous()
+        tx, ty = tx[keep].contiguous(), ty[keep].contiguous()
+        return CifarData(tx, ty, vx, vy, _class_names(path, k), f"{path} (validation: {val_images} held-out training images)")
     vx, vy = _subset(vx, vy, test_subset, seed + 1, "test")
     return CifarData(tx, ty, vx, vy, _class_names(path, k), str(path))
 
@@ -149,4 +170,4 @@ def prepare_run(s: Any, run: Any) -> CifarData:
     from bbzo.listeners import activity
 
     with activity(f"loading {s.data}", enabled=run.progress, what="both splits, class-balanced subsets"):
-        return load_data(s.data, s.subset, s.test_subset, s.seed)
+        return load_data(s.data, s.subset, s.test_subset, s.seed, val_images=s.val_images)

@@ -122,7 +122,7 @@ def build_method(s: CifarSettings, name: str, ctx: BuildContext) -> Training:
     else:
         est, extra = _deepzero(s, ctx, model, batches)
     steps = total_steps(s, batches.steps_per_epoch)
-    opt = make_optimizer(model.parameters(), s.optimizer, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = make_optimizer(model.parameters(), s.optimizer, lr=s.lr_of(name), momentum=s.momentum, weight_decay=s.weight_decay)
     warm = min(steps, int(round(s.warmup_epochs * batches.steps_per_epoch)))
     sched = cosine_with_warmup(opt, max(1, steps), warmup_steps=warm) if s.schedule == "cosine" else None
     if sched is not None:

@@ -116,5 +116,6 @@ def evaluate_run(s: Any, run: Any, summaries: dict[str, dict[str, Any]]) -> dict
         plots = [str(p)] if p is not None else []
     data = run.shared  # a CifarData (prepare_run)
     return {"config": as_plain(s), "data": {"source": data.source, "train": int(data.train_x.shape[0]),
-                                            "test": int(data.test_x.shape[0])},
+                                            "test": int(data.test_x.shape[0]),
+                                            "evaluated_on": "validation" if s.val_images else "test"},
             "results": rows, "table": results_table(rows), "plots": plots}

@@ -14,6 +14,7 @@ from bbzo.errors import ConfigError
 from bbzo.models import create_model
 from bbzo.run import run_task
 from bbzo.tasks.cifar import TASK, CifarBatches, CifarSettings, load_data, load_image_classification
+from bbzo.tasks.cifar.settings import parse_lr
 
 
 def tiny_images(n, seed):
@@ -169,3 +170,36 @@ def test_a_warm_up_longer_than_the_run_is_named_and_a_full_run_is_not(npz, tmp_p
     assert warn_if_never_decays(30, 300, "--warmup-epochs 3", 0.1) is False  # warms up, then decays
     assert warn_if_never_decays(0, 3, "--warmup-epochs 0", 0.1) is False
 
+
+def test_each_method_trains_at_its_own_learning_rate_from_the_command_line(npz, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "per_method"
+    r = CliRunner().invoke(main, ["cifar", "train", "--preset", "fig2", "--data", str(npz), "--method", "fo,cge",
+                                  "--lr", "fo=0.05,cge=0.3", "--batch", "20", "--steps", "2", "--schedule", "constant",
+                                  "--no-progress", "--no-plots", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for method, rate in (("fo", 0.05), ("cge", 0.3)):
+        rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        assert [row["lr"] for row in rows if "lr" in row] == [rate, rate]
+    # one number is every method's rate; a method left out of a per-method list is named
+    s = settings(npz, tmp_path, lr="0.2", method=("fo", "rge"))
+    assert (s.lr_of("fo"), s.lr_of("rge")) == (0.2, 0.2)
+    with pytest.raises(ConfigError, match="names no rate for rge; add rge=RATE"):
+        settings(npz, tmp_path, lr="fo=0.1,cge=0.1", method=("fo", "rge"))
+    with pytest.raises(ConfigError, match="unknown method 'adam'"):
+        settings(npz, tmp_path, lr="adam=0.1")
+    # the fig2 preset gives every method its own screened rate
+    s, _ = resolve(CifarSettings, {"preset": "fig2", "data": npz})
+    assert set(parse_lr(s.lr)) == {"fo", "cge", "rge"}
+
+
+def test_validation_images_are_held_out_of_training_the_same_for_every_seed(npz):
+    a = load_data(npz, val_images=50, seed=0)
+    b = load_data(npz, val_images=50, seed=3)
+    assert a.train_x.shape[0] == 150 and a.test_x.shape[0] == 50 and torch.equal(a.test_x, b.test_x)
+    assert torch.bincount(a.test_y, minlength=10).tolist() == [5] * 10
+    full = load_data(npz)
+    rows = {tuple(r) for r in full.train_x.flatten(1)[:, :64].tolist()}
+    held = [tuple(r) for r in a.test_x.flatten(1)[:, :64].tolist()]
+    kept = {tuple(r) for r in a.train_x.flatten(1)[:, :64].tolist()}
+    assert all(h in rows and h not in kept for h in held)
