@@ -144,7 +144,10 @@ def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120, tight: bool = 
 def plot_losses(path: Union[str, Path], curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> Optional[Path]:
     """Training loss against steps and against queries, one line per training; ``curves``: label -> JSONL rows.
 
-    Trainings that made no queries (first-order references) appear in the steps panel only.
+    Trainings that made no queries (first-order references) appear in the steps panel only. Rows may name
+    their loss in an ``objective`` field (a training's ``log_extra``): trainings of different objectives (a
+    one-step loss, an unrolled loss) are never drawn on one axis -- each objective gets its own row of
+    panels, with the objective in the axis label.
     """
     curves = {k: [r for r in v if r.get("loss") is not None] for k, v in curves.items()}
     curves = {k: v for k, v in curves.items() if v}
@@ -154,19 +157,29 @@ def plot_losses(path: Union[str, Path], curves: Mapping[str, Sequence[Mapping[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    positive = all(r["loss"] > 0 for rows in curves.values() for r in rows)
+    groups: dict[Any, dict[str, Sequence[Mapping[str, Any]]]] = {}
     for label, rows in curves.items():
-        a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
-        if any(r.get("queries_used") for r in rows):
-            b.plot([r["queries_used"] for r in rows], [r["loss"] for r in rows], label=label)
-    for ax, x in ((a, "step"), (b, "loss queries (parameter sets x minibatch)")):
-        ax.set_xlabel(x)
-        ax.set_ylabel("training loss")
-        if positive:
-            ax.set_yscale("log")
-        if ax.lines:
-            ax.legend(fontsize=8)
+        groups.setdefault(rows[0].get("objective"), {})[label] = rows
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    for (objective, group), (a, b) in zip(groups.items(), axes):
+        positive = all(r["loss"] > 0 for rows in group.values() for r in rows)
+        for label, rows in group.items():
+            a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+            if any(r.get("queries_used") for r in rows):
+                b.plot([r["queries_used"] for r in rows], [r["loss"] for r in rows], label=label)
+        ylabel = "training loss" if objective is None else f"training loss\n({objective})"
+        for ax, x in ((a, "step"), (b, "loss queries (parameter sets x minibatch)")):
+            ax.set_xlabel(x)
+            ax.set_ylabel(ylabel)
+            if positive:
+                ax.set_yscale("log")
+            if ax.lines:
+                ax.legend(fontsize=8)
+        if not b.lines:
+            b.text(0.5, 0.5, "no loss queries\n(first-order trainings)", ha="center", va="center",
+                   transform=b.transAxes, fontsize=9, color="0.4")
+            b.set_xticks([])
+            b.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
