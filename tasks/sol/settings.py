@@ -16,8 +16,10 @@ from .data import TEST_RE, TRAIN_RE, DataSettings
 
 __all__ = ["SolSettings", "METHODS", "METHOD_NAMES", "PRESETS"]
 
-METHODS = ("src", "non", "zo", "fo")
-METHOD_NAMES = {"src": "SRC", "non": "NON", "zo": "ZO-SOL", "fo": "FO-SOL (white-box)"}
+#: In training order: nog, zo and fo fine-tune NON's corrector when init="non".
+METHODS = ("src", "non", "nog", "zo", "fo")
+METHOD_NAMES = {"src": "SRC", "non": "NON", "nog": "NOG (no solver gradient)", "zo": "ZO-SOL",
+                "fo": "FO-SOL (white-box)"}
 
 PRESETS: dict[str, dict] = {
     # `make demo`: about five minutes on a 2-core CPU, data generated on the spot (2 held-out Re)
@@ -47,7 +49,8 @@ class SolSettings(RunSettings):
         "Base settings: demo (~5 min CPU), small (CPU benchmark), paper (Appendix H, GPU); flags and --config "
         "override its values."))
     methods: tuple[str, ...] = setting(METHODS, runtime=True, help="Methods to train and compare: src (solver alone), "
-                                       "non (supervised one-step), zo (ZO-SOL), fo (FO-SOL, white-box).")
+                                       "non (supervised one-step), nog (unrolled, no solver gradient), zo (ZO-SOL), "
+                                       "fo (FO-SOL, white-box).")
     # ---- the reference data
     train_re: tuple[float, ...] = setting(TRAIN_RE, help="Training Reynolds numbers, comma-separated (paper: 97.7,...,3125); a list in --config.")
     test_re: tuple[float, ...] = setting(TEST_RE, help="Held-out test Reynolds numbers, comma-separated.")
@@ -63,13 +66,15 @@ class SolSettings(RunSettings):
     corrector: str = setting("paper", help="tiny 2,618 / small 8,434 / paper 56,898 parameters (the paper's network).")
     unroll: int = setting(16, help="Solver steps per training rollout (paper 16).")
     batch: int = setting(3, help="Rollouts per training step.")
-    steps: int = setting(1000, runtime=True, help="Training steps (ZO-SOL and FO-SOL).")
-    lr: float = setting(1e-4, help="Adam learning rate of ZO-SOL (and FO-SOL unless --fo-lr).")
+    steps: int = setting(1000, runtime=True, help="Training steps of the unrolled methods (ZO-SOL, NOG, FO-SOL).")
+    lr: float = setting(1e-4, help="Adam learning rate of ZO-SOL (and of NOG / FO-SOL unless --nog-lr / --fo-lr).")
     fo_lr: Optional[float] = setting(None, help="Adam learning rate of FO-SOL (default: --lr).")
+    nog_lr: Optional[float] = setting(None, help="Adam learning rate of NOG (default: --lr).")
     schedule: str = setting("constant", choices=("constant", "cosine"), help=(
-        "Learning-rate schedule of ZO-SOL and FO-SOL: constant, or cosine decay to 0 after a 5% linear warm-up."))
+        "Learning-rate schedule of ZO-SOL, NOG and FO-SOL: constant, or cosine decay to 0 after a 5% linear "
+        "warm-up."))
     init: str = setting("scratch", choices=("scratch", "non"), help=(
-        "ZO-SOL / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."))
+        "ZO-SOL / NOG / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."))
     # ---- ZO-SOL
     sparsity: float = setting(0.95, help="ZO-SOL gradient sparsity (paper 0.95).")
     score: str = setting("zo_grasp", help="Pruning score for the layer-wise ratios (bbzo prune --list).")
