@@ -12,9 +12,12 @@ method into ``RUN_DIR/seed<k>/<method>``, evaluates it and writes ``bench.json``
 validation MAE, its training summary, the settings it ran with and the commit it ran at. A rerun reuses
 every cached job whose settings match (and, for methods that fine-tune NON, whose NON corrector is the one
 it started from), so adding a method -- ``--methods src,non,nog,zo,fo,hybrid`` once ``hybrid`` is a method
-of ``bbzo sol`` -- runs only that method. ``--jobs 2`` runs two jobs side by side; a method that fine-tunes
-NON waits for that seed's NON. ``--fresh`` ignores the cache. Override any setting with KEY=VALUE (JSON
-values), e.g. ``steps=600``; the cache key holds every setting, so an override reruns what it touches.
+of ``bbzo sol`` -- runs only that method. A job's key holds every setting except folders, display and the
+settings only another method reads (``bbzo.tasks.sol.METHOD_SETTINGS``: a new method's own settings
+belong there); a setting added to bbzo since a job ran matches at its default. ``--jobs 2`` runs two jobs
+side by side; a method that fine-tunes NON waits for that seed's NON. ``--fresh`` ignores the cache.
+Override any setting with KEY=VALUE (JSON values), e.g. ``steps=600``: an override reruns what it touches.
+The JSON records the commit of every method's jobs (``commits_per_method``) beside the driver's.
 
     .venv/bin/python benchmarks/sol_small.py --seeds 0,1,2 --jobs 2 --run-dir runs/sol-small-seeds --plots \\
         --out-json benchmarks/results/sol_small.json
@@ -56,11 +59,27 @@ def _settings(args: argparse.Namespace, seed: int, over: dict[str, Any]) -> tupl
                                  "no_plots": not args.plots, "seed": seed, **over})
 
 
-def settings_key(s: Any) -> dict[str, Any]:
-    """The settings that decide a job's result (everything but folders and display)."""
+def settings_key(s: Any, method: str) -> dict[str, Any]:
+    """The settings that decide ``method``'s result: everything but folders, display and the settings only
+    another method reads (``METHOD_SETTINGS``: NOG's learning rate does not touch NON's result)."""
     from bbzo.config import as_plain
+    from bbzo.tasks.sol import METHOD_SETTINGS
 
-    return {k: v for k, v in as_plain(s).items() if k not in NOT_IN_KEY}
+    others = {k for m, keys in METHOD_SETTINGS.items() if m != method for k in keys}
+    return {k: v for k, v in as_plain(s).items() if k not in NOT_IN_KEY and k not in others}
+
+
+def same_settings(cached_key: dict[str, Any], key: dict[str, Any]) -> bool:
+    """Whether a cached job ran with ``key``. A setting the cache lacks (added to bbzo since) matches only
+    at its default: a new setting at its default cannot have changed an older result."""
+    from bbzo.config import setting_infos
+    from bbzo.tasks.sol import SolSettings
+
+    defaults = json.loads(json.dumps({i.name: i.default for i in setting_infos(SolSettings)}, default=str))
+    key = json.loads(json.dumps(key, default=str))
+    if set(cached_key) - set(key):
+        return False  # a setting it ran with no longer exists
+    return all(cached_key.get(k, defaults.get(k)) == v for k, v in key.items())
 
 
 def _needs_non(s: Any, method: str) -> bool:
@@ -78,7 +97,7 @@ def cached(s: Any, seed_dir: Path, method: str) -> Optional[dict[str, Any]]:
         entry = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if entry.get("settings") != json.loads(json.dumps(settings_key(s))):
+    if not isinstance(entry.get("settings"), dict) or not same_settings(entry["settings"], settings_key(s, method)):
         return None
     if _needs_non(s, method) and entry.get("init_from") != _sha256(seed_dir / "non" / "corrector.pt"):
         return None  # NON was retrained since: what this method fine-tuned is gone
@@ -110,7 +129,7 @@ def run_job(args: argparse.Namespace, seed: int, method: str, over: dict[str, An
     if s.validate:  # long rollouts on the training Re: what settings may be chosen by (never the test Re)
         ev["val_mae"] = evaluate(s, data, corrector, split="train")["mae"]
     entry = {"seed": seed, "method": method, "eval": ev, "train": train, "seconds": round(time.perf_counter() - t0, 1),
-             "settings": settings_key(s), "init_from": init_from,
+             "settings": settings_key(s, method), "init_from": init_from,
              "corrector": None if method == "src" else _sha256(seed_dir / method / "corrector.pt"), "provenance": prov}
     (seed_dir / method).mkdir(parents=True, exist_ok=True)
     (seed_dir / method / CACHE).write_text(json.dumps(entry, indent=1, default=str) + "\n")
@@ -265,6 +284,7 @@ def main() -> None:
         print(json.dumps(run_job(args, int(seed), method, over), default=str))
         return
 
+    from bbzo.config import as_plain
     from bbzo.provenance import provenance
     from bbzo.tasks.sol import evaluate_run, generate
 
@@ -346,7 +366,7 @@ def main() -> None:
         "reused_from_cache": sorted(f"{m}@{s}" for s, m in reused),
         "commits_per_method": commits,
         "data_seconds": data_s, "total_seconds": round(time.perf_counter() - t0, 1),
-        "jobs": args.jobs, "config": {k: v for k, v in settings_key(s0).items() if k != "seed"},
+        "jobs": args.jobs, "config": {k: v for k, v in as_plain(s0).items() if k not in NOT_IN_KEY and k != "seed"},
         "data_meta": data.meta, "paper_full_scale": PAPER, "provenance": prov,
     }
     result["table"] = table(summary)

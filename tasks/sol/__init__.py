@@ -22,9 +22,9 @@ from .data import DataSettings, RolloutBatches, SolData, generate, load
 from .evaluate import evaluate, evaluate_run, vorticity
 from .methods import BUILDERS, build_method, features, load_corrector, make_corrector, make_rollout, nog_rollout, non_pairs
 from .report import plot_results, results_table
-from .settings import METHOD_NAMES, METHODS, PRESETS, SolSettings
+from .settings import METHOD_NAMES, METHOD_SETTINGS, METHODS, PRESETS, SolSettings
 
-__all__ = ["SolSettings", "PRESETS", "METHODS", "METHOD_NAMES", "DataSettings", "SolData", "RolloutBatches",
+__all__ = ["SolSettings", "PRESETS", "METHODS", "METHOD_NAMES", "METHOD_SETTINGS", "DataSettings", "SolData", "RolloutBatches",
            "generate", "load", "make_corrector", "load_corrector", "make_rollout", "nog_rollout", "features", "non_pairs",
            "BUILDERS",
            "evaluate", "evaluate_run", "vorticity", "results_table", "plot_results", "TASK"]

@@ -14,12 +14,20 @@ from bbzo.task import RunSettings
 
 from .data import TEST_RE, TRAIN_RE, DataSettings
 
-__all__ = ["SolSettings", "METHODS", "METHOD_NAMES", "PRESETS"]
+__all__ = ["SolSettings", "METHODS", "METHOD_NAMES", "METHOD_SETTINGS", "PRESETS"]
 
 #: In training order: nog, zo and fo fine-tune NON's corrector when init="non".
 METHODS = ("src", "non", "nog", "zo", "fo")
 METHOD_NAMES = {"src": "SRC", "non": "NON", "nog": "NOG (no solver gradient)", "zo": "ZO-SOL",
                 "fo": "FO-SOL (white-box)"}
+#: The settings only one method reads (a result of another method cannot depend on them: benchmarks that cache
+#: one result per method leave them out of that method's key). ``lr`` is shared: NOG and FO-SOL default to it.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "non": ("non_steps", "non_batch", "non_lr", "non_schedule"),
+    "nog": ("nog_lr",),
+    "zo": ("sparsity", "score", "score_q", "resample_every", "mu", "sets_per_call"),
+    "fo": ("fo_lr",),
+}
 
 PRESETS: dict[str, dict] = {
     # `make demo`: about five minutes on a 2-core CPU, data generated on the spot (2 held-out Re)

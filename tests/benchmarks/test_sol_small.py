@@ -43,14 +43,25 @@ def test_a_cached_job_is_reused_only_with_its_settings_and_the_non_it_fine_tuned
     (tmp_path / "nog").mkdir()
     (tmp_path / "non" / "corrector.pt").write_bytes(b"non v1")
     (tmp_path / "nog" / "corrector.pt").write_bytes(b"nog")
-    entry = {"settings": sol_small.settings_key(s), "init_from": sol_small._sha256(tmp_path / "non" / "corrector.pt"),
+    entry = {"settings": sol_small.settings_key(s, "nog"), "init_from": sol_small._sha256(tmp_path / "non" / "corrector.pt"),
              "corrector": sol_small._sha256(tmp_path / "nog" / "corrector.pt"), "eval": {"mae": 0.01}}
     (tmp_path / "nog" / "bench.json").write_text(json.dumps(entry))
     assert sol_small.cached(s, tmp_path, "nog")["eval"]["mae"] == 0.01
     other, _ = resolve(SolSettings, {"preset": "small", "out": tmp_path, "seed": 0, "nog_lr": 1e-2})
-    assert sol_small.cached(other, tmp_path, "nog") is None  # another setting: rerun
+    assert sol_small.cached(other, tmp_path, "nog") is None  # another setting of NOG: rerun
+    zo_only, _ = resolve(SolSettings, {"preset": "small", "out": tmp_path, "seed": 0, "sparsity": 0.9})
+    assert sol_small.cached(zo_only, tmp_path, "nog") is not None  # ZO-SOL's own setting: NOG's result stands
+    shared, _ = resolve(SolSettings, {"preset": "small", "out": tmp_path, "seed": 0, "unroll": 8})
+    assert sol_small.cached(shared, tmp_path, "nog") is None
+    older = {**entry, "settings": {k: v for k, v in entry["settings"].items() if k != "init_jitter"}}
+    (tmp_path / "nog" / "bench.json").write_text(json.dumps(older))  # run before init_jitter existed
+    assert sol_small.cached(s, tmp_path, "nog") is not None  # a setting added since matches at its default
+    jitter, _ = resolve(SolSettings, {"preset": "small", "out": tmp_path, "seed": 0, "init_jitter": 1e-7})
+    assert sol_small.cached(jitter, tmp_path, "nog") is None
+    (tmp_path / "nog" / "bench.json").write_text(json.dumps(entry))
     moved, _ = resolve(SolSettings, {"preset": "small", "out": tmp_path / "elsewhere", "seed": 0, "methods": ("nog",)})
     assert sol_small.cached(moved, tmp_path, "nog") is not None  # folders and method lists are not settings
+    assert "nog_lr" in sol_small.settings_key(s, "nog") and "nog_lr" not in sol_small.settings_key(s, "non")
     (tmp_path / "non" / "corrector.pt").write_bytes(b"non v2")  # NON retrained: what NOG fine-tuned is gone
     assert sol_small.cached(s, tmp_path, "nog") is None
     assert sol_small.cached(s, tmp_path, "zo") is None  # never ran
