@@ -6,7 +6,7 @@
     bbzo sol eval --out runs/sol-small                       # every method trained in that folder
     bbzo sol eval --out runs/sol-small --test-re 250,800,3000   # ... on new held-out Reynolds numbers
 
-Settings come from a preset (``demo``: ~5 min on 2 CPU cores; ``small``: the CPU benchmark; ``paper``:
+Settings come from a preset (``demo``: ~6-7 min on 2 CPU cores; ``small``: the CPU benchmark; ``paper``:
 DeepZero Appendix H for a GPU machine), then a ``--config`` file (flat keys, as the flags), then flags;
 all of them are declared once in :class:`bbzo.tasks.sol.SolSettings`.
 """

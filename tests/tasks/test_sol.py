@@ -258,6 +258,10 @@ def test_presets_build_and_the_paper_corrector_has_56898_parameters(data, data_d
         c, _ = resolve(SolSettings, {"preset": name})
         sizes[name] = sum(p.numel() for p in make_corrector(c, data).parameters())
     assert sizes["paper"] == 56_898 and sizes["small"] == 2_618 and sizes["demo"] == 2_618
+    demo, _ = resolve(SolSettings, {"preset": "demo"})
+    small, _ = resolve(SolSettings, {"preset": "small"})
+    for c in (demo, small):  # make demo runs the benchmark's protocol: NOG / ZO / FO fine-tune NON, cosine decay
+        assert (c.init, c.schedule, c.methods) == ("non", "cosine", ("src", "non", "nog", "zo", "fo"))
     p, _ = resolve(SolSettings, {"preset": "paper"})
     assert (p.unroll, p.lr, p.sparsity, p.data.nx, p.data.ny, p.data.factor) == (16, 1e-4, 0.95, 32, 64, 2)
     assert p.data.train_re == (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
