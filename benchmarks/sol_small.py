@@ -8,7 +8,7 @@ zeroth-order method against NON and NOG, the settings, the command, the git comm
 ``--out-json`` (and a plot of the spread next to it).
 
 **One job per (method, seed), cached.** Each job runs in its own process (one torch thread), trains one
-method into ``RUN_DIR/seed<k>/<method>``, evaluates it and writes ``bench.json`` there: its test and
+method in its own run folder ``RUN_DIR/seed<k>/<method>``, evaluates it and writes ``bench.json`` there: its test and
 validation MAE, its training summary, the settings it ran with and the commit it ran at. A rerun reuses
 every cached job whose settings match (and, for methods that fine-tune NON, whose NON corrector is the one
 it started from), so adding a method -- ``--methods src,non,nog,zo,fo,hybrid`` once ``hybrid`` is a method
@@ -107,33 +107,71 @@ def cached(s: Any, seed_dir: Path, method: str) -> Optional[dict[str, Any]]:
 
 
 def run_job(args: argparse.Namespace, seed: int, method: str, over: dict[str, Any]) -> dict[str, Any]:
-    """Train ``method`` for ``seed`` (in this process, 1 torch thread), evaluate it, cache the result."""
+    """Train ``method`` for ``seed`` (in this process, 1 torch thread), evaluate it, cache the result.
+
+    Each job is a run folder of its own, ``RUN_DIR/seed<k>/<method>`` (one training in the folder itself:
+    ``corrector.pt``, ``metrics.jsonl``, ``lpr.json``, ``run.json``, ``config.resolved.yaml``), so jobs whose
+    method-only settings differ never share a run record; a method that fine-tunes NON gets a copy of the
+    seed's ``non/corrector.pt`` in ``<method>/non/`` (where ``init="non"`` looks), and its hash is recorded.
+    """
+    import dataclasses
+    import shutil
+
     from bbzo.provenance import provenance
     from bbzo.run import run_task
-    from bbzo.tasks.sol import TASK, evaluate, load, load_corrector
+    from bbzo.tasks.sol import TASK, build_method, evaluate, load, load_corrector
 
     prov = provenance()
     s, sources = _settings(args, seed, over)
     seed_dir = Path(s.out)
+    folder = seed_dir / method
     t0 = time.perf_counter()
-    init_from = _sha256(seed_dir / "non" / "corrector.pt") if _needs_non(s, method) else None
+    init_from = None
+    if _needs_non(s, method):
+        start = seed_dir / "non" / "corrector.pt"
+        init_from = _sha256(start)
+        (folder / "non").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(start, folder / "non" / "corrector.pt")
+    corrector = None
     if method == "src":
         train: dict[str, Any] = {"method": "src", "steps": 0}
-        corrector = None
     else:
-        train = run_task(TASK, s, sources, trainings=[method], evaluate=False)["trainings"][method]
+        one = dataclasses.replace(TASK, build=lambda st, _name, ctx: build_method(st, method, ctx))
+        train = run_task(one, dataclasses.replace(s, out=folder), sources, trainings=[""], evaluate=False)["trainings"][""]
+        train["method"] = method
     data = load(s.data, s.data_dir)
     if method != "src":
-        corrector = load_corrector(s, data, seed_dir / method / "corrector.pt").eval()
-    ev = evaluate(s, data, corrector)
+        corrector = load_corrector(s, data, folder / "corrector.pt").eval()
+    ev = evaluate(s, data, corrector, keep_states=args.plots)
+    states = ev.pop("states", None)
     if s.validate:  # long rollouts on the training Re: what settings may be chosen by (never the test Re)
         ev["val_mae"] = evaluate(s, data, corrector, split="train")["mae"]
     entry = {"seed": seed, "method": method, "eval": ev, "train": train, "seconds": round(time.perf_counter() - t0, 1),
              "settings": settings_key(s, method), "init_from": init_from,
-             "corrector": None if method == "src" else _sha256(seed_dir / method / "corrector.pt"), "provenance": prov}
-    (seed_dir / method).mkdir(parents=True, exist_ok=True)
-    (seed_dir / method / CACHE).write_text(json.dumps(entry, indent=1, default=str) + "\n")
+             "corrector": None if method == "src" else _sha256(folder / "corrector.pt"), "provenance": prov}
+    folder.mkdir(parents=True, exist_ok=True)
+    if states is not None:  # for the seed's pictures, drawn once every method of the seed is done
+        import torch
+
+        torch.save(states, folder / "eval_states.pt")
+    (folder / CACHE).write_text(json.dumps(entry, indent=1, default=str) + "\n")
     return entry
+
+
+def plot_seed(s: Any, seed_dir: Path, results: dict[str, dict[str, Any]], data: Any) -> list[Path]:
+    """The task's pictures (vorticity, MAE over time) of one seed, from every method's cached evaluation."""
+    import torch
+
+    from bbzo.tasks.sol import plot_results
+
+    evals = {}
+    for m, r in results.items():
+        ev = dict(r["eval"])
+        path = seed_dir / m / "eval_states.pt"
+        if path.exists():
+            ev["states"] = torch.load(path, weights_only=True)
+        evals[m] = ev
+    return plot_results(s, data, evals, seed_dir)
 
 
 # ---------------------------------------------------------------------------- the summary
@@ -286,7 +324,7 @@ def main() -> None:
 
     from bbzo.config import as_plain
     from bbzo.provenance import provenance
-    from bbzo.tasks.sol import evaluate_run, generate
+    from bbzo.tasks.sol import generate
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     methods = [m for m in args.methods.split(",") if m.strip()]
@@ -344,7 +382,7 @@ def main() -> None:
                     "train": {m: results[(s, m)]["train"] for m in methods}} for s in seeds}
     if args.plots:
         for s in seeds:
-            evaluate_run(settings[s], Path(settings[s].out), tuple(methods), data=data, plots=True)
+            plot_seed(settings[s], Path(settings[s].out), {m: results[(s, m)] for m in methods}, data)
     summary = summarize(per_seed)
     commits: dict[str, list[str]] = {}
     for (s, m), r in sorted(results.items()):
