@@ -11,7 +11,11 @@ PhiFlow's torch backend, FO-SOL's; white-box, for measuring only):
   and seeded draws, biases dense), zero elsewhere: ZO-SOL with a perfect estimator (``sol_zo_budget.py``
   shows ZO-SOL's estimate is that good);
 * ``masked+nog``: ``g`` on those coordinates, NOG's gradient on all the others: what an estimator that
-  completes Sparse-CGE with the free surrogate could reach at Sparse-CGE's query cost.
+  completes Sparse-CGE with the free surrogate could reach at Sparse-CGE's query cost;
+* ``masked+scaled_nog``: the same, with NOG's gradient first scaled by the least-squares factor that maps
+  it onto ``g`` on the sampled coordinates (``alpha = <g_S, nog_S> / |nog_S|^2``: an estimator knows both
+  there). NOG's gradient points the right way but is much shorter than ``g`` (the solver carries each
+  correction into every later step's loss), so the unscaled completion mixes two scales.
 
 For each: the cosine with ``g`` (per minibatch: mean, min, max; and of the gradients averaged over every
 minibatch) and the norm ratio. ``|g|`` at NOG's end point says whether NOG stopped where the unrolled loss
@@ -78,9 +82,11 @@ def main() -> None:
         offsets, start = {}, 0
         for n, p in params.items():
             offsets[n], start = start, start + p.numel()
-        rows: dict[str, list[float]] = {k: [] for k in ("nog", "masked", "masked+nog")}
-        norms: dict[str, list[float]] = {k: [] for k in ("full", "nog", "masked", "masked+nog")}
-        sums = {k: torch.zeros(start, dtype=torch.float64) for k in ("full", "nog", "masked", "masked+nog")}
+        kinds = ("nog", "masked", "masked+nog", "masked+scaled_nog")
+        rows: dict[str, list[float]] = {k: [] for k in kinds}
+        norms: dict[str, list[float]] = {k: [] for k in ("full", *kinds)}
+        sums = {k: torch.zeros(start, dtype=torch.float64) for k in ("full", *kinds)}
+        alphas: list[float] = []
         for b in range(args.batches):
             inputs, y = batches.get_batch(b)
             with phi().TORCH:
@@ -89,7 +95,10 @@ def main() -> None:
             mask = torch.zeros(start, dtype=torch.bool)
             for n, idx in sampler.coords_at(b).items():  # the LPR's draws; layers it does not name: dense
                 mask[offsets[n] + idx] = True
-            vecs = {"full": g, "nog": nog, "masked": torch.where(mask, g, 0.0), "masked+nog": torch.where(mask, g, nog)}
+            alpha = float(g[mask] @ nog[mask] / (nog[mask] @ nog[mask]))
+            alphas.append(alpha)
+            vecs = {"full": g, "nog": nog, "masked": torch.where(mask, g, 0.0), "masked+nog": torch.where(mask, g, nog),
+                    "masked+scaled_nog": torch.where(mask, g, alpha * nog)}
             for k, v in vecs.items():
                 sums[k] += v
                 norms[k].append(float(v.norm()))
@@ -102,6 +111,8 @@ def main() -> None:
             "cos_with_full_of_the_mean": {k: round(_cos(sums[k], sums["full"]), 4) for k in rows},
             "norm_over_full": {k: round(statistics.fmean(a / f for a, f in zip(norms[k], norms["full"])), 4)
                                for k in rows},
+            "scale_alpha": {"mean": round(statistics.fmean(alphas), 3), "min": round(min(alphas), 3),
+                            "max": round(max(alphas), 3)},
             "full_grad_norm": round(statistics.fmean(norms["full"]), 6),
             "full_grad_norm_of_the_mean": round(float(sums["full"].norm()) / args.batches, 6),
         }
