@@ -305,6 +305,9 @@ def plot_losses(path: Union[str, Path], curves: Mapping[str, Sequence[Mapping[st
     (``eval_val_loss`` of ``bbzo train --eval-every``, a task's ``eval_test_loss``) is drawn dashed with its
     markers. Trainings that made no queries (first-order references) appear in the steps panel only. A query
     is one parameter set evaluated on the step's minibatch (the ledger's count).
+    Rows may name their loss in an ``objective`` field (a training's ``log_extra``): trainings of different
+    objectives (a one-step loss, an unrolled loss) are never drawn on one axis -- each objective gets its own row
+    of panels, with the objective in the axis label.
     """
     rows_of = {k: list(v) for k, v in curves.items()}
     train = {k: [r for r in v if r.get("loss") is not None] for k, v in rows_of.items()}
@@ -314,33 +317,42 @@ def plot_losses(path: Union[str, Path], curves: Mapping[str, Sequence[Mapping[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    values = [r["loss"] for rows in train.values() for r in rows]
-    for label, all_rows in rows_of.items():
-        rows = train[label]
-        evals = {k: [r for r in all_rows if isinstance(r.get(k), (int, float))] for k in _eval_losses(all_rows)}
-        values += [r[k] for k, rs in evals.items() for r in rs]
-        if not rows:
-            continue
-        line, = a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{label}: training loss (minibatch)")
-        queried = any(r.get("queries_used") for r in rows)
-        if queried:
-            b.plot([r["queries_used"] for r in rows], [r["loss"] for r in rows], color=line.get_color(),
-                   label=f"{label}: training loss (minibatch)")
-        for k, rs in evals.items():
-            name = k[len("eval_"):].replace("_", " ").replace("val ", "validation ")
-            kw = dict(color=line.get_color(), linestyle="--", marker="o", markersize=3, label=f"{label}: {name}")
-            a.plot([r["step"] for r in rs], [r[k] for r in rs], **kw)
+    groups: dict[Any, list[str]] = {}
+    for label, rows in train.items():
+        if rows:
+            groups.setdefault(rows[0].get("objective"), []).append(label)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.8 * len(groups)), squeeze=False)
+    for (objective, labels), (a, b) in zip(groups.items(), axes):
+        values = [r["loss"] for label in labels for r in train[label]]
+        for label in labels:
+            rows, all_rows = train[label], rows_of[label]
+            evals = {k: [r for r in all_rows if isinstance(r.get(k), (int, float))] for k in _eval_losses(all_rows)}
+            values += [r[k] for k, rs in evals.items() for r in rs]
+            line, = a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{label}: training loss (minibatch)")
+            queried = any(r.get("queries_used") for r in rows)
             if queried:
-                b.plot([r.get("queries_used", 0) for r in rs], [r[k] for r in rs], **kw)
-    positive = all(v is not None and v > 0 for v in values)
-    for ax, x in ((a, "step"), (b, "queries (parameter sets evaluated on the minibatch)")):
-        ax.set_xlabel(x)
-        ax.set_ylabel("loss")
-        if positive:
-            ax.set_yscale("log")
-        if ax.lines:
-            ax.legend(fontsize=8)
+                b.plot([r["queries_used"] for r in rows], [r["loss"] for r in rows], color=line.get_color(),
+                       label=f"{label}: training loss (minibatch)")
+            for k, rs in evals.items():
+                name = k[len("eval_"):].replace("_", " ").replace("val ", "validation ")
+                kw = dict(color=line.get_color(), linestyle="--", marker="o", markersize=3, label=f"{label}: {name}")
+                a.plot([r["step"] for r in rs], [r[k] for r in rs], **kw)
+                if queried:
+                    b.plot([r.get("queries_used", 0) for r in rs], [r[k] for r in rs], **kw)
+        positive = all(v is not None and v > 0 for v in values)
+        ylabel = "loss" if objective is None else f"loss\n({objective})"
+        for ax, x in ((a, "step"), (b, "queries (parameter sets evaluated on the minibatch)")):
+            ax.set_xlabel(x)
+            ax.set_ylabel(ylabel)
+            if positive:
+                ax.set_yscale("log")
+            if ax.lines:
+                ax.legend(fontsize=8)
+        if not b.lines:
+            b.text(0.5, 0.5, "no loss queries\n(first-order trainings)", ha="center", va="center",
+                   transform=b.transAxes, fontsize=9, color="0.4")
+            b.set_xticks([])
+            b.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

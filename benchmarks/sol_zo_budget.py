@@ -46,7 +46,9 @@ def main() -> None:
     from bbzo.tasks.sol import RolloutBatches, SolSettings, evaluate, load, load_corrector, make_rollout
     from common import emit  # benchmarks/ is on sys.path when run as a script
 
-    cfg_path = args.seed_dir / "config.resolved.yaml"
+    cfg_path = args.seed_dir / "zo" / "config.resolved.yaml"  # sol_small: every job is a run folder of its own
+    if not cfg_path.exists():  # a seed folder of an earlier sol_small (one run folder per seed)
+        cfg_path = args.seed_dir / "config.resolved.yaml"
     s, _ = resolve(SolSettings, {"no_progress": True}, cfg_path, "run")
     data = load(s.data, s.data_dir)
     lrs = [float(v) for v in args.lr.split(",")] if args.lr else [s.lr]

@@ -1,12 +1,12 @@
 """``bbzo sol``: ZO-SOL -- train a PDE corrector through a non-differentiable PhiFlow solver.
 
-    bbzo sol run --preset demo --out runs/sol-demo          # everything: data, 4 methods, table, plots
+    bbzo sol run --preset demo --out runs/sol-demo          # everything: data, 5 methods, table, plots
     bbzo sol generate --preset small --data-dir runs/sol-data
     bbzo sol train --method zo --preset small --out runs/sol-small
     bbzo sol eval --out runs/sol-small                       # every method trained in that folder
     bbzo sol eval --out runs/sol-small --test-re 250,800,3000   # ... on new held-out Reynolds numbers
 
-Settings come from a preset (``demo``: ~5 min on 2 CPU cores; ``small``: the CPU benchmark; ``paper``:
+Settings come from a preset (``demo``: ~6-7 min on 2 CPU cores; ``small``: the CPU benchmark; ``paper``:
 DeepZero Appendix H for a GPU machine), then a ``--config`` file (flat keys, as the flags), then flags;
 all of them are declared once in :class:`bbzo.tasks.sol.SolSettings`.
 """
@@ -23,7 +23,7 @@ from typing import Any, Optional
 import click
 
 from bbzo.run import Run, run_task
-from bbzo.tasks.sol import TASK, SolSettings, evaluate_run, generate
+from bbzo.tasks.sol import METHODS, TASK, SolSettings, evaluate_run, generate
 from bbzo.tasks.sol.data import _paths
 
 from .launch import relaunch_if_needed, reports
@@ -63,8 +63,9 @@ def generate_cmd(ctx: click.Context, config: Optional[str], force: bool, **_: An
 @sol.command("train")
 @config_option
 @settings_options(SolSettings, exclude=("methods",))
-@click.option("--method", type=click.Choice(["zo", "fo", "non", "src"]), default="zo", show_default=True,
-              help="zo = ZO-SOL (black box), fo = FO-SOL (white-box reference), non = supervised one-step, src = none.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="zo", show_default=True,
+              help="zo = ZO-SOL (black box), nog = unrolled with no solver gradient, fo = FO-SOL (white-box "
+                   "reference), non = supervised one-step, src = none.")
 @click.pass_context
 def train_cmd(ctx: click.Context, config: Optional[str], method: str, **_: Any) -> None:
     """Train one method into OUT/METHOD (data generated first if it is not cached)."""
@@ -80,7 +81,7 @@ def train_cmd(ctx: click.Context, config: Optional[str], method: str, **_: Any) 
 @settings_options(SolSettings)
 @click.pass_context
 def run_cmd(ctx: click.Context, config: Optional[str], **_: Any) -> None:
-    """Everything: reference data, SRC / NON / ZO-SOL / FO-SOL, the MAE table and the pictures."""
+    """Everything: reference data, SRC / NON / NOG / ZO-SOL / FO-SOL, the MAE table and the pictures."""
     s, sources = resolve_command(ctx, SolSettings)
     relaunch_if_needed(s)
     summary = run_task(TASK, s, sources, command=_command_line())
@@ -95,7 +96,7 @@ def run_cmd(ctx: click.Context, config: Optional[str], **_: Any) -> None:
 @sol.command("eval")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sol"), show_default=True,
               help="Run folder written by `bbzo sol train` / `bbzo sol run`.")
-@click.option("--methods", type=CommaList(), default="src,non,zo,fo", show_default=True,
+@click.option("--methods", type=CommaList(), default=",".join(METHODS), show_default=True,
               help="Methods to evaluate (those not trained in OUT are skipped, src always works).")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Reference data folder (default: the one the run in OUT was trained on).")

@@ -2,7 +2,7 @@
 
 * :mod:`.settings` -- the settings and presets (demo / small / paper);
 * :mod:`.data` -- the high-fidelity reference data, generated once per setting and cached;
-* :mod:`.methods` -- SRC, NON, ZO-SOL and FO-SOL as trainings of the shared run lifecycle;
+* :mod:`.methods` -- SRC, NON, NOG, ZO-SOL and FO-SOL as trainings of the shared run lifecycle;
 * :mod:`.evaluate` -- rollouts on the held-out Re, MAE per Re and over time;
 * :mod:`.report` -- the table and the pictures.
 
@@ -20,12 +20,13 @@ from bbzo.task import Task, register_task
 
 from .data import DataSettings, RolloutBatches, SolData, generate, load
 from .evaluate import evaluate, evaluate_run, vorticity
-from .methods import build_method, features, load_corrector, make_corrector, make_rollout, non_pairs
+from .methods import BUILDERS, build_method, features, load_corrector, make_corrector, make_rollout, nog_rollout, non_pairs
 from .report import plot_results, results_table
-from .settings import METHOD_NAMES, METHODS, PRESETS, SolSettings
+from .settings import METHOD_NAMES, METHOD_SETTINGS, METHODS, PRESETS, SolSettings
 
-__all__ = ["SolSettings", "PRESETS", "METHODS", "METHOD_NAMES", "DataSettings", "SolData", "RolloutBatches",
-           "generate", "load", "make_corrector", "load_corrector", "make_rollout", "features", "non_pairs",
+__all__ = ["SolSettings", "PRESETS", "METHODS", "METHOD_NAMES", "METHOD_SETTINGS", "DataSettings", "SolData", "RolloutBatches",
+           "generate", "load", "make_corrector", "load_corrector", "make_rollout", "nog_rollout", "features", "non_pairs",
+           "BUILDERS",
            "evaluate", "evaluate_run", "vorticity", "results_table", "plot_results", "TASK"]
 
 

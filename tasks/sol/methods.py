@@ -8,6 +8,11 @@ error (velocity normalised by its training std) to the downsampled high-fidelity
 * ``non``  -- supervised one-step training on pre-generated pairs ``(P(ref_t), ref_{t+1})`` (the
   solver is queried once per pair to build them; no gradient through it), with the ``autograd``
   estimator on the white-box corrector;
+* ``nog``  -- NOG (List, Chen, Bali, Thuerey, CMAME 433 (2025) 117441, arXiv 2402.12971): the unrolled
+  loss of ZO-SOL with the gradient stopped at every solver call -- the query-only oracle steps the
+  *detached* state, so the solver's output enters the next correction as a constant -- and the
+  ``autograd`` estimator on the white-box corrector. No solver gradient and no query beyond the rollout
+  itself (batch x unroll solver rows per step, counted by the ledger);
 * ``zo``   -- ZO-SOL: Sparse-CGE through the query-only :class:`~bbzo.oracles.karman.KarmanOracle`
   (:class:`~bbzo.adapters.LoopAdapter`: K perturbed correctors x B samples per PhiFlow batch), dynamic
   sparsity at ZO-GraSP's layer-wise ratios (computed from rollout queries only);
@@ -35,8 +40,8 @@ from bbzo.sparsity import sparse_cge_from_score
 from .data import RolloutBatches, SolData
 from .settings import SolSettings
 
-__all__ = ["make_corrector", "load_corrector", "features", "make_rollout", "non_pairs", "PairBatches", "build_method",
-           "karman_oracle"]
+__all__ = ["make_corrector", "load_corrector", "features", "make_rollout", "nog_rollout", "non_pairs", "PairBatches",
+           "build_method", "karman_oracle", "BUILDERS"]
 
 
 # ---------------------------------------------------------------------------- the corrector and the rollout
@@ -74,12 +79,19 @@ def features(state: torch.Tensor, re: torch.Tensor) -> torch.Tensor:
     return torch.cat([state, re.to(state.dtype).view(n, 1, 1, 1).expand(n, 1, h, w)], dim=1)
 
 
-def make_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std: torch.Tensor
-                 ) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
-    """The SOL objective as a rollout for :class:`~bbzo.adapters.LoopAdapter` (and FO-SOL).
+def make_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std: torch.Tensor,
+                 detach_solver: bool = False) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """The SOL objective as a rollout for :class:`~bbzo.adapters.LoopAdapter` (and FO-SOL, NOG).
 
     ``rollout(model_fn, (state (N,2,ny,nx), re (N,)), targets (N, n, 2, ny, nx)) -> (N,)``: ``n`` solver
     steps, each followed by ``state += model_fn(features(state, re))`` (``model_fn=None``: SRC).
+
+    ``detach_solver=True`` stops the gradient at every solver call (NOG): ``step`` receives the detached
+    state, so ``P(s_t)`` is a constant and the gradient of step ``t``'s loss reaches theta only through
+    the correction ``C_theta(P(s_t))`` made at that step. The loss *value* is unchanged (the same
+    function of theta; only its autograd graph differs), so the same rollout is the free, stop-gradient
+    surrogate of the black-box objective: one backward through the corrector, no solver gradient, no
+    query beyond the rollout itself.
     """
     scale = (1.0 / std.to(torch.float32)).view(1, 2, 1, 1)
 
@@ -88,13 +100,29 @@ def make_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std
         loss = torch.zeros(state.shape[0], dtype=state.dtype, device=state.device)
         n = targets.shape[1]
         for t in range(n):
-            state = step(state, re)
+            state = step(state.detach() if detach_solver else state, re)
             if model_fn is not None:
                 state = state + model_fn(features(state, re))
             loss = loss + ((state - targets[:, t]) * scale.to(state.device)).pow(2).flatten(1).mean(1)
         return loss / n
 
     return rollout
+
+
+def nog_rollout(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], std: torch.Tensor
+                ) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """NOG's rollout: :func:`make_rollout` with the gradient stopped at every solver call.
+
+    ``step`` may be the query-only ``KarmanOracle.query`` (it refuses inputs that require grad; this
+    rollout never passes one). Differentiated with autograd it gives NOG's gradient; evaluated under
+    ``no_grad`` it gives exactly the ZO-SOL loss.
+    """
+    return make_rollout(step, std, detach_solver=True)
+
+
+def _unrolled(s: SolSettings) -> str:
+    """The label of the unrolled training loss (the loss plot keeps it apart from NON's one-step loss)."""
+    return f"{s.unroll}-step unrolled loss"
 
 
 def _adam(model: nn.Module, lr: float, schedule: str, steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -109,25 +137,31 @@ def karman_oracle(s: SolSettings, name: str) -> KarmanOracle:
 
 
 def _initial_corrector(s: SolSettings, data: SolData, run_folder: Path) -> Corrector:
-    """The starting corrector of ZO-SOL / FO-SOL: fresh (zero output) or the trained NON corrector."""
+    """The starting corrector of the unrolled methods (ZO-SOL, NOG, FO-SOL): fresh (zero output) or the
+    trained NON corrector."""
     if s.init == "non":
         path = run_folder / "non" / "corrector.pt"
         if not path.exists():
             raise ConfigError(f"init='non' fine-tunes the NON corrector, but {path} does not exist; train NON "
                               "first (`bbzo sol train --method non` with the same --out, or list non before "
-                              "zo/fo in --methods).")
+                              "nog/zo/fo in --methods).")
         return load_corrector(s, data, path)
     return make_corrector(s, data).to(s.device)
 
 
-# ---------------------------------------------------------------------------- ZO-SOL
-def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
-    """Sparse-CGE through the query-only solver, ZO-GraSP ratios, coordinates redrawn per the schedule."""
+# ---------------------------------------------------------------------------- ZO-SOL (and its completion)
+def _sparse_cge(s: SolSettings, ctx: BuildContext, method: str) -> Training:
+    """ZO-SOL's training: Sparse-CGE through the query-only solver, ZO-GraSP ratios, coordinates redrawn per
+    the schedule. ``method="hybrid"``: the same estimate on the drawn coordinates, completed on every other
+    coordinate by NOG's free gradient (``hybrid_cge``: the rollout's stop-gradient surrogate), same queries."""
     data: SolData = ctx.shared
     dev = torch.device(s.device)
+    hybrid = method == "hybrid"
     model = _initial_corrector(s, data, ctx.run.folder)
-    oracle = ctx.ledger.attach(karman_oracle(s, "phiflow-karman(zo-sol)"))
-    rollout = make_rollout(oracle.query, data.velocity_std().to(dev))
+    oracle = ctx.ledger.attach(karman_oracle(s, f"phiflow-karman({'zo-sol' if not hybrid else 'hybrid'})"))
+    std = data.velocity_std().to(dev)
+    rollout = make_rollout(oracle.query, std)
+    objective = bbzo.Rollout(rollout, surrogate=nog_rollout(oracle.query, std)) if hybrid else rollout
     batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
     (x, re), y = batches.get_batch(0)
     # Pruning-at-init scores are theta-weighted: on the zero last layer of a fresh corrector they are all 0, that
@@ -136,19 +170,52 @@ def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
     scored = make_corrector(s, data, zero_last=False).to(dev) if s.init == "scratch" and not ctx.resuming else model
     est, lpr = sparse_cge_from_score(
         s.score, model, rollout, (x, re), y, sparsity=s.sparsity, mu=s.mu, resample_every=s.resample_every,
-        seed=s.seed, others="dense", scored_model=scored, ledger=ctx.ledger,
+        seed=s.seed, others="dense", scored_model=scored, ledger=ctx.ledger, surrogate=hybrid,
         include=[n for n, _ in model.named_parameters() if n.endswith("weight")], score_options={"q": s.score_q},
         adapter_factory=lambda m: LoopAdapter(m, sets_per_call=s.sets_per_call),
         model_name="sol-corrector-" + s.corrector, cache=ctx.folder / "lpr.json", reuse=ctx.resuming)
     sampler_coords = est.query_cost({n: p.detach() for n, p in model.named_parameters()}) - 1
     score_queries = lpr.queries
-    opt, sched = _adam(model, s.lr, s.schedule, s.steps)
+    opt, sched = _adam(model, (s.hybrid_lr or s.lr) if hybrid else s.lr, s.schedule, s.steps)
+    desc = f"ZO-SOL + NOG ({sampler_coords + 1} q/step)" if hybrid else f"ZO-SOL ({sampler_coords + 1} q/step)"
     return Training(
-        model=model, objective=rollout, estimator=est, optimizer=opt, scheduler=sched,
+        model=model, objective=objective, estimator=est, optimizer=opt, scheduler=sched,
         data=batches, steps=s.steps, adapter=LoopAdapter(model, sets_per_call=s.sets_per_call), oracles=[oracle],
         checkpoint_every=s.checkpoint_every, weights="corrector.pt",
-        desc=f"ZO-SOL ({sampler_coords + 1} q/step)", log_extra={"method": "zo"},
+        desc=desc, log_extra={"method": method, "objective": _unrolled(s)},
         summary=lambda tr: {"score_queries": score_queries})
+
+
+def build_zo(s: SolSettings, ctx: BuildContext) -> Training:
+    """ZO-SOL: Sparse-CGE through the query-only solver (DeepZero)."""
+    return _sparse_cge(s, ctx, "zo")
+
+
+def build_hybrid(s: SolSettings, ctx: BuildContext) -> Training:
+    """ZO-SOL completed by NOG: ``hybrid_cge`` (finite differences on the drawn coordinates, the stop-gradient
+    gradient on all others), ZO-SOL's queries, ratios, draws, schedule; learning rate ``hybrid_lr`` (default ``lr``)."""
+    return _sparse_cge(s, ctx, "hybrid")
+
+
+# ---------------------------------------------------------------------------- NOG
+def build_nog(s: SolSettings, ctx: BuildContext) -> Training:
+    """NOG: the unrolled loss with the solver's outputs as constants, autograd on the corrector only.
+
+    The oracle is the query-only black box (counted by the training's ledger: ``batch x unroll`` rows per
+    step, the rollout itself); the estimator charges no query. Same batches (seed), optimizer, schedule
+    and start as ZO-SOL; learning rate ``nog_lr`` (default ``lr``).
+    """
+    data: SolData = ctx.shared
+    dev = torch.device(s.device)
+    model = _initial_corrector(s, data, ctx.run.folder)
+    oracle = ctx.ledger.attach(karman_oracle(s, "phiflow-karman(nog)"))
+    rollout = nog_rollout(oracle.query, data.velocity_std().to(dev))
+    batches = RolloutBatches(data.train, data.train_re, s.unroll, s.batch, seed=s.seed, device=dev)
+    opt, sched = _adam(model, s.nog_lr or s.lr, s.schedule, s.steps)
+    return Training(
+        model=model, objective=rollout, estimator=bbzo.create_estimator("autograd"), optimizer=opt, scheduler=sched,
+        data=batches, steps=s.steps, adapter=LoopAdapter(model), oracles=[oracle], checkpoint_every=s.checkpoint_every,
+        weights="corrector.pt", desc="NOG", log_extra={"method": "nog", "objective": _unrolled(s)})
 
 
 # ---------------------------------------------------------------------------- FO-SOL
@@ -166,7 +233,7 @@ def build_fo(s: SolSettings, ctx: BuildContext) -> Training:
     return Training(
         model=model, objective=rollout, estimator=est, optimizer=opt, scheduler=sched, data=batches, steps=s.steps,
         adapter=LoopAdapter(model), checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="FO-SOL",
-        log_extra={"method": "fo"}, summary=lambda tr: {"solver_state_steps": tr.step_count * s.batch * s.unroll})
+        log_extra={"method": "fo", "objective": _unrolled(s)}, summary=lambda tr: {"solver_state_steps": tr.step_count * s.batch * s.unroll})
 
 
 # ---------------------------------------------------------------------------- NON
@@ -217,11 +284,17 @@ def build_non(s: SolSettings, ctx: BuildContext) -> Training:
     return Training(
         model=model, objective=one_step_loss, estimator=bbzo.create_estimator("autograd"), optimizer=opt,
         scheduler=sched, data=PairBatches(p, re, tgt, s.non_batch, s.seed), steps=s.non_steps, oracles=[oracle], checkpoint_every=s.checkpoint_every, weights="corrector.pt", desc="NON",
-        log_extra={"method": "non"})
+        log_extra={"method": "non", "objective": "one-step loss on pairs"})
+
+
+#: The builder of every trainable method (``src`` trains nothing).
+BUILDERS: dict[str, Callable[[SolSettings, BuildContext], Training]] = {
+    "non": build_non, "nog": build_nog, "zo": build_zo, "hybrid": build_hybrid, "fo": build_fo,
+}
 
 
 def build_method(s: SolSettings, method: str, ctx: BuildContext) -> Optional[Training]:
     """The training of ``method`` (``src``: None, nothing to train)."""
     if method == "src":
         return None
-    return {"zo": build_zo, "fo": build_fo, "non": build_non}[method](s, ctx)
+    return BUILDERS[method](s, ctx)

@@ -14,21 +14,36 @@ from bbzo.task import RunSettings
 
 from .data import TEST_RE, TRAIN_RE, DataSettings
 
-__all__ = ["SolSettings", "METHODS", "METHOD_NAMES", "PRESETS"]
+__all__ = ["SolSettings", "METHODS", "METHOD_NAMES", "METHOD_SETTINGS", "PRESETS"]
 
-METHODS = ("src", "non", "zo", "fo")
-METHOD_NAMES = {"src": "SRC", "non": "NON", "zo": "ZO-SOL", "fo": "FO-SOL (white-box)"}
+#: In training order: nog, zo, hybrid and fo fine-tune NON's corrector when init="non".
+METHODS = ("src", "non", "nog", "zo", "hybrid", "fo")
+METHOD_NAMES = {"src": "SRC", "non": "NON", "nog": "NOG (no solver gradient)", "zo": "ZO-SOL",
+                "hybrid": "ZO-SOL + NOG (hybrid_cge)", "fo": "FO-SOL (white-box)"}
+#: The settings only one method reads (a result of another method cannot depend on them: benchmarks that cache
+#: one result per method leave them out of that method's key). ``lr`` is shared: NOG and FO-SOL default to it.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "non": ("non_steps", "non_batch", "non_lr", "non_schedule"),
+    "nog": ("nog_lr",),
+    "zo": ("sparsity", "score", "score_q", "resample_every", "mu", "sets_per_call"),
+    "hybrid": ("hybrid_lr", "sparsity", "score", "score_q", "resample_every", "mu", "sets_per_call"),
+    "fo": ("fo_lr",),
+}
 
 PRESETS: dict[str, dict] = {
-    # `make demo`: about five minutes on a 2-core CPU, data generated on the spot (2 held-out Re)
+    # `make demo` (~6-7 min on 2 CPU cores, data generated on the spot, 2 held-out Re): the small preset's
+    # protocol at demo scale -- NON (unchanged: 400 steps, constant 1e-3) is trained first, then NOG, ZO-SOL and
+    # FO-SOL fine-tune it on the 4-step unrolled loss for 100 steps with a cosine decay. Their learning rates are
+    # the best validation MAE (training Re, seed 0) of the same screen, 3e-4 / 1e-3 / 3e-3, for each method
+    # (docs/results/sol.md)
     "demo": dict(train_re=(195.3, 781.3, 3125.0), test_re=(390.6, 1562.5), warmup=300, frames=60,
-                 corrector="tiny", unroll=4, batch=1, steps=100, lr=1e-3, sets_per_call=32, score_q=24,
-                 non_steps=400, non_lr=1e-3, checkpoint_every=10),
+                 corrector="tiny", unroll=4, batch=1, steps=100, lr=1e-3, nog_lr=1e-3, fo_lr=3e-3, schedule="cosine",
+                 init="non", sets_per_call=32, score_q=24, non_steps=400, non_lr=1e-3, checkpoint_every=10),
     # benchmarks/sol_small.json: all of the paper's Re, 100-frame rollouts, the tiny corrector. NON is trained
-    # to convergence (cosine, 2400 steps); ZO-SOL and FO-SOL fine-tune it on the unrolled loss (README, "At CPU
-    # scale": every value here was chosen by the validation MAE on the training Re, never the test Re)
+    # to convergence (cosine, 2400 steps); ZO-SOL, NOG and FO-SOL fine-tune it on the unrolled loss
+    # (docs/results/sol.md: every value here was chosen by the validation MAE on the training Re, never the test Re)
     "small": dict(warmup=400, frames=100, corrector="tiny", unroll=4, batch=1, steps=300, lr=3e-4, fo_lr=1e-3,
-                  schedule="cosine", init="non", sets_per_call=32, score_q=48, non_steps=2400, non_lr=3e-3,
+                  nog_lr=1e-3, schedule="cosine", init="non", sets_per_call=32, score_q=48, non_steps=2400, non_lr=3e-3,
                   non_schedule="cosine", validate=True, checkpoint_every=20),
     # Appendix H for a GPU machine: 64x128 reference, 1000 warm-up + 500 frames, the paper's corrector, n=16,
     # Adam 1e-4 (steps = 10 epochs of 6 sims x 484 start frames / batch 3)
@@ -44,10 +59,11 @@ class SolSettings(RunSettings):
     PRESETS: ClassVar[dict[str, dict]] = PRESETS
 
     preset: str = setting("demo", choices=tuple(PRESETS), compare=False, help=(
-        "Base settings: demo (~5 min CPU), small (CPU benchmark), paper (Appendix H, GPU); flags and --config "
+        "Base settings: demo (~6 min CPU), small (CPU benchmark), paper (Appendix H, GPU); flags and --config "
         "override its values."))
     methods: tuple[str, ...] = setting(METHODS, runtime=True, help="Methods to train and compare: src (solver alone), "
-                                       "non (supervised one-step), zo (ZO-SOL), fo (FO-SOL, white-box).")
+                                       "non (supervised one-step), nog (unrolled, no solver gradient), zo (ZO-SOL), "
+                                       "fo (FO-SOL, white-box).")
     # ---- the reference data
     train_re: tuple[float, ...] = setting(TRAIN_RE, help="Training Reynolds numbers, comma-separated (paper: 97.7,...,3125); a list in --config.")
     test_re: tuple[float, ...] = setting(TEST_RE, help="Held-out test Reynolds numbers, comma-separated.")
@@ -63,13 +79,16 @@ class SolSettings(RunSettings):
     corrector: str = setting("paper", help="tiny 2,618 / small 8,434 / paper 56,898 parameters (the paper's network).")
     unroll: int = setting(16, help="Solver steps per training rollout (paper 16).")
     batch: int = setting(3, help="Rollouts per training step.")
-    steps: int = setting(1000, runtime=True, help="Training steps (ZO-SOL and FO-SOL).")
-    lr: float = setting(1e-4, help="Adam learning rate of ZO-SOL (and FO-SOL unless --fo-lr).")
+    steps: int = setting(1000, runtime=True, help="Training steps of the unrolled methods (ZO-SOL, NOG, FO-SOL).")
+    lr: float = setting(1e-4, help="Adam learning rate of ZO-SOL (and of NOG / FO-SOL unless --nog-lr / --fo-lr).")
     fo_lr: Optional[float] = setting(None, help="Adam learning rate of FO-SOL (default: --lr).")
+    nog_lr: Optional[float] = setting(None, help="Adam learning rate of NOG (default: --lr).")
+    hybrid_lr: Optional[float] = setting(None, help="Adam learning rate of hybrid (ZO-SOL + NOG; default: --lr).")
     schedule: str = setting("constant", choices=("constant", "cosine"), help=(
-        "Learning-rate schedule of ZO-SOL and FO-SOL: constant, or cosine decay to 0 after a 5% linear warm-up."))
+        "Learning-rate schedule of ZO-SOL, NOG and FO-SOL: constant, or cosine decay to 0 after a 5% linear "
+        "warm-up."))
     init: str = setting("scratch", choices=("scratch", "non"), help=(
-        "ZO-SOL / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."))
+        "ZO-SOL / NOG / FO-SOL start: scratch (paper) or the trained NON corrector (train non first)."))
     # ---- ZO-SOL
     sparsity: float = setting(0.95, help="ZO-SOL gradient sparsity (paper 0.95).")
     score: str = setting("zo_grasp", help="Pruning score for the layer-wise ratios (bbzo prune --list).")

@@ -1,4 +1,5 @@
-"""ZO-SOL end to end on a tiny grid: data cache, ZO steps lower the loss, ZO matches FO, exact resume, CLI."""
+"""ZO-SOL end to end on a tiny grid: data cache, ZO steps lower the loss, ZO matches FO, NOG's stopped gradient,
+exact resume, CLI."""
 
 import json
 
@@ -13,7 +14,7 @@ from bbzo.config import resolve
 from bbzo.errors import ConfigError
 from bbzo.oracles.karman import KarmanOracle, KarmanSolver, phi
 from bbzo.run import run_task
-from bbzo.tasks.sol import TASK, SolSettings, make_corrector, make_rollout
+from bbzo.tasks.sol import TASK, SolSettings, features, make_corrector, make_rollout, nog_rollout
 from bbzo.tasks.sol.data import DataSettings, RolloutBatches, generate, load
 from bbzo.step import estimate
 
@@ -97,6 +98,78 @@ def test_zo_gradient_through_phiflow_matches_fo_sol_at_the_shipped_setting(data,
     assert oracle.rows_used == zo.queries * 2 * c.unroll
 
 
+def _grads(model, loss):
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def _flat(g):
+    return torch.cat([v.flatten() for v in g.values()]).double()
+
+
+def test_nog_gradient_is_the_stopped_gradient_of_the_rollout_not_fo_sols(data, data_dir):
+    """NOG = autograd of the rollout whose solver outputs are constants: by bbzo's autograd estimator through the
+    query-only oracle, by hand from the rollout's states, and through the differentiable solver detached; it is
+    not FO-SOL's full gradient, and its loss value is ZO-SOL's."""
+    c = cfg(data_dir, unroll=3)
+    model = make_corrector(c, data)
+    with torch.no_grad():  # a non-zero last layer: corrections change later solver inputs
+        model.net[-1].weight.normal_(0, 0.05)
+    inputs, y = RolloutBatches(data.train, data.train_re, c.unroll, 2, seed=0).get_batch(0)
+    std = data.velocity_std()
+    oracle = KarmanOracle(c.data.low, backend="torch")
+    est = bbzo.estimate(LoopAdapter(model), bbzo.create_estimator("autograd"), nog_rollout(oracle.query, std),
+                        inputs, y)
+    assert est.queries == 0 and oracle.rows_used == 2 * c.unroll  # the rollout itself, nothing more
+    nog = _flat(est.grads)
+    # by hand: run the rollout without a graph, keep each solver output P(s_t), then differentiate
+    # sum_t |P(s_t) + C(P(s_t)) - y_t|^2 with every P(s_t) a constant
+    (state, re), solved = inputs, []
+    with torch.no_grad():
+        for t in range(c.unroll):
+            state = oracle.query(state, re)
+            solved.append(state)
+            state = state + model(features(state, re))
+    scale = (1.0 / std).view(1, 2, 1, 1)
+    loss = sum(((p + model(features(p, re)) - y[:, t]) * scale).pow(2).flatten(1).mean(1)
+               for t, p in enumerate(solved)) / c.unroll
+    hand = _flat(_grads(model, loss.mean()))
+    assert torch.allclose(nog, hand, rtol=1e-5, atol=1e-9), float((nog - hand).abs().max())
+    solver = KarmanSolver(c.data.low, backend="torch", jit=False)
+    with phi().TORCH:
+        detached = _flat(_grads(model, make_rollout(solver.step, std, detach_solver=True)(model, inputs, y).mean()))
+        full = _flat(_grads(model, make_rollout(solver.step, std)(model, inputs, y).mean()))
+    assert float((nog - detached).norm() / nog.norm()) < 1e-5  # the jitted oracle vs the plain solver: float32
+    # FO-SOL's gradient also flows back through the solver into earlier corrections: a different vector
+    # (here 53% of its norm apart)
+    assert float((nog - full).norm() / full.norm()) > 0.2, float((nog - full).norm() / full.norm())
+    with torch.no_grad():  # the same loss as ZO-SOL's objective: only the graph differs
+        a = nog_rollout(oracle.query, std)(model, inputs, y)
+        b = make_rollout(oracle.query, std)(model, inputs, y)
+    assert torch.equal(a, b)
+
+
+def test_nog_trains_through_the_oracle_with_its_rows_counted(data, data_dir, tmp_path):
+    c = cfg(data_dir, steps=6, lr=3e-3, init="non", non_steps=20, out=tmp_path)
+    non = train(c, "non")
+    before = _objective(c, data, _load(c, data, tmp_path / "non"))
+    res = train(c, "nog")
+    after = _objective(c, data, _load(c, data, tmp_path / "nog"))
+    assert after < before, (before, after)  # fine-tuning NON on the unrolled loss lowers it
+    assert res["estimator"] == "autograd" and res["zeroth_order"] is False and res["queries"] == 0
+    assert res["oracle_rows"] == 6 * c.batch * c.unroll  # one rollout per step, counted by the ledger
+    assert res["ledger"]["oracles"]["phiflow-karman(nog)"]["rows"] == res["oracle_rows"]
+    assert non["oracle_rows"] == 2 * 9  # NON's pair queries, unchanged
+    rows = [json.loads(line) for line in (tmp_path / "nog" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["objective"] for r in rows} == {"2-step unrolled loss"}
+
+
+def _load(c, data, folder):
+    model = make_corrector(c, data)
+    model.load_state_dict(torch.load(folder / "corrector.pt", weights_only=True))
+    return model
+
+
 def _objective(c, data, model):
     """Mean training rollout loss over every start window (deterministic, via the oracle)."""
     oracle = KarmanOracle(c.data.low, backend="torch")
@@ -124,7 +197,7 @@ def test_a_few_zo_steps_lower_the_loss(data, data_dir, tmp_path):
     assert [r["sparsity_draw"] for r in rows] == list(range(10))  # redrawn every step
 
 
-@pytest.mark.parametrize("method, key", [("zo", "steps"), ("non", "non_steps"), ("fo", "steps")])
+@pytest.mark.parametrize("method, key", [("zo", "steps"), ("non", "non_steps"), ("nog", "steps"), ("fo", "steps")])
 def test_resume_is_exact(data, data_dir, tmp_path, method, key):
     full = cfg(data_dir, **{key: 4}, out=tmp_path / "full")
     train(full, method)
@@ -144,14 +217,15 @@ def test_cli_run_eval_new_conditions_and_the_folder_policy(data, data_dir, tmp_p
              "--corrector", "tiny", "--unroll", "2", "--batch", "2", "--steps", "3", "--score-q", "4",
              "--non-steps", "5", "--eval-steps", "4", "--sets-per-call", "8", "--data-dir", str(data_dir),
              "--no-progress"]
-    r = CliRunner().invoke(main, ["sol", "run", "--out", str(out), "--methods", "src,non,zo,fo", *flags])
+    r = CliRunner().invoke(main, ["sol", "run", "--out", str(out), *flags])  # every method by default
     assert r.exit_code == 0, r.output
-    assert "ZO-SOL" in r.output and "FO-SOL (white-box)" in r.output
+    assert "ZO-SOL" in r.output and "FO-SOL (white-box)" in r.output and "NOG (no solver gradient)" in r.output
     for f in ("results.json", "results.md", "vorticity.png", "mae_over_time.png", "loss.png", "config.resolved.yaml"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
-    assert set(res["eval"]) == {"src", "non", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
+    assert set(res["eval"]) == {"src", "non", "nog", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
     assert res["train"]["non"]["oracle_rows"] == 2 * 9 and res["train"]["fo"]["solver_state_steps"] == 3 * 2 * 2
+    assert res["train"]["nog"]["oracle_rows"] == 3 * 2 * 2 and res["train"]["nog"]["queries"] == 0
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--no-plots"])  # data dir from the run
     assert r.exit_code == 0, r.output
     assert json.loads((out / "eval.json").read_text())["eval"]["src"]["mae"] == res["eval"]["src"]["mae"]
@@ -168,7 +242,7 @@ def test_cli_run_eval_new_conditions_and_the_folder_policy(data, data_dir, tmp_p
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--test-re", "400,1200", "--no-plots"])
     assert r.exit_code == 0, r.output
     new = json.loads((out / "eval-re-400,1200" / "eval.json").read_text())
-    assert set(new["eval"]) == {"src", "non", "zo", "fo"} and list(new["eval"]["zo"]["mae_per_re"]) == ["400", "1200"]
+    assert set(new["eval"]) == {"src", "non", "nog", "zo", "fo"} and list(new["eval"]["zo"]["mae_per_re"]) == ["400", "1200"]
     assert new["eval"]["src"]["mae"] != res["eval"]["src"]["mae"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -185,6 +259,10 @@ def test_presets_build_and_the_paper_corrector_has_56898_parameters(data, data_d
         c, _ = resolve(SolSettings, {"preset": name})
         sizes[name] = sum(p.numel() for p in make_corrector(c, data).parameters())
     assert sizes["paper"] == 56_898 and sizes["small"] == 2_618 and sizes["demo"] == 2_618
+    demo, _ = resolve(SolSettings, {"preset": "demo"})
+    small, _ = resolve(SolSettings, {"preset": "small"})
+    for c in (demo, small):  # make demo runs the benchmark's protocol: NOG / ZO / FO fine-tune NON, cosine decay
+        assert (c.init, c.schedule, c.methods) == ("non", "cosine", ("src", "non", "nog", "zo", "fo"))
     p, _ = resolve(SolSettings, {"preset": "paper"})
     assert (p.unroll, p.lr, p.sparsity, p.data.nx, p.data.ny, p.data.factor) == (16, 1e-4, 0.95, 32, 64, 2)
     assert p.data.train_re == (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
