@@ -20,7 +20,7 @@ from bbzo.step import estimate
 
 SMALL = dict(nx=16, ny=32, factor=2, train_re=(195.3, 3125.0), test_re=(781.3,), warmup=30, frames=10,
              corrector="tiny", unroll=2, batch=2, steps=8, lr=1e-3, sparsity=0.9, score_q=4, sets_per_call=8,
-             non_steps=20, eval_steps=6, checkpoint_every=2, no_progress=True, no_plots=True)
+             non_steps=20, eval_steps=6, checkpoint_every=2, init="scratch", schedule="constant", no_progress=True, no_plots=True)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_nog_gradient_is_the_stopped_gradient_of_the_rollout_not_fo_sols(data, d
     inputs, y = RolloutBatches(data.train, data.train_re, c.unroll, 2, seed=0).get_batch(0)
     std = data.velocity_std()
     oracle = KarmanOracle(c.data.low, backend="torch")
-    est = bbzo.estimate(LoopAdapter(model), bbzo.create_estimator("autograd"), nog_rollout(oracle.query, std),
+    est = estimate(LoopAdapter(model), bbzo.create_estimator("autograd"), nog_rollout(oracle.query, std),
                         inputs, y)
     assert est.queries == 0 and oracle.rows_used == 2 * c.unroll  # the rollout itself, nothing more
     nog = _flat(est.grads)
@@ -197,7 +197,8 @@ def test_a_few_zo_steps_lower_the_loss(data, data_dir, tmp_path):
     assert [r["sparsity_draw"] for r in rows] == list(range(10))  # redrawn every step
 
 
-@pytest.mark.parametrize("method, key", [("zo", "steps"), ("non", "non_steps"), ("nog", "steps"), ("fo", "steps")])
+@pytest.mark.parametrize("method, key", [("zo", "steps"), ("non", "non_steps"), ("nog", "steps"), ("hybrid", "steps"),
+                                         ("fo", "steps")])
 def test_resume_is_exact(data, data_dir, tmp_path, method, key):
     full = cfg(data_dir, **{key: 4}, out=tmp_path / "full")
     train(full, method)
@@ -220,10 +221,13 @@ def test_cli_run_eval_new_conditions_and_the_folder_policy(data, data_dir, tmp_p
     r = CliRunner().invoke(main, ["sol", "run", "--out", str(out), *flags])  # every method by default
     assert r.exit_code == 0, r.output
     assert "ZO-SOL" in r.output and "FO-SOL (white-box)" in r.output and "NOG (no solver gradient)" in r.output
+    assert "ZO-SOL + NOG (hybrid_cge)" in r.output
     for f in ("results.json", "results.md", "vorticity.png", "mae_over_time.png", "loss.png", "config.resolved.yaml"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
-    assert set(res["eval"]) == {"src", "non", "nog", "zo", "fo"} and res["eval"]["zo"]["steps"] == 4
+    assert set(res["eval"]) == {"src", "non", "nog", "zo", "hybrid", "fo"} and res["eval"]["zo"]["steps"] == 4
+    zo, hy = res["train"]["zo"], res["train"]["hybrid"]  # the completed estimator costs Sparse-CGE's queries
+    assert hy["estimator"] == "hybrid_cge" and hy["zeroth_order"] and hy["queries_per_step"] == zo["queries_per_step"]
     assert res["train"]["non"]["oracle_rows"] == 2 * 9 and res["train"]["fo"]["solver_state_steps"] == 3 * 2 * 2
     assert res["train"]["nog"]["oracle_rows"] == 3 * 2 * 2 and res["train"]["nog"]["queries"] == 0
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--no-plots"])  # data dir from the run
@@ -242,7 +246,7 @@ def test_cli_run_eval_new_conditions_and_the_folder_policy(data, data_dir, tmp_p
     r = CliRunner().invoke(main, ["sol", "eval", "--out", str(out), "--test-re", "400,1200", "--no-plots"])
     assert r.exit_code == 0, r.output
     new = json.loads((out / "eval-re-400,1200" / "eval.json").read_text())
-    assert set(new["eval"]) == {"src", "non", "nog", "zo", "fo"} and list(new["eval"]["zo"]["mae_per_re"]) == ["400", "1200"]
+    assert set(new["eval"]) == {"src", "non", "nog", "zo", "hybrid", "fo"} and list(new["eval"]["zo"]["mae_per_re"]) == ["400", "1200"]
     assert new["eval"]["src"]["mae"] != res["eval"]["src"]["mae"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -262,7 +266,7 @@ def test_presets_build_and_the_paper_corrector_has_56898_parameters(data, data_d
     demo, _ = resolve(SolSettings, {"preset": "demo"})
     small, _ = resolve(SolSettings, {"preset": "small"})
     for c in (demo, small):  # make demo runs the benchmark's protocol: NOG / ZO / FO fine-tune NON, cosine decay
-        assert (c.init, c.schedule, c.methods) == ("non", "cosine", ("src", "non", "nog", "zo", "fo"))
+        assert (c.init, c.schedule, c.methods) == ("non", "cosine", ("src", "non", "nog", "zo", "hybrid", "fo"))
     p, _ = resolve(SolSettings, {"preset": "paper"})
     assert (p.unroll, p.lr, p.sparsity, p.data.nx, p.data.ny, p.data.factor) == (16, 1e-4, 0.95, 32, 64, 2)
     assert p.data.train_re == (97.7, 195.3, 390.6, 781.3, 1562.5, 3125.0)
