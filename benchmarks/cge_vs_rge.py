@@ -176,8 +176,10 @@ def _mine(args: argparse.Namespace, key: tuple) -> bool:
     if not args.jobs_of:
         return True
     i, n = (int(v) for v in args.jobs_of.split("/"))
+    if not 1 <= i <= n:
+        raise SystemExit(f"error: --jobs-of {args.jobs_of}: I counts from 1 to N (e.g. 1/2 and 2/2).")
     args.dealt = getattr(args, "dealt", -1) + 1
-    return args.dealt % n == i
+    return args.dealt % n == i - 1
 
 
 # ---------------------------------------------------------------------------- the JSON
@@ -297,7 +299,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: run processes side by side)")
     ap.add_argument("--work", default="runs/cge_vs_rge", help="run folders (the cache)")
     ap.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the fig2 preset's, an epoch)")
-    ap.add_argument("--jobs-of", help="I/N: train only this process's share of the runs (N processes share --work)")
+    ap.add_argument("--jobs-of", help="I/N (I = 1..N): train only this process's share of the runs (N processes share --work)")
     ap.add_argument("--assemble", action="store_true", help="train nothing; assemble the JSON from finished runs")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--out")

@@ -98,3 +98,16 @@ def test_the_screen_scores_on_held_out_training_images_and_picks_per_method(npz,
 def test_missing_data_is_one_clear_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="CIFAR-10 data not found at .*nope.npz. Pass --data PATH"):
         bench(monkeypatch, capsys, "--data", tmp_path / "nope.npz", "--work", tmp_path / "w")
+
+
+def test_the_shares_of_several_processes_cover_every_run_once():
+    import argparse
+
+    keys = [("screen", m, lr) for m in ("fo", "cge", "rge") for lr in (0.1, 0.5)] + [("main", "m", "fo", s) for s in range(3)]
+    owners = []
+    for i in (1, 2, 3):
+        args = argparse.Namespace(jobs_of=f"{i}/3")
+        owners.append({k for k in keys if cge_vs_rge._mine(args, k)})
+    assert set().union(*owners) == set(keys) and sum(map(len, owners)) == len(keys)
+    with pytest.raises(SystemExit, match="I counts from 1 to N"):
+        cge_vs_rge._mine(argparse.Namespace(jobs_of="0/2"), keys[0])
