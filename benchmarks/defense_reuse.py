@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bbzo  # noqa: E402
+import bbzo.adapters  # noqa: E402
 from bbzo.estimators import masked  # noqa: E402
 from bbzo.models.dncnn import DnCNN  # noqa: E402
 from bbzo.oracles.classifier import ClassifierOracle, build_classifier  # noqa: E402

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bbzo  # noqa: E402
+import bbzo.step  # noqa: E402  (a submodule: the package imports it lazily)
 from bbzo.adapters import LoopAdapter, StagedAdapter, frozen_bn_stats  # noqa: E402
 from bbzo.models import create_model  # noqa: E402
 from bbzo.probes import DirectionProbes, make_direction  # noqa: E402

@@ -127,7 +127,7 @@ def build_method(s: CifarSettings, name: str, ctx: BuildContext) -> Training:
     sched = cosine_with_warmup(opt, max(1, steps), warmup_steps=warm) if s.schedule == "cosine" else None
     if sched is not None:
         warn_if_never_decays(int(round(s.warmup_epochs * batches.steps_per_epoch)), steps,
-                             f"--warmup-epochs {s.warmup_epochs:g}", s.lr)
+                             f"--warmup-epochs {s.warmup_epochs:g}", s.lr_of(name))
     q = est.query_cost({n: p.detach() for n, p in model.named_parameters()})
     spe = batches.steps_per_epoch
     return Training(
