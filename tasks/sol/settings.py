@@ -36,7 +36,10 @@ PRESETS: dict[str, dict] = {
     # FO-SOL fine-tune it on the 4-step unrolled loss for 100 steps with a cosine decay. Their learning rates are
     # the best validation MAE (training Re, seed 0) of the same screen, 3e-4 / 1e-3 / 3e-3, for each method
     # (docs/results/sol.md)
+    # The demo trains the completed estimator (hybrid: ZO-SOL's queries + NOG's free gradient) and leaves plain ZO-SOL
+    # to the benchmark (both would take ~10 min): `--methods src,non,nog,zo,hybrid,fo` adds it.
     "demo": dict(train_re=(195.3, 781.3, 3125.0), test_re=(390.6, 1562.5), warmup=300, frames=60,
+                 methods=("src", "non", "nog", "hybrid", "fo"),
                  corrector="tiny", unroll=4, batch=1, steps=100, lr=1e-3, nog_lr=1e-3, fo_lr=3e-3, schedule="cosine",
                  init="non", sets_per_call=32, score_q=24, non_steps=400, non_lr=1e-3, checkpoint_every=10),
     # benchmarks/sol_small.json: all of the paper's Re, 100-frame rollouts, the tiny corrector. NON is trained
