@@ -76,7 +76,7 @@ def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def loop_step(model: nn.Module, est: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """The naive RGE step: q + 1 plain forwards in a Python loop (each set's own BN batch statistics), then the
     estimate; returns the gradient and the ``(q,)`` mean losses."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}  # a copy: the loop writes the live ones
     request, _ = est.ask(params, est.init(params))
     probes = request.probes
     work = {n: p.clone() for n, p in params.items()}
@@ -98,7 +98,7 @@ def loop_step(model: nn.Module, est: Any, x: torch.Tensor, y: torch.Tensor) -> t
     grads = {}
     acc = [torch.zeros(s, dtype=torch.float64) for s in probes.shapes]
     for k in range(len(probes)):
-        for a, u in zip(acc, make_direction(probes.seed, k, probes.shapes, probes.distribution)):
+        for a, u in zip(acc, make_direction(probes.seed, int(probes.dirs[k]), probes.shapes, probes.distribution)):
             a.add_(u, alpha=float(coef[k]))
     grads = dict(zip(probes.names, acc))
     return grads, losses
