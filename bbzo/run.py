@@ -44,7 +44,7 @@ from torch import nn
 from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint, previous_path
 from .config import RESOLVED_NAME, as_plain, differing, from_plain, runtime_keys, write_config
 from .data import BatchSource
-from .errors import BbzoError, ConfigError
+from .errors import BbzoError, ConfigError, WorkerError
 from .jsonio import write_json
 from .runlock import RunLock
 from .signals import SIGNAL_NAMES, Interrupted, hold as hold_signals, install as install_signals
@@ -339,8 +339,16 @@ class Run:
         start_step = trainer.step_count
         try:
             trainer.run()
-        except (BbzoError, KeyboardInterrupt) as e:
+        except (BbzoError, KeyboardInterrupt) as caught:
             bar.close()
+            e: BaseException = caught
+            if isinstance(e, KeyboardInterrupt) and parallel.world_size() > 1:
+                dead = parallel.silent_peers()  # the launcher stops the survivors when a rank dies: name that rank
+                if dead:
+                    e = WorkerError(
+                        f"rank {', '.join(map(str, dead))} did not finish step {trainer.step_count + 1}: it stopped "
+                        "without a word (it died or was killed; its log shows why), and the launcher then stopped "
+                        f"the other ranks with {SIGNAL_NAMES.get(getattr(e, 'signum', 15), 'a signal')}")
             self.progressed = self.progressed or trainer.step_count > start_step
             interrupted = isinstance(e, KeyboardInterrupt)
             self.summaries[name] = {"method": name, "status": "interrupted" if interrupted else "failed",
@@ -351,9 +359,9 @@ class Run:
             if interrupted:
                 signum = e.signum if isinstance(e, Interrupted) else 2
                 raise Interrupted(signum, f"{SIGNAL_NAMES.get(signum, 'a signal')} stopped the run during step "
-                                          f"{trainer.step_count + 1}.{saved}") from e
+                                          f"{trainer.step_count + 1}.{saved}") from caught
             hint = " Fix the cause and rerun with --resume to continue." if "is saved in" in saved else ""
-            raise type(e)(f"{e}{saved}{hint}" if str(e).endswith(".") else f"{e}.{saved}{hint}") from e
+            raise type(e)(f"{e}{saved}{hint}" if str(e).endswith(".") else f"{e}.{saved}{hint}") from caught
         finally:
             bar.close()
         self.progressed = self.progressed or trainer.step_count > start_step

@@ -7,10 +7,10 @@
 """
 
 from .context import (DEFAULT_WORKER_TIMEOUT, DistContext, agree, current, is_writer, plan_devices, rank, setup,
-                      shutdown, world_size)
+                      shutdown, silent_peers, world_size)
 from . import codec
 from .executor import DistributedExecutor, Executor, SerialExecutor, as_executor, deal, default_executor
 
 __all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "rank", "world_size", "shutdown", "agree",
-           "DEFAULT_WORKER_TIMEOUT",
+           "silent_peers", "DEFAULT_WORKER_TIMEOUT",
            "Executor", "SerialExecutor", "DistributedExecutor", "deal", "as_executor", "default_executor"]

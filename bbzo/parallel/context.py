@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ from ..errors import ConfigError
 from ..signals import install as install_signals
 
 __all__ = ["DistContext", "setup", "plan_devices", "current", "is_writer", "world_size", "rank", "under_launcher",
-           "shutdown", "agree",
+           "shutdown", "agree", "silent_peers",
            "DEFAULT_WORKER_TIMEOUT"]
 
 #: Seconds a collective waits for the slowest rank before the run stops (``--worker-timeout``).
@@ -169,3 +170,31 @@ def agree(values: dict[str, str]) -> None:
                     f"rank {r} does not agree with rank 0 on {key} ({theirs.get(key)} vs {ref[key]}): every node must "
                     "run the same command on the same data, and a resumed run needs the same checkpoint on every node "
                     "(shared storage, see docs/parallel.md). Nothing was trained; fix it and rerun.")
+
+
+def silent_peers(wait: float = 5.0) -> list[int]:
+    """After a signal stopped this rank: the other ranks that never said a signal stopped them (rank 0 only).
+
+    Every rank stopped by a signal posts that in the rendezvous store; a rank that died cannot. A launcher
+    stops the surviving ranks with SIGTERM as soon as one rank dies, so a missing post names the rank that
+    died, and rank 0 reports it instead of the launcher's signal. Waits at most ``wait`` seconds."""
+    ctx = current()
+    if ctx is None or ctx.world == 1:
+        return []
+    try:
+        ctx.store.set(f"bbzo/signalled/{ctx.rank}", "1")
+    except Exception:  # noqa: BLE001 -- the store is gone: nothing to learn
+        return []
+    if ctx.rank != 0:
+        return []
+    missing = [r for r in range(ctx.world) if r != ctx.rank]
+    deadline = time.monotonic() + wait
+    while missing:
+        try:
+            missing = [r for r in missing if not ctx.store.check([f"bbzo/signalled/{r}"])]
+        except Exception:  # noqa: BLE001
+            return []
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return missing

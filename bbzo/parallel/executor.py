@@ -26,6 +26,7 @@ before the gather, so the others name the missing rank(s) in a :class:`~bbzo.err
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any, Optional, Sequence
 
@@ -221,6 +222,8 @@ class DistributedExecutor(Executor):
             msg = err if bad == me else None
             text = f"{type(msg).__name__}: {msg}" if msg is not None else self._read(call, bad)
             cls_name, _, detail = text.partition(": ")
+            if cls_name == "Interrupted":  # another rank was stopped by a signal (the launcher sends it to all)
+                raise Interrupted(signal.SIGINT if "SIGINT" in detail else signal.SIGTERM)
             cls = getattr(_errors, cls_name, None)
             cls = cls if isinstance(cls, type) and issubclass(cls, _errors.BbzoError) else WorkerError
             where = f"rank {bad} of {w}" + (f", step {step}" if step is not None else "")

@@ -80,7 +80,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
 
 def test_check_sol_on_a_tiny_grid_sweeps_the_corrector_in_the_loop_and_the_solver_alone(tmp_path):
     flags = ["--nx", 16, "--train-re", "195.3,3125", "--test-re", "781.3", "--warmup", 30, "--frames", 10,
-             "--corrector", "tiny", "--unroll", 2, "--batch", 2, "--data-dir", tmp_path / "data"]
+             "--corrector", "tiny", "--unroll", 2, "--batch", 2, "--data-dir", tmp_path / "data", "--init", "scratch"]
     r = invoke("sol", *flags, "--out", tmp_path / "chk", "--no-progress", "--no-plots", "--coords", 3,
                "--mus", "1e-6,1e-5,1e-4,1e-3", "--repeats", 2, "--explore", 2, "--sections", "determinism,step,range")
     assert r.exit_code == 0, r.output

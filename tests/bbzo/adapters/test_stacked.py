@@ -146,10 +146,10 @@ def test_head_chunks_are_invariant_bitwise_float32(monkeypatch):
         assert torch.equal(part, whole[rows])
     joined = torch.cat([rows for _, rows in chunks[::2]])
     assert torch.equal(adapter.bind(_ce, x, y).probe_losses(probes.select(joined)), whole[joined])
-    # one chunk for every direction (no cap, no memory bound) gives bitwise the same numbers: chunks are whole blocks
+    # one chunk for every direction (no cap): the cap only changes how the GEMMs are blocked, so round-off alone
     monkeypatch.setattr(staged, "STACKED_MAX_SETS", 10**6)
     one = StagedAdapter(model).bind(_ce, x, y)
-    assert len(one.chunks(probes)) == 1 and torch.equal(one.probe_losses(probes), whole)
+    assert len(one.chunks(probes)) == 1 and float((one.probe_losses(probes) - whole).abs().max()) <= 2e-5
     # float32 against the plain loop: round-off only
     ref = _loop(model, probes, x, y)
     assert float((whole - ref).abs().max()) <= 2e-5
