@@ -26,7 +26,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from .run import BuildContext, Run, Training
 
-__all__ = ["Task", "RunSettings", "register_task", "get_task", "list_tasks", "describe_task"]
+__all__ = ["Task", "RunSettings", "register_task", "get_task", "list_tasks", "describe_task", "lazy_exports", "later"]
 
 
 @dataclass
@@ -117,3 +117,30 @@ def get_task(name: str) -> Task:
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}; registered: {', '.join(list_tasks())}.")
     return _TASKS[name]
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A PEP 562 ``__getattr__`` for a task package: ``exports`` maps a public name to the submodule defining it,
+    imported on first use (so ``bbzo <command> --help`` does not load the task's training code)."""
+    from importlib import import_module
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(f"{package}.{module}"), name)
+        setattr(import_module(package), name, value)  # the next lookup is a plain attribute
+        return value
+
+    return __getattr__
+
+
+def later(package: str, module: str, name: str) -> Callable[..., Any]:
+    """``package.module.name``, imported when first called (a task's code loads when a run or stage starts)."""
+    from importlib import import_module
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(f"{package}.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call

@@ -13,10 +13,9 @@ first used, so ``bbzo cifar train --help`` starts at once.
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any, Callable
 
-from bbzo.task import Task, register_task
+from bbzo.task import Task, lazy_exports, later, register_task
 
 from .settings import METHOD_NAMES, METHODS, PRESETS, CifarSettings
 
@@ -30,21 +29,11 @@ _EXPORTS = {  # public name -> the submodule that defines it (imported on first 
 __all__ = ["CifarSettings", "PRESETS", "METHODS", "METHOD_NAMES", "TASK", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def _later(module: str, name: str) -> Callable[..., Any]:
-    """``module.name``, imported when first called (the training code loads when a run starts)."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
-    call.__name__ = call.__qualname__ = name
-    return call
+    return later(__name__, module, name)
 
 
 TASK = register_task(Task(

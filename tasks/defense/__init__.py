@@ -22,10 +22,9 @@ against the classifier's outputs -- before it reads an image. The black box is
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any, Callable
 
-from bbzo.task import Task, register_task
+from bbzo.task import Task, lazy_exports, later, register_task
 
 from .certify import certify  # the function, not the submodule of the same name (light: scipy loads when used)
 from .settings import (METHOD_NAMES, METHODS, CertifySettings, ClassifierSettings, DefenseBase, FinetuneSettings,
@@ -45,21 +44,11 @@ __all__ = ["CLASSIFIER", "PRETRAIN", "FINETUNE", "CERTIFY", "ClassifierSettings"
            "FinetuneSettings", "PretrainSettings", "DefenseBase", "METHODS", "METHOD_NAMES", "certify", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def _later(module: str, name: str) -> Callable[..., Any]:
-    """``module.name``, imported when first called (a stage's code loads when the stage runs)."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
-    call.__name__ = call.__qualname__ = name
-    return call
+    return later(__name__, module, name)
 
 
 CLASSIFIER = register_task(Task(
