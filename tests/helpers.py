@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,3 +95,23 @@ def grad(*args, **kw) -> dict:
     import bbzo
 
     return bbzo.estimate_grad(*args, **kw)[0]
+
+
+def tiny_images(n, seed):
+    """``(n, 32, 32, 3)`` uint8 images whose class (n % 10) sets a colour and a bright quadrant, plus noise."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = g.integers(0, 80, size=(n, 32, 32, 3)).astype(np.int64)
+    for i, c in enumerate(y):
+        x[i, :, :, c % 3] += 60 + 15 * c
+        r, q = divmod(c % 4, 2)
+        x[i, 16 * r:16 * r + 16, 16 * q:16 * q + 16, :] += 60
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def tiny_cifar_npz(path):
+    """A CIFAR-10-layout ``.npz`` (``train_x/train_y/test_x/test_y``) of 200 training and 100 test tiny images."""
+    tx, ty = tiny_images(200, 0)
+    vx, vy = tiny_images(100, 1)
+    np.savez(path, train_x=tx, train_y=ty, test_x=vx, test_y=vy)
+    return path

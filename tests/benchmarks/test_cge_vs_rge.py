@@ -6,23 +6,18 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import cge_vs_rge  # noqa: E402
 from bbzo.tasks.cifar import CifarBatches  # noqa: E402
-from tests.tasks.test_cifar import tiny_images  # noqa: E402
+from tests.helpers import tiny_cifar_npz  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c10") / "tiny.npz"
-    tx, ty = tiny_images(200, 0)
-    vx, vy = tiny_images(100, 1)
-    np.savez(path, train_x=tx, train_y=ty, test_x=vx, test_y=vy)
-    return path
+    return tiny_cifar_npz(tmp_path_factory.mktemp("c10") / "tiny.npz")
 
 
 def bench(monkeypatch, capsys, *argv):

@@ -3,7 +3,6 @@
 import json
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,27 +14,12 @@ from bbzo.models import create_model
 from bbzo.run import run_task
 from bbzo.tasks.cifar import TASK, CifarBatches, CifarSettings, load_data, load_image_classification
 from bbzo.tasks.cifar.settings import parse_lr
-
-
-def tiny_images(n, seed):
-    """``(n, 32, 32, 3)`` uint8 images whose class (n % 10) sets a colour and a bright quadrant, plus noise."""
-    g = np.random.default_rng(seed)
-    y = np.arange(n) % 10
-    x = g.integers(0, 80, size=(n, 32, 32, 3)).astype(np.int64)
-    for i, c in enumerate(y):
-        x[i, :, :, c % 3] += 60 + 15 * c
-        r, q = divmod(c % 4, 2)
-        x[i, 16 * r:16 * r + 16, 16 * q:16 * q + 16, :] += 60
-    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+from tests.helpers import tiny_cifar_npz, tiny_images
 
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c10") / "tiny.npz"
-    tx, ty = tiny_images(200, 0)
-    vx, vy = tiny_images(100, 1)
-    np.savez(path, train_x=tx, train_y=ty, test_x=vx, test_y=vy)
-    return path
+    return tiny_cifar_npz(tmp_path_factory.mktemp("c10") / "tiny.npz")
 
 
 def write_batches_folder(root, n=20):
