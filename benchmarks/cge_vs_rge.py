@@ -206,7 +206,9 @@ def summarize(per: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> di
         out["goal"] = {"cge_within_1.5_of_fo": statistics.mean(acc["fo"]) - statistics.mean(acc["cge"]) <= 1.5,
                        "cge_above_rge_beyond_seed_spread": statistics.mean(acc["cge"]) - statistics.mean(acc["rge"]) > spread
                        if len(full) > 1 else None,
-                       "cge_above_rge_every_seed": cge_rge["min"] > 0}
+                       "cge_above_rge_every_seed": cge_rge["min"] > 0,
+                       "paper_order_fo_cge_rge": statistics.mean(acc["fo"]) >= statistics.mean(acc["cge"])
+                       > statistics.mean(acc["rge"])}
     return out
 
 

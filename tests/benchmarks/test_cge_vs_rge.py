@@ -106,3 +106,22 @@ def test_the_shares_of_several_processes_cover_every_run_once():
     assert set().union(*owners) == set(keys) and sum(map(len, owners)) == len(keys)
     with pytest.raises(SystemExit, match="I counts from 1 to N"):
         cge_vs_rge._mine(argparse.Namespace(jobs_of="0/2"), keys[0])
+
+
+def test_the_goals_are_computed_from_paired_seeds():
+    def per(fo, cge, rge):
+        return {m: {s: {"acc": a} for s, a in enumerate(accs)} for m, accs in (("fo", fo), ("cge", cge), ("rge", rge))}
+
+    # CGE ahead of RGE by 2 in every seed, spread 0.5: every goal met
+    out = cge_vs_rge.summarize(per([33.0, 33.5, 33.2], [32.5, 33.0, 32.8], [30.5, 31.0, 30.8]), [0, 1, 2])
+    assert out["cge_minus_rge"]["by_seed"] == [2.0, 2.0, 2.0] and out["seed_spread"] == 0.5
+    assert out["goal"] == {"cge_within_1.5_of_fo": True, "cge_above_rge_beyond_seed_spread": True,
+                           "cge_above_rge_every_seed": True, "paper_order_fo_cge_rge": True}
+    # a seed where CGE falls back: ahead in the mean but not beyond the spread, nor in every seed
+    out = cge_vs_rge.summarize(per([33.0, 33.5, 33.2], [32.5, 30.0, 32.8], [30.5, 31.0, 30.8]), [0, 1, 2])
+    assert out["seed_spread"] == 2.8 and out["goal"]["cge_above_rge_beyond_seed_spread"] is False
+    assert out["goal"]["cge_above_rge_every_seed"] is False and out["goal"]["paper_order_fo_cge_rge"] is True
+    # one seed (the larger model): no spread to beat, the order is still checked
+    out = cge_vs_rge.summarize(per([33.0], [32.0], [32.5]), [0])
+    assert out["goal"]["cge_above_rge_beyond_seed_spread"] is None and out["goal"]["paper_order_fo_cge_rge"] is False
+    assert out["goal"]["cge_within_1.5_of_fo"] is True
