@@ -201,7 +201,7 @@ def summarize(per: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> di
         out["cge_minus_fo"] = {"by_seed": gap("cge", "fo"), **_stats(gap("cge", "fo"))}
         out["cge_minus_rge"] = {"by_seed": gap("cge", "rge"), **_stats(gap("cge", "rge"))}
         spread = max(max(acc[m]) - min(acc[m]) for m in ("cge", "rge"))
-        out["seed_spread"] = round(spread, 2)
+        out["seed_spread"] = round(spread, 2) if len(full) > 1 else None  # one seed has no spread
         cge_rge = out["cge_minus_rge"]
         out["goal"] = {"cge_within_1.5_of_fo": statistics.mean(acc["fo"]) - statistics.mean(acc["cge"]) <= 1.5,
                        "cge_above_rge_beyond_seed_spread": statistics.mean(acc["cge"]) - statistics.mean(acc["rge"]) > spread
