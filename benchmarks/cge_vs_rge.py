@@ -43,6 +43,7 @@ from bbzo.errors import ConfigError  # noqa: E402
 from bbzo.listeners import read_jsonl, save_figure  # noqa: E402
 from bbzo.provenance import provenance  # noqa: E402
 from bbzo.run import run_task  # noqa: E402
+from bbzo.signals import Interrupted  # noqa: E402
 from bbzo.tasks.cifar import TASK, CifarSettings  # noqa: E402
 from common import emit  # noqa: E402
 
@@ -344,6 +345,11 @@ def main() -> None:
                              "paper": PAPER.get(model)}
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:  # a signal or Ctrl-C: the run saved its last step; the same command continues it
+        said = str(e).split("; continue with:")[0].rstrip(".")
+        print(f"interrupted: {said}. Rerun the same command to continue: finished runs are reused and this one "
+              "resumes from its checkpoint.", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     spe = next((r["steps_per_epoch"] for mm in models.values() for m in METHODS for r in mm["runs"][m].values()), None)
     result = {
         "benchmark": "cge_vs_rge", "complete": not missing, "missing": missing,

@@ -34,7 +34,7 @@ def test_runs_are_cached_resumed_bitwise_and_assembled(npz, tmp_path, monkeypatc
     # nothing trained yet: --assemble says what is missing
     res, _ = bench(monkeypatch, capsys, *common, "--work", tmp_path / "w", "--assemble", "--out", tmp_path / "a.json")
     assert res["complete"] is False and len(res["missing"]) == 2
-    # seed 1's run is stopped during step 13 (10 steps per epoch): the benchmark stops, the run keeps step 10
+    # seed 1's run is stopped during step 13 (10 steps per epoch): the benchmark stops, the run saves step 12
     real = CifarBatches.get_batch
     state = {"armed": True}
 
@@ -45,9 +45,12 @@ def test_runs_are_cached_resumed_bitwise_and_assembled(npz, tmp_path, monkeypatc
         return real(self, step)
 
     monkeypatch.setattr(CifarBatches, "get_batch", stop_once)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         bench(monkeypatch, capsys, *common, "--work", tmp_path / "w")
-    capsys.readouterr()
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err
+    assert "interrupted: SIGINT stopped the run during step 13. The checkpoint" in said and "holds step 12" in said
+    assert "Rerun the same command to continue" in said and "--resume" not in said
     folder = tmp_path / "w" / "main" / "simple_cnn_730" / "fo-lr0.1-ep2-seed1"
     assert (folder / "fo" / "checkpoint.pt").exists() and not cge_vs_rge.Runs.done(folder)
     seed0 = tmp_path / "w" / "main" / "simple_cnn_730" / "fo-lr0.1-ep2-seed0" / "results.json"
