@@ -340,6 +340,7 @@ class Run:
         try:
             trainer.run()
         except (BbzoError, KeyboardInterrupt) as caught:
+            hold_signals()  # stopping with this error: the launcher's SIGTERM (a peer died) must not replace it
             bar.close()
             e: BaseException = caught
             if isinstance(e, KeyboardInterrupt) and parallel.world_size() > 1:

@@ -70,7 +70,7 @@ def deferred() -> Iterator[None]:
     finally:
         _STATE["depth"] -= 1
         pending = _STATE["pending"]
-        if _STATE["depth"] == 0 and pending is not None:
+        if _STATE["depth"] == 0 and pending is not None and not _STATE["held"]:  # held: recorded, never raised
             _STATE["pending"] = None
             if ok:
                 raise Interrupted(pending)

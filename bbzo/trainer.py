@@ -40,7 +40,7 @@ from .ledger import QueryLedger
 from .oracle import step_seed
 from .parallel.context import is_writer
 from .parallel.executor import Executor, SerialExecutor, default_executor
-from .signals import deferred
+from .signals import deferred, hold
 from .step import estimate, query_cost
 
 __all__ = ["Trainer"]
@@ -195,7 +195,9 @@ class Trainer:
                            seed=None if self.crn_seed is None else step_seed(self.crn_seed, self.step_count + 1))
         except BaseException:
             # nothing of this step was applied: save the last completed state (the ledger as it was at the
-            # step's start: rows spent inside the failed step are spent again on resume), then re-raise
+            # step's start: rows spent inside the failed step are spent again on resume), then re-raise this
+            # error -- a signal arriving now (the launcher's, when a peer died) is recorded, never raised over it
+            hold()
             if self.run_dir is not None and self.step_count > 0:
                 with deferred():
                     self.save_checkpoint(rng=rng_at_start, ledger_state=ledger_at_start)

@@ -240,3 +240,29 @@ def test_common_random_numbers_give_every_query_of_a_step_its_seed_and_resume_ex
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
     _, seen_off = run(tmp_path / "c", 1, crn_seed=None)
     assert seen_off == [None, None]
+
+
+def test_a_signal_while_a_failed_step_saves_does_not_replace_the_error(tmp_path):
+    """Under torchrun a dead peer makes this rank's step fail and the launcher's SIGTERM arrives while the
+    last completed step is being saved: the step's own error must reach the report, not "stopped by SIGTERM"."""
+    import os
+    import signal
+
+    from bbzo import signals
+
+    tr, model, oracle = build(tmp_path / "f", "rge", fail_at_row=7 * 16 * 3)
+    real = tr.save_checkpoint
+
+    def save_then_signal(*a, **kw):
+        if "ledger_state" in kw:  # the save of the failing step's except path (the last completed state)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    tr.save_checkpoint = save_then_signal
+    restore = signals.install()
+    try:
+        with pytest.raises(OracleError, match="NaN/inf"):
+            tr.run()
+    finally:
+        restore()
+    assert load_checkpoint(tmp_path / "f" / "checkpoint.pt")["step"] == 3
